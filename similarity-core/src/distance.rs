@@ -1,0 +1,196 @@
+//! Distances and similarities between embeddings.
+//!
+//! Four metrics, each with a row-wise form (`x, y: (n, d)` → `(n)`) and a matrix form
+//! (`x: (n, d)`, `y: (m, d)` → `(n, m)`). One definition per metric, the same in both
+//! forms:
+//!
+//! | metric       | similarity `s`            | distance `d`           | range of `d` |
+//! |--------------|---------------------------|------------------------|--------------|
+//! | `Cosine`     | `cos(x, y)`               | `1 − cos(x, y)`        | `[0, 2]`     |
+//! | `Euclidean`  | `1 / (1 + d)`             | `‖x − y‖₂`             | `[0, ∞)`     |
+//! | `Manhattan`  | `1 / (1 + d)`             | `‖x − y‖₁`             | `[0, ∞)`     |
+//! | `DotProduct` | `x · y`                   | `−x · y`               | `ℝ`          |
+//!
+//! **Difference from Quaterion.** Quaterion's cosine is `1 − cos` row-wise but
+//! `(1 − cos) / 2` as a matrix (and its matrix similarity is `(1 + cos) / 2`), so losses that
+//! use the matrix form see half the intended scale: MultipleNegativesRankingLoss's default
+//! `scale = 20` acts as `10 · cos` there. Here both forms use `cos` and `1 − cos`, as
+//! sentence-transformers and pytorch-metric-learning do.
+//!
+//! Gradients stay finite where a distance is zero (the diagonal of a self-distance matrix):
+//! the Euclidean norm is `sqrt(‖x − y‖² + ε)` with `ε = 1e-12`, and cosine normalises by
+//! `max(‖x‖, 1e-8)`.
+
+use candle_core::{D, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+const NORM_EPS: f64 = 1e-8;
+const SQRT_EPS: f64 = 1e-12;
+
+/// A distance metric between embeddings (Quaterion's `Distance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distance {
+    /// `1 − cos(x, y)`.
+    #[default]
+    Cosine,
+    /// `‖x − y‖₂`.
+    Euclidean,
+    /// `‖x − y‖₁`.
+    Manhattan,
+    /// `−x · y`.
+    DotProduct,
+}
+
+impl Distance {
+    /// Row-wise distance: `x, y: (n, d)` → `(n)`.
+    pub fn distance(self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        check_same(x, y, "Distance::distance")?;
+        Ok(match self {
+            Distance::Cosine => (1.0 - self.similarity(x, y)?)?,
+            Distance::Euclidean => ((x - y)?.sqr()?.sum(D::Minus1)? + SQRT_EPS)?.sqrt()?,
+            Distance::Manhattan => (x - y)?.abs()?.sum(D::Minus1)?,
+            Distance::DotProduct => (x * y)?.sum(D::Minus1)?.neg()?,
+        })
+    }
+
+    /// Row-wise similarity: `x, y: (n, d)` → `(n)`.
+    pub fn similarity(self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        check_same(x, y, "Distance::similarity")?;
+        Ok(match self {
+            Distance::Cosine => (normalize(x)? * normalize(y)?)?.sum(D::Minus1)?,
+            Distance::DotProduct => (x * y)?.sum(D::Minus1)?,
+            Distance::Euclidean | Distance::Manhattan => {
+                (self.distance(x, y)? + 1.0)?.recip()?
+            }
+        })
+    }
+
+    /// Distance matrix: `x: (n, d)`, `y: (m, d)` (or `x` itself) → `(n, m)`.
+    pub fn distance_matrix(self, x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        let y = y.unwrap_or(x);
+        check_dims(x, y, "Distance::distance_matrix")?;
+        Ok(match self {
+            Distance::Cosine => (1.0 - self.similarity_matrix(x, Some(y))?)?,
+            Distance::DotProduct => x.matmul(&y.t()?)?.neg()?,
+            Distance::Euclidean => {
+                let xx = x.sqr()?.sum_keepdim(1)?;
+                let yy = y.sqr()?.sum_keepdim(1)?.t()?;
+                let xy = x.matmul(&y.t()?)?;
+                let d2 = xx.broadcast_add(&yy)?.sub(&(xy * 2.0)?)?.relu()?;
+                (d2 + SQRT_EPS)?.sqrt()?
+            }
+            Distance::Manhattan => x
+                .unsqueeze(1)?
+                .broadcast_sub(&y.unsqueeze(0)?)?
+                .abs()?
+                .sum(D::Minus1)?,
+        })
+    }
+
+    /// Similarity matrix: `x: (n, d)`, `y: (m, d)` (or `x` itself) → `(n, m)`.
+    pub fn similarity_matrix(self, x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        let y = y.unwrap_or(x);
+        check_dims(x, y, "Distance::similarity_matrix")?;
+        Ok(match self {
+            Distance::Cosine => normalize(x)?.matmul(&normalize(y)?.t()?)?,
+            Distance::DotProduct => x.matmul(&y.t()?)?,
+            Distance::Euclidean | Distance::Manhattan => {
+                (self.distance_matrix(x, Some(y))? + 1.0)?.recip()?
+            }
+        })
+    }
+}
+
+/// Rows scaled to unit L2 norm: `x / max(‖x‖, 1e-8)`, `x: (n, d)`.
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(NORM_EPS, f64::MAX)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+fn check_same(x: &Tensor, y: &Tensor, ctx: &str) -> Result<()> {
+    if x.dims() != y.dims() || x.rank() != 2 {
+        return Err(Error::shape(
+            ctx,
+            format!("two (n, d) tensors of one shape, x is {:?}", x.dims()),
+            y.dims(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_dims(x: &Tensor, y: &Tensor, ctx: &str) -> Result<()> {
+    if x.rank() != 2 || y.rank() != 2 || x.dim(1)? != y.dim(1)? {
+        return Err(Error::shape(
+            ctx,
+            format!("(n, d) and (m, d) with the same d, x is {:?}", x.dims()),
+            y.dims(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn t(v: &[[f32; 2]]) -> Tensor {
+        Tensor::from_vec(v.concat(), (v.len(), 2), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn hand_computed_values() {
+        // x0 = (3, 4), y0 = (4, 3): cos = 24/25, ‖x−y‖₂ = √2, ‖x−y‖₁ = 2, x·y = 24.
+        let x = t(&[[3.0, 4.0], [1.0, 0.0]]);
+        let y = t(&[[4.0, 3.0], [0.0, 1.0]]);
+        let get = |d: Distance| d.distance(&x, &y).unwrap().to_vec1::<f32>().unwrap();
+        let close = |a: f32, b: f32| assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        close(get(Distance::Cosine)[0], 1.0 - 24.0 / 25.0);
+        close(get(Distance::Cosine)[1], 1.0);
+        close(get(Distance::Euclidean)[0], 2f32.sqrt());
+        close(get(Distance::Manhattan)[0], 2.0);
+        close(get(Distance::DotProduct)[0], -24.0);
+        let s = Distance::Euclidean.similarity(&x, &y).unwrap().to_vec1::<f32>().unwrap();
+        close(s[0], 1.0 / (1.0 + 2f32.sqrt()));
+    }
+
+    #[test]
+    fn matrix_form_agrees_with_row_form() {
+        let x = t(&[[3.0, 4.0], [1.0, 0.0], [-2.0, 0.5]]);
+        let y = t(&[[4.0, 3.0], [0.0, 1.0], [1.0, 1.0]]);
+        for d in [
+            Distance::Cosine,
+            Distance::Euclidean,
+            Distance::Manhattan,
+            Distance::DotProduct,
+        ] {
+            let m = d.distance_matrix(&x, Some(&y)).unwrap().to_vec2::<f32>().unwrap();
+            let r = d.distance(&x, &y).unwrap().to_vec1::<f32>().unwrap();
+            for i in 0..3 {
+                assert!((m[i][i] - r[i]).abs() < 1e-5, "{d:?} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn self_distance_gradient_is_finite() {
+        let x = Var::new(&[[1.0f32, 2.0], [1.0, 2.0], [0.0, -1.0]], &Device::Cpu).unwrap();
+        for d in [Distance::Cosine, Distance::Euclidean, Distance::Manhattan] {
+            let m = d.distance_matrix(x.as_tensor(), None).unwrap();
+            let g = m.sum_all().unwrap().backward().unwrap();
+            let g = g.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(g.iter().all(|v| v.is_finite()), "{d:?}: {g:?}");
+        }
+    }
+
+    #[test]
+    fn mismatched_dims_name_both_shapes() {
+        let x = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let y = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = Distance::Cosine.distance_matrix(&x, Some(&y)).unwrap_err().to_string();
+        assert!(e.contains("[2, 3]") && e.contains("[2, 4]"), "{e}");
+    }
+}

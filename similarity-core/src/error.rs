@@ -1,0 +1,117 @@
+//! The one error type of the crate.
+//!
+//! Every fallible function returns [`Result<T>`]. Variants are grouped by kind: tensor
+//! errors from Candle, file errors (which always name the file), invalid input (which
+//! names the record, field or option at fault), and numerical failures.
+
+use std::path::PathBuf;
+
+/// Errors raised by `similarity_core`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    // ---- tensors -------------------------------------------------------------------
+    /// A tensor operation failed inside Candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// Two tensors (or a tensor and a declared size) disagree in shape.
+    #[error("shape mismatch in {context}: expected {expected}, got {got}")]
+    Shape {
+        /// Where the mismatch was found, e.g. `"SkipConnectionHead input"`.
+        context: String,
+        /// The expected shape, in words or as `(batch, dim)`.
+        expected: String,
+        /// The shape that was found.
+        got: String,
+    },
+
+    // ---- files ---------------------------------------------------------------------
+    /// Reading or writing a file or directory failed.
+    #[error("{action} `{path}`: {source}")]
+    Io {
+        /// What was being done, e.g. `"cannot write"`.
+        action: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+
+    /// A file exists but its content is not what it must be (bad JSON, wrong version,
+    /// missing tensor, a model saved by another model type).
+    #[error("invalid file `{path}`: {message}")]
+    Format {
+        /// The offending file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    // ---- input ---------------------------------------------------------------------
+    /// A record, sample, option or argument is invalid.
+    #[error("invalid input in {location}: {message}")]
+    InvalidInput {
+        /// Where: a record index, a field, an option name.
+        location: String,
+        /// What is wrong, and how to fix it when that is known.
+        message: String,
+    },
+
+    // ---- numerics ------------------------------------------------------------------
+    /// A loss or metric became NaN or infinite during training.
+    #[error("non-finite {what} at epoch {epoch}, step {step}: {value}")]
+    NonFinite {
+        /// What became non-finite, e.g. `"training loss"`.
+        what: &'static str,
+        /// 0-based epoch.
+        epoch: usize,
+        /// 0-based step within the epoch.
+        step: usize,
+        /// The value seen.
+        value: f64,
+    },
+}
+
+impl Error {
+    /// An [`Error::InvalidInput`] at `location`.
+    pub fn invalid(location: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            location: location.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Format`] for `path`.
+    pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+
+    /// An [`Error::Io`] for `path`.
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Shape`].
+    pub fn shape(
+        context: impl Into<String>,
+        expected: impl Into<String>,
+        got: impl std::fmt::Debug,
+    ) -> Self {
+        Error::Shape {
+            context: context.into(),
+            expected: expected.into(),
+            got: format!("{got:?}"),
+        }
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

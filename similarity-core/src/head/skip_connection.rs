@@ -1,0 +1,143 @@
+//! `SkipConnectionHead`: gated residual blocks (Quaterion's `SkipConnectionHead`).
+//!
+//! With `x₀ = dropout(x)` and for each layer `i < n_layers`:
+//!
+//! ```text
+//! xᵢ₊₁ = fcᵢ(skip_dropout(xᵢ)) ⊙ σ(gatesᵢ) + xᵢ
+//! ```
+//!
+//! `fcᵢ` is a `d × d` linear layer (PyTorch's default init) and `gatesᵢ: (d)` starts at
+//! −4, so `σ(−4) ≈ 0.018`: the untrained head is close to the identity and training
+//! opens the gates only where it helps. Shapes: `(batch, d)` → `(batch, d)`.
+//!
+//! Variables: `gates_{i}`, `fc_{i}.weight`, `fc_{i}.bias` (Quaterion's state-dict names).
+
+use candle_core::Tensor;
+use candle_nn::ops::sigmoid;
+use serde::{Deserialize, Serialize};
+
+use super::{Head, check_input};
+use crate::error::{Error, Result};
+use crate::nn::{Init, Linear, Mode, ParamScope, dropout};
+
+/// Options of [`SkipConnectionHead`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkipConnectionHeadConfig {
+    /// Dropout on the head's input. Default 0.
+    pub dropout: f64,
+    /// Dropout on the trainable branch only, so the skip path keeps the input intact.
+    /// Default 0.
+    pub skip_dropout: f64,
+    /// Number of gated residual blocks. Default 1.
+    pub n_layers: usize,
+}
+
+impl Default for SkipConnectionHeadConfig {
+    fn default() -> Self {
+        SkipConnectionHeadConfig {
+            dropout: 0.0,
+            skip_dropout: 0.0,
+            n_layers: 1,
+        }
+    }
+}
+
+/// Gated residual head; see the module docs for the formula.
+#[derive(Debug, Clone)]
+pub struct SkipConnectionHead {
+    config: SkipConnectionHeadConfig,
+    size: usize,
+    layers: Vec<(Linear, Tensor)>,
+}
+
+impl Head for SkipConnectionHead {
+    type Config = SkipConnectionHeadConfig;
+    const NAME: &'static str = "SkipConnectionHead";
+
+    fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
+        for (name, p) in [("dropout", config.dropout), ("skip_dropout", config.skip_dropout)] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(Error::invalid(
+                    format!("SkipConnectionHead option `{name}`"),
+                    format!("must be in [0, 1), got {p}"),
+                ));
+            }
+        }
+        if config.n_layers == 0 || input_size == 0 {
+            return Err(Error::invalid(
+                "SkipConnectionHead",
+                format!(
+                    "n_layers and input size must be at least 1, got n_layers = {}, input = {input_size}",
+                    config.n_layers
+                ),
+            ));
+        }
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let gates = params.var(&format!("gates_{i}"), &[input_size], Init::Const(-4.0))?;
+            let fc = Linear::new(input_size, input_size, true, &mut params.scope(&format!("fc_{i}")))?;
+            layers.push((fc, gates));
+        }
+        Ok(SkipConnectionHead {
+            config,
+            size: input_size,
+            layers,
+        })
+    }
+
+    fn config(&self) -> &Self::Config {
+        &self.config
+    }
+
+    fn input_size(&self) -> usize {
+        self.size
+    }
+
+    fn output_size(&self) -> usize {
+        self.size
+    }
+
+    fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        check_input(x, self.size, Self::NAME)?;
+        let mut x = dropout(x, self.config.dropout, mode)?;
+        for (fc, gates) in &self.layers {
+            let branch = fc.forward(&dropout(&x, self.config.skip_dropout, mode)?)?;
+            x = branch.broadcast_mul(&sigmoid(gates)?)?.add(&x)?;
+        }
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Params;
+    use candle_core::Device;
+
+    #[test]
+    fn untrained_head_is_near_identity_and_matches_formula() {
+        let mut p = Params::new(&Device::Cpu, 3);
+        let head = SkipConnectionHead::new(4, Default::default(), &mut p.scope("head")).unwrap();
+        let x = Tensor::new(&[[1.0f32, -2.0, 0.5, 3.0]], &Device::Cpu).unwrap();
+        let y = head.forward(&x, &mut Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        let w = p.named_vars()["head.fc_0.weight"].to_vec2::<f32>().unwrap();
+        let b = p.named_vars()["head.fc_0.bias"].to_vec1::<f32>().unwrap();
+        let xv = [1.0f32, -2.0, 0.5, 3.0];
+        let gate = 1.0 / (1.0 + 4f32.exp());
+        for j in 0..4 {
+            let fc: f32 = (0..4).map(|k| w[j][k] * xv[k]).sum::<f32>() + b[j];
+            assert!((y[0][j] - (fc * gate + xv[j])).abs() < 1e-5);
+        }
+        assert_eq!(p.named_vars().len(), 3);
+    }
+
+    #[test]
+    fn wrong_input_width_is_a_shape_error() {
+        let mut p = Params::new(&Device::Cpu, 3);
+        let head = SkipConnectionHead::new(4, Default::default(), &mut p.scope("head")).unwrap();
+        let x = Tensor::zeros((2, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let e = head.forward(&x, &mut Mode::Eval).unwrap_err().to_string();
+        assert!(e.contains("(batch, 4)") && e.contains("[2, 5]"), "{e}");
+    }
+}

@@ -1,0 +1,98 @@
+//! # similarity
+//!
+//! Similarity learning on [Candle](https://github.com/huggingface/candle): fine-tune
+//! embeddings so that similar objects end up close. Declare a model as a struct, annotate
+//! it with [`trainable_model`], and the macro writes the trainer wiring: the record type,
+//! the collation, the caches of frozen encoders, the constructor that sizes the head,
+//! and the [`TrainableModel`] implementation that [`Trainer`] drives.
+//!
+//! ```text
+//! records → collate → encoders (or their caches) → concat → head → loss → optimiser
+//! ```
+//!
+//! Quaterion (Qdrant's Python framework) is the reference for components, parameters and
+//! defaults; where it is wrong this crate is right and says so in the item's docs.
+//!
+//! ```
+//! use similarity_core::prelude::*;
+//!
+//! #[trainable_model]
+//! pub struct FaqModel {
+//!     /// Lexical text encoder; its embeddings are computed once and cached.
+//!     #[encoder(cache = "auto")]
+//!     text: HashedNgramEncoder,
+//!     #[head(n_layers = 1)]
+//!     head: SkipConnectionHead,
+//!     #[loss(scale = 20.0, symmetric = true)]
+//!     loss: MultipleNegativesRankingLoss,
+//! }
+//!
+//! # fn main() -> similarity_core::Result<()> {
+//! let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())?;
+//! let pairs = vec![
+//!     SimilarityPairSample::positive("how do I resize a disk?".to_string(), "use the resize command".to_string()),
+//!     SimilarityPairSample::positive("what does storage cost?".to_string(), "see the pricing page".to_string()),
+//! ];
+//! let config = TrainerConfig { epochs: 2, batch_size: 2, progress: false, ..Default::default() };
+//! let report = Trainer::new(config).fit(&mut model, &pairs, Some(&pairs))?;
+//! assert_eq!(report.epochs.len(), 2);
+//! let embeddings = model.encode(&["how big can a disk be?".to_string()], 32)?;
+//! assert_eq!(embeddings.dims(), &[1, 384]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+// Lets the macro's absolute `::similarity_core::...` paths resolve inside this crate too.
+extern crate self as similarity_core;
+
+pub mod cache;
+pub mod data;
+pub mod distance;
+pub mod encoder;
+pub mod error;
+pub mod head;
+pub mod loss;
+pub mod metric;
+pub mod model;
+pub mod nn;
+pub mod train;
+
+pub use candle_core::{self, DType, Device, Tensor};
+pub use error::{Error, Result};
+pub use similarity_macros::trainable_model;
+pub use train::{TrainableModel, Trainer, TrainerConfig};
+
+/// Everything a model definition and a training script need.
+pub mod prelude {
+    pub use crate::cache::CacheType;
+    pub use crate::data::SimilarityPairSample;
+    pub use crate::distance::Distance;
+    pub use crate::encoder::{Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder};
+    pub use crate::head::{Head, SkipConnectionHead};
+    pub use crate::loss::{MultipleNegativesRankingLoss, SimilarityLoss};
+    pub use crate::train::{
+        ModelOptions, OptimizerConfig, TrainableModel, Trainer, TrainerConfig,
+    };
+    pub use crate::trainable_model;
+    pub use crate::{Device, Tensor};
+}
+
+/// What `#[trainable_model]` expansions refer to. Not a public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::cache::{CacheType, cache_key};
+    pub use crate::encoder::{Encoder, FrozenEncoder};
+    pub use crate::head::Head;
+    pub use crate::loss::SimilarityLoss;
+    pub use crate::model::{ServableReader, ServableWriter};
+    pub use crate::nn::{Mode, Params};
+    pub use crate::train::{CachedRows, EncoderBatch, ModelOptions, ModelState, TrainableModel};
+    pub use crate::{Device, Result, Tensor};
+    pub use ::core::default::Default;
+    pub use ::core::ops::FnMut;
+    pub use ::std::path::Path;
+
+    /// Compile-time check that a cached encoder is frozen.
+    pub const fn assert_cacheable<E: FrozenEncoder>() {}
+}

@@ -1,0 +1,115 @@
+//! Similarity losses.
+//!
+//! A loss consumes the head's embeddings of a batch, laid out as its [`LossKind`]'s data
+//! loader lays them out, together with that kind's targets:
+//! * pair losses ([`PairKind`]): `embeddings: (2P, d)`, first the `P` `obj_a`, then the
+//!   `P` `obj_b`, and [`PairTargets`] (`pairs: (P, 2)`, `labels: (P)`, `subgroups: (2P)`).
+//!
+//! Every loss is a batched expression of matrix operations (no per-item loops) returning
+//! a scalar tensor. Losses with trainable parameters create them in the
+//! [`ParamScope`] they are built with, so the trainer optimises them too.
+
+mod multiple_negatives_ranking;
+
+use candle_core::Tensor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use multiple_negatives_ranking::{
+    MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
+};
+
+use crate::data::{PairMeta, PairTargets, SimilarityPairSample, SimilaritySample};
+use crate::distance::Distance;
+use crate::error::Result;
+use crate::metric;
+use crate::nn::ParamScope;
+
+/// What kind of data a loss trains on: it fixes the sample type, the batch layout, the
+/// targets and how a whole validation set is scored.
+pub trait LossKind: 'static {
+    /// The targets of one sample.
+    type Meta: Copy + Send + Sync + std::fmt::Debug;
+    /// The targets of a batch.
+    type Targets;
+    /// The sample type for records of type `R`.
+    type Sample<R: Send + Sync>: SimilaritySample<Record = R, Meta = Self::Meta, Targets = Self::Targets>;
+
+    /// Scores a whole evaluation set: `embeddings` holds every object of every sample
+    /// in slot-major order (`OBJECTS · n` rows); returns `(metric name, value)` pairs.
+    fn evaluate(
+        embeddings: &Tensor,
+        metas: &[Self::Meta],
+        distance: Distance,
+    ) -> Result<Vec<(&'static str, f64)>>;
+}
+
+/// Pairs of objects with a score ([`SimilarityPairSample`]).
+#[derive(Debug)]
+pub enum PairKind {}
+
+impl LossKind for PairKind {
+    type Meta = PairMeta;
+    type Targets = PairTargets;
+    type Sample<R: Send + Sync> = SimilarityPairSample<R>;
+
+    /// Each positive pair's `obj_a` is a query ranked against every `obj_b` of the set;
+    /// its own `obj_b` is the relevant answer. Reports `precision@1` and
+    /// `reciprocal_rank` (their means over the queries).
+    fn evaluate(
+        embeddings: &Tensor,
+        metas: &[PairMeta],
+        distance: Distance,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let n = metas.len();
+        let a = embeddings.narrow(0, 0, n)?;
+        let b = embeddings.narrow(0, n, n)?;
+        let queries: Vec<u32> = (0..n as u32).filter(|&i| metas[i as usize].score > 0.0).collect();
+        let scores = metric::rank_against_candidates(&a, &b, &queries, distance)?;
+        Ok(vec![
+            ("precision@1", scores.precision_at_1),
+            ("reciprocal_rank", scores.reciprocal_rank),
+        ])
+    }
+}
+
+/// A similarity loss.
+pub trait SimilarityLoss: Sized + Send + Sync {
+    /// The data it trains on.
+    type Kind: LossKind;
+    /// Options, with Quaterion's defaults in `Default`. Saved with a servable model.
+    type Config: Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned;
+    /// A stable type name, written into a saved model's config.
+    const NAME: &'static str;
+
+    /// Builds the loss for embeddings of `embedding_size`; trainable parameters (if any)
+    /// are created in `params`.
+    fn new(embedding_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self>;
+
+    /// The options it was built with.
+    fn config(&self) -> &Self::Config;
+
+    /// The distance it compares embeddings with (also used by retrieval metrics).
+    fn distance(&self) -> Distance;
+
+    /// The scalar loss of a batch.
+    fn forward(&self, embeddings: &Tensor, targets: &<Self::Kind as LossKind>::Targets) -> Result<Tensor>;
+}
+
+/// `mean_i(logsumexp(logits_i) − logits_i[target_i])` with `target_i = i`, for a square
+/// `(n, n)` matrix: cross-entropy where row `i`'s class is `i`. Numerically stable
+/// (the row max is subtracted, detached) and differentiable.
+pub(crate) fn diagonal_cross_entropy(logits: &Tensor) -> Result<Tensor> {
+    let n = logits.dim(0)?;
+    let max = logits.max_keepdim(1)?.detach();
+    let lse = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()?.add(&max)?;
+    let eye = Tensor::eye(n, logits.dtype(), logits.device())?;
+    let diag = logits.mul(&eye)?.sum_keepdim(1)?;
+    Ok(lse.sub(&diag)?.mean_all()?)
+}
+
+/// The value of a scalar tensor, for tests.
+#[cfg(test)]
+pub(crate) fn scalar(t: &Tensor) -> f32 {
+    t.to_device(&candle_core::Device::Cpu).unwrap().to_scalar::<f32>().unwrap()
+}

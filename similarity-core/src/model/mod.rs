@@ -1,0 +1,311 @@
+//! The servable model: save to a directory, load it back, encode.
+//!
+//! Layout of a saved model (`format_version` 1):
+//!
+//! ```text
+//! dir/
+//!   config.json            manifest: format version, model type, encoders, head, loss
+//!   weights.safetensors    head and loss variables, by dotted name (`head.fc_0.weight`)
+//!   encoders/<field>/      each encoder's own files (Encoder::save)
+//! ```
+//!
+//! Writes are atomic at the directory level: everything is written into a hidden sibling
+//! directory, then swapped into place by renames, so a crash leaves either the previous
+//! model or the new one, never a half-written directory. Loading checks the format
+//! version, the model type and each encoder's name, type and embedding size, and names
+//! the file at fault.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::encoder::Encoder;
+use crate::error::{Error, Result};
+use crate::head::Head;
+use crate::loss::SimilarityLoss;
+use crate::train::ModelState;
+
+/// The version of the directory layout this library writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const MANIFEST: &str = "config.json";
+const WEIGHTS: &str = "weights.safetensors";
+
+/// `config.json` of a saved model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version; see [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The model type's name.
+    pub model: String,
+    /// The encoders, in declaration order.
+    pub encoders: Vec<EncoderEntry>,
+    /// The head.
+    pub head: ComponentEntry,
+    /// The loss.
+    pub loss: ComponentEntry,
+}
+
+/// An encoder in a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncoderEntry {
+    /// Field name; its files are in `encoders/<name>/`.
+    pub name: String,
+    /// Encoder type name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Embedding size.
+    pub embedding_size: usize,
+}
+
+/// A head or loss in a [`Manifest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentEntry {
+    /// Type name.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its options, as its `Config` serialises them.
+    pub config: serde_json::Value,
+    /// Input size.
+    pub input_size: usize,
+    /// Output size (for a loss: the embedding size it was built for).
+    pub output_size: usize,
+}
+
+/// Writes `value` as pretty JSON to `path`, synced to disk.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::format(path, format!("cannot serialise: {e}")))?;
+    let mut f = fs::File::create(path).map_err(|e| Error::io("cannot create", path, e))?;
+    std::io::Write::write_all(&mut f, &text).map_err(|e| Error::io("cannot write", path, e))?;
+    f.sync_all().map_err(|e| Error::io("cannot sync", path, e))
+}
+
+/// Reads JSON from `path`; an error names the file and the position of the fault.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// Builds a saved model in a hidden sibling directory, then moves it into place.
+#[derive(Debug)]
+pub struct ServableWriter {
+    target: PathBuf,
+    tmp: PathBuf,
+    encoders: Vec<EncoderEntry>,
+}
+
+fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::invalid("model directory", format!("`{}` has no final component", dir.display())))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    Ok(dir.with_file_name(format!(".{}.{tag}-{}-{stamp}", name.to_string_lossy(), std::process::id())))
+}
+
+impl ServableWriter {
+    /// Starts writing a model that will end up at `dir`.
+    pub fn create(dir: &Path) -> Result<Self> {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
+        }
+        let tmp = sibling(dir, "tmp")?;
+        fs::create_dir_all(tmp.join("encoders")).map_err(|e| Error::io("cannot create", &tmp, e))?;
+        Ok(ServableWriter {
+            target: dir.to_path_buf(),
+            tmp,
+            encoders: Vec::new(),
+        })
+    }
+
+    /// Saves encoder `name` into `encoders/<name>/`.
+    pub fn encoder<E: Encoder>(&mut self, name: &str, encoder: &E) -> Result<()> {
+        let dir = self.tmp.join("encoders").join(name);
+        fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
+        encoder.save(&dir)?;
+        self.encoders.push(EncoderEntry {
+            name: name.to_string(),
+            kind: E::NAME.to_string(),
+            embedding_size: encoder.embedding_size(),
+        });
+        Ok(())
+    }
+
+    /// Writes the manifest and the weights, then moves the directory into place.
+    pub fn finish<H: Head, L: SimilarityLoss>(
+        mut self,
+        model: &str,
+        head: &H,
+        loss: &L,
+        state: &ModelState,
+    ) -> Result<()> {
+        let manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            model: model.to_string(),
+            encoders: std::mem::take(&mut self.encoders),
+            head: ComponentEntry {
+                kind: H::NAME.to_string(),
+                config: to_value(&self.target, head.config())?,
+                input_size: head.input_size(),
+                output_size: head.output_size(),
+            },
+            loss: ComponentEntry {
+                kind: L::NAME.to_string(),
+                config: to_value(&self.target, loss.config())?,
+                input_size: head.output_size(),
+                output_size: head.output_size(),
+            },
+        };
+        state.params().save_safetensors(&self.tmp.join(WEIGHTS))?;
+        write_json(&self.tmp.join(MANIFEST), &manifest)?;
+        self.commit()
+    }
+
+    fn commit(self) -> Result<()> {
+        let old = if self.target.exists() {
+            let old = sibling(&self.target, "old")?;
+            fs::rename(&self.target, &old).map_err(|e| Error::io("cannot move aside", &self.target, e))?;
+            Some(old)
+        } else {
+            None
+        };
+        fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("cannot move into place", &self.target, e))?;
+        if let Some(old) = old {
+            fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ServableWriter {
+    fn drop(&mut self) {
+        // After a successful commit the temporary directory no longer exists.
+        let _ = fs::remove_dir_all(&self.tmp);
+    }
+}
+
+/// Reads a saved model, checking it against the code that loads it.
+#[derive(Debug)]
+pub struct ServableReader {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl ServableReader {
+    /// Opens `dir`, which must hold a model of type `model`.
+    pub fn open(dir: &Path, model: &str) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let raw: serde_json::Value = read_json(&path)?;
+        let version = raw.get("format_version").and_then(serde_json::Value::as_u64);
+        match version {
+            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(Error::format(
+                    &path,
+                    format!("format_version {v} is not supported: this library reads version {FORMAT_VERSION}"),
+                ));
+            }
+            None => return Err(Error::format(&path, "no integer `format_version`: not a saved model")),
+        }
+        let manifest: Manifest = serde_json::from_value(raw).map_err(|e| Error::format(&path, e.to_string()))?;
+        if manifest.model != model {
+            return Err(Error::format(
+                &path,
+                format!("holds a `{}` model, not a `{model}`", manifest.model),
+            ));
+        }
+        Ok(ServableReader {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Loads encoder `name` (declared as type `E`) from `encoders/<name>/`.
+    pub fn encoder<E: Encoder>(&self, name: &str, device: &Device) -> Result<E> {
+        let path = self.dir.join(MANIFEST);
+        let entry = self
+            .manifest
+            .encoders
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| Error::format(&path, format!("has no encoder `{name}`, which the model declares")))?;
+        if entry.kind != E::NAME {
+            return Err(Error::format(
+                &path,
+                format!("encoder `{name}` was saved as `{}`, the model declares `{}`", entry.kind, E::NAME),
+            ));
+        }
+        let encoder = E::load(&self.dir.join("encoders").join(name), device)?;
+        if encoder.embedding_size() != entry.embedding_size {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "encoder `{name}` was saved with embedding size {}, it loads with {}",
+                    entry.embedding_size,
+                    encoder.embedding_size()
+                ),
+            ));
+        }
+        Ok(encoder)
+    }
+
+    /// The saved options of the head, declared as type `H`.
+    pub fn head_config<H: Head>(&self) -> Result<H::Config> {
+        self.component_config(&self.manifest.head, H::NAME, "head")
+    }
+
+    /// The saved options of the loss, declared as type `L`.
+    pub fn loss_config<L: SimilarityLoss>(&self) -> Result<L::Config> {
+        self.component_config(&self.manifest.loss, L::NAME, "loss")
+    }
+
+    fn component_config<C: DeserializeOwned>(&self, entry: &ComponentEntry, kind: &str, what: &str) -> Result<C> {
+        let path = self.dir.join(MANIFEST);
+        if entry.kind != kind {
+            return Err(Error::format(
+                &path,
+                format!("{what} was saved as `{}`, the model declares `{kind}`", entry.kind),
+            ));
+        }
+        serde_json::from_value(entry.config.clone())
+            .map_err(|e| Error::format(&path, format!("{what} config: {e}")))
+    }
+
+    /// Checks the rebuilt model's encoders and head against the manifest and loads the
+    /// weights into it.
+    pub fn finish(&self, state: &ModelState, head_input: usize, head_output: usize) -> Result<()> {
+        let path = self.dir.join(MANIFEST);
+        let names: Vec<&str> = state.encoders().iter().map(|e| e.name).collect();
+        let saved: Vec<&str> = self.manifest.encoders.iter().map(|e| e.name.as_str()).collect();
+        if names != saved {
+            return Err(Error::format(
+                &path,
+                format!("saved encoders {saved:?} differ from the model's {names:?}"),
+            ));
+        }
+        let h = &self.manifest.head;
+        if (h.input_size, h.output_size) != (head_input, head_output) {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "head was saved as {} → {}, the model builds {head_input} → {head_output}",
+                    h.input_size, h.output_size
+                ),
+            ));
+        }
+        state.params().load_safetensors(&self.dir.join(WEIGHTS))
+    }
+}
+
+fn to_value<T: Serialize>(path: &Path, config: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(config).map_err(|e| Error::format(path, format!("cannot serialise config: {e}")))
+}

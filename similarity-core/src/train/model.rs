@@ -1,0 +1,300 @@
+//! The contract between a model and the trainer, and the runtime state that
+//! `#[trainable_model]` adds to a model struct.
+//!
+//! The flow of one batch, for a model with encoders `e₁ … e_k`:
+//!
+//! ```text
+//! records ─┬─ eᵢ cached?  yes: cache rows ──lookup──▶ (B, dᵢ) ─┐
+//!          └─             no:  collate ──forward──▶   (B, dᵢ) ─┴─ concat (B, Σdᵢ) ─▶ head ─▶ (B, d_out) ─▶ loss
+//! ```
+//!
+//! [`TrainableModel`] is what the macro implements; [`ModelState`] holds what the user
+//! never declares: the trainable variables, the encoders' caches and the device.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor, Var};
+
+use crate::cache::{CacheKey, CacheType, EncoderCache};
+use crate::encoder::Encoder;
+use crate::error::{Error, Result};
+use crate::loss::{LossKind, SimilarityLoss};
+use crate::nn::{Mode, Params};
+
+/// The sample type a model trains on: its loss kind's sample over its record type.
+pub type SampleOf<M> = <<<M as TrainableModel>::Loss as SimilarityLoss>::Kind as LossKind>::Sample<
+    <M as TrainableModel>::Record,
+>;
+
+/// A model the [`Trainer`](super::Trainer) can fit; implemented by `#[trainable_model]`.
+pub trait TrainableModel: Sized + Send + Sync {
+    /// One object as the model consumes it (the encoder's input for one encoder, a
+    /// generated struct with a field per encoder otherwise).
+    type Record: Send + Sync;
+    /// The loss, which fixes the kind of samples the model trains on.
+    type Loss: SimilarityLoss;
+    /// The model's type name, written into a saved model and checked on load.
+    const NAME: &'static str;
+
+    /// The runtime state (variables, caches, device).
+    fn state(&self) -> &ModelState;
+
+    /// The loss.
+    fn loss(&self) -> &Self::Loss;
+
+    /// Embeds a batch of objects through encoders (or their caches), concatenation and
+    /// head: `(batch, output_size)`.
+    fn embed(&self, batch: &EncoderBatch<'_, Self::Record>, mode: &mut Mode) -> Result<Tensor>;
+
+    /// Fills the cache of every cached encoder with `records` and returns, per encoder,
+    /// each record's cache row.
+    fn fill_caches(
+        &mut self,
+        records: &[&Self::Record],
+        batch_size: usize,
+        progress: &mut dyn FnMut(&'static str, usize, usize),
+    ) -> Result<CachedRows>;
+
+    /// Writes the servable model (encoders, head, loss config, weights) to `dir`
+    /// atomically: after a crash `dir` holds the previous model or the new one.
+    fn save(&self, dir: &Path) -> Result<()>;
+
+    /// Reads a model written by [`save`](Self::save), placing it on `device`. The
+    /// directory must come from the same model type with the same encoders.
+    fn load(dir: &Path, device: &Device) -> Result<Self>;
+
+    /// Embeds `records` without caches (the serving path), `batch_size` at a time:
+    /// `(records.len(), output_size)`.
+    fn encode(&self, records: &[Self::Record], batch_size: usize) -> Result<Tensor> {
+        let refs: Vec<&Self::Record> = records.iter().collect();
+        let mut parts = Vec::new();
+        for chunk in refs.chunks(batch_size.max(1)) {
+            let batch = EncoderBatch::records(chunk, self.state().encoders());
+            parts.push(self.embed(&batch, &mut Mode::Eval)?.detach());
+        }
+        if parts.is_empty() {
+            return Err(Error::invalid("encode", "no records to encode"));
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+/// What the model needs to know about each declared encoder.
+#[derive(Debug, Clone)]
+pub struct EncoderSlot {
+    /// The field name.
+    pub name: &'static str,
+    /// The encoder's type name.
+    pub kind: &'static str,
+    /// Its embedding size.
+    pub embedding_size: usize,
+}
+
+/// Options for building a model.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    /// Device of the head, the loss and the caches (`auto`). Default CPU.
+    pub device: Device,
+    /// Seed of the parameter initialisation. Default 0.
+    pub seed: u64,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            device: Device::Cpu,
+            seed: 0,
+        }
+    }
+}
+
+/// The state `#[trainable_model]` adds to a model: variables, caches, device.
+#[derive(Debug)]
+pub struct ModelState {
+    params: Params,
+    encoders: Vec<EncoderSlot>,
+    encoder_vars: Vec<Var>,
+    caches: Vec<Option<EncoderCache>>,
+}
+
+impl ModelState {
+    /// A state around the head's and loss's variables.
+    pub fn new(params: Params) -> Self {
+        ModelState {
+            params,
+            encoders: Vec::new(),
+            encoder_vars: Vec::new(),
+            caches: Vec::new(),
+        }
+    }
+
+    /// Registers the next encoder (in declaration order): its trainable variables and
+    /// its cache.
+    pub fn add_encoder<E: Encoder>(&mut self, name: &'static str, encoder: &E, cache: CacheType) -> Result<()> {
+        self.encoders.push(EncoderSlot {
+            name,
+            kind: E::NAME,
+            embedding_size: encoder.embedding_size(),
+        });
+        self.encoder_vars.extend(encoder.trainable_vars());
+        self.caches.push(EncoderCache::new(cache, self.params.device()).map_err(|e| match e {
+            Error::InvalidInput { location, message } => {
+                Error::invalid(format!("encoder `{name}`, {location}"), message)
+            }
+            other => other,
+        })?);
+        Ok(())
+    }
+
+    /// The model's device.
+    pub fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// Head and loss variables.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The declared encoders, in order.
+    pub fn encoders(&self) -> &[EncoderSlot] {
+        &self.encoders
+    }
+
+    /// Everything the optimiser updates: head, loss and trainable encoder variables.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut v = self.params.vars();
+        v.extend(self.encoder_vars.iter().cloned());
+        v
+    }
+
+    /// The cache of encoder `slot`, if it is cached.
+    pub fn cache(&self, slot: usize) -> Option<&EncoderCache> {
+        self.caches.get(slot).and_then(Option::as_ref)
+    }
+
+    /// Embeds encoder `slot`'s part of a batch: from the cache when the batch carries
+    /// cache rows for it, by running the encoder otherwise.
+    pub fn embed_encoder<R, E: Encoder>(
+        &self,
+        slot: usize,
+        encoder: &E,
+        batch: &EncoderBatch<'_, R>,
+        input: impl for<'r> Fn(&'r R) -> &'r E::Input,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        if let (Some(rows), Some(cache)) = (batch.rows.get(slot).and_then(Option::as_ref), self.cache(slot)) {
+            return cache.lookup(rows, self.device());
+        }
+        let records = batch.records.ok_or_else(|| {
+            Error::invalid(
+                format!("encoder `{}`", self.encoders[slot].name),
+                "the batch has neither cache rows nor records for this encoder",
+            )
+        })?;
+        let inputs: Vec<&E::Input> = records.iter().map(|r| input(r)).collect();
+        let out = encoder.forward(&encoder.collate(&inputs, self.device())?, mode)?;
+        let d = encoder.embedding_size();
+        if out.dims() != [inputs.len(), d] {
+            return Err(Error::shape(
+                format!("output of encoder `{}`", self.encoders[slot].name),
+                format!("({}, {d})", inputs.len()),
+                out.dims(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Fills encoder `slot`'s cache (if it has one) with `records`, recording each
+    /// record's row in `rows`. `key` gives each record's cache key.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill_encoder<R, E: Encoder>(
+        &mut self,
+        slot: usize,
+        encoder: &E,
+        records: &[&R],
+        input: impl for<'r> Fn(&'r R) -> &'r E::Input,
+        key: impl Fn(&R) -> CacheKey,
+        batch_size: usize,
+        progress: &mut dyn FnMut(&'static str, usize, usize),
+        rows: &mut CachedRows,
+    ) -> Result<()> {
+        let name = self.encoders[slot].name;
+        let device = self.device().clone();
+        let Some(cache) = self.caches.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(());
+        };
+        let keys: Vec<CacheKey> = records.iter().map(|r| key(r)).collect();
+        let mut done = 0;
+        let out = cache.fill(
+            &keys,
+            batch_size,
+            |positions| {
+                let inputs: Vec<&E::Input> = positions.iter().map(|&p| input(records[p])).collect();
+                encoder.forward(&encoder.collate(&inputs, &device)?, &mut Mode::Eval)
+            },
+            |n, total| {
+                done += n;
+                progress(name, done, total);
+            },
+        )?;
+        rows.set(slot, out);
+        Ok(())
+    }
+}
+
+/// Per encoder, the cache row of every prepared object (`None` for uncached encoders).
+#[derive(Debug, Clone, Default)]
+pub struct CachedRows {
+    per_encoder: Vec<Option<Vec<u32>>>,
+}
+
+impl CachedRows {
+    /// Rows for `encoders` encoders, none filled yet.
+    pub fn new(encoders: usize) -> Self {
+        CachedRows {
+            per_encoder: vec![None; encoders],
+        }
+    }
+
+    fn set(&mut self, slot: usize, rows: Vec<u32>) {
+        self.per_encoder[slot] = Some(rows);
+    }
+
+    /// True when some encoder runs on records (it is not cached).
+    pub fn needs_records(&self) -> bool {
+        self.per_encoder.iter().any(Option::is_none)
+    }
+
+    /// Per encoder, the rows of the objects `ids`, as tensors on each cache's device.
+    pub fn select(&self, state: &ModelState, ids: &[usize]) -> Result<Vec<Option<Tensor>>> {
+        self.per_encoder
+            .iter()
+            .enumerate()
+            .map(|(slot, rows)| match (rows, state.cache(slot)) {
+                (Some(rows), Some(cache)) => cache.row_tensor(ids.iter().map(|&i| rows[i]).collect()).map(Some),
+                _ => Ok(None),
+            })
+            .collect()
+    }
+}
+
+/// One batch of objects, as the encoders see it: cache rows for cached encoders, the
+/// records themselves for the others.
+#[derive(Debug)]
+pub struct EncoderBatch<'a, R> {
+    /// The records, in batch order; `None` when every encoder is served from its cache.
+    pub records: Option<&'a [&'a R]>,
+    /// Per encoder, `u32` cache rows in batch order, or `None` to run the encoder.
+    pub rows: Vec<Option<Tensor>>,
+}
+
+impl<'a, R> EncoderBatch<'a, R> {
+    /// A batch that runs every encoder on `records` (no cache).
+    pub fn records(records: &'a [&'a R], encoders: &[EncoderSlot]) -> Self {
+        EncoderBatch {
+            records: Some(records),
+            rows: vec![None; encoders.len()],
+        }
+    }
+}

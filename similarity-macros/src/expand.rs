@@ -1,0 +1,305 @@
+//! Code generation. For a model `M` the expansion is:
+//! * the struct, with our attributes removed and one hidden field, `__similarity`
+//!   (`ModelState`: trainable variables, caches, device);
+//! * for several encoders, a record type `MRecord` with one field per encoder;
+//! * `M::new(encoders..., &ModelOptions)`: builds the head from the summed embedding
+//!   sizes and the loss from the head's output size, options as typed config literals;
+//! * `impl TrainableModel for M`: embed (cache or encoder → concat → head), cache fill,
+//!   save and load;
+//! * compile-time assertions (a cached encoder must be frozen).
+//!
+//! On a validation error only the cleaned struct and the errors are emitted, so the user
+//! sees the real problem instead of a cascade.
+
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Ident, ItemStruct};
+
+use crate::ast::{Field, Model};
+use crate::attr::{ComponentAttr, Role};
+use crate::ctxt::Ctxt;
+use crate::validate;
+
+pub fn trainable_model(args: TokenStream, input: TokenStream) -> TokenStream {
+    let item: ItemStruct = match syn::parse2(input) {
+        Ok(item) => item,
+        Err(e) => {
+            return syn::Error::new(e.span(), "#[trainable_model] applies to a struct with named fields")
+                .into_compile_error();
+        }
+    };
+    let cx = Ctxt::default();
+    if !args.is_empty() {
+        cx.error_spanned_by(&args, "#[trainable_model] takes no arguments");
+    }
+    let model = Model::from_item(&cx, item);
+    validate::check(&cx, &model);
+    match cx.check() {
+        Ok(()) => expand(&model),
+        Err(e) => {
+            let mut out = cleaned_struct(&model, false);
+            out.extend(e.into_compile_error());
+            out
+        }
+    }
+}
+
+const P: &str = "::similarity_core::__private";
+
+fn private() -> TokenStream {
+    P.parse().expect("valid path")
+}
+
+/// The struct without our attributes, plus the hidden state field.
+fn cleaned_struct(model: &Model, with_state: bool) -> TokenStream {
+    let p = private();
+    let ItemStruct {
+        attrs,
+        vis,
+        ident,
+        generics,
+        ..
+    } = &model.item;
+    let fields = model.fields.iter().map(|f| {
+        let Field {
+            ident, ty, vis, attrs, ..
+        } = f;
+        quote!(#(#attrs)* #vis #ident: #ty)
+    });
+    let state = with_state.then(|| {
+        quote! {
+            /// Runtime state added by `#[trainable_model]`: trainable variables, caches, device.
+            #[doc(hidden)]
+            __similarity: #p::ModelState,
+        }
+    });
+    quote! {
+        #(#attrs)*
+        #vis struct #ident #generics {
+            #(#fields,)*
+            #state
+        }
+    }
+}
+
+fn expand(model: &Model) -> TokenStream {
+    let p = private();
+    let name = &model.item.ident;
+    let vis = &model.item.vis;
+    let name_str = name.to_string();
+    let head = model.head().expect("validated");
+    let loss = model.loss().expect("validated");
+    let (head_ident, head_ty) = (&head.ident, &head.ty);
+    let (loss_ident, loss_ty) = (&loss.ident, &loss.ty);
+    let encoders: Vec<&Field> = model.encoders().collect();
+    let enc_idents: Vec<&Ident> = encoders.iter().map(|f| &f.ident).collect();
+    let enc_tys: Vec<&syn::Type> = encoders.iter().map(|f| &f.ty).collect();
+    let enc_names: Vec<String> = enc_idents.iter().map(|i| i.to_string()).collect();
+    let n_encoders = encoders.len();
+    let single = n_encoders == 1;
+
+    // The record type, and how each encoder's input is reached from a record.
+    let record_ident = format_ident!("{}Record", name);
+    let (record_ty, record_def) = if single {
+        let ty = enc_tys[0];
+        (quote!(<#ty as #p::Encoder>::Input), None)
+    } else {
+        let doc = format!("One object for [`{name}`]: the input of each of its encoders.");
+        let fields = encoders.iter().map(|f| {
+            let (ident, ty) = (&f.ident, &f.ty);
+            let doc = format!("Input of encoder `{ident}`.");
+            quote!(#[doc = #doc] pub #ident: <#ty as #p::Encoder>::Input)
+        });
+        (
+            quote!(#record_ident),
+            Some(quote! {
+                #[doc = #doc]
+                #vis struct #record_ident {
+                    #(#fields,)*
+                }
+            }),
+        )
+    };
+    let accessors: Vec<TokenStream> = enc_idents
+        .iter()
+        .map(|ident| if single { quote!(|r| r) } else { quote!(|r| &r.#ident) })
+        .collect();
+
+    let cache_types: Vec<TokenStream> = encoders
+        .iter()
+        .map(|f| {
+            let Some(Role::Encoder(e)) = f.role() else { unreachable!() };
+            let v = match e.cache.as_ref().map(syn::LitStr::value).as_deref() {
+                Some("auto") => quote!(Auto),
+                Some("cpu") => quote!(Cpu),
+                Some("gpu") => quote!(Gpu),
+                _ => quote!(None),
+            };
+            quote!(#p::CacheType::#v)
+        })
+        .collect();
+    let keys: Vec<TokenStream> = encoders
+        .iter()
+        .zip(&accessors)
+        .map(|(f, access)| {
+            let Some(Role::Encoder(e)) = f.role() else { unreachable!() };
+            let input = quote!((#access)(r));
+            match &e.key {
+                Some(path) => quote_spanned!(path.span()=> |r: &Self::Record| #p::cache_key(&#path(#input))),
+                None => quote_spanned!(f.ty.span()=> |r: &Self::Record| #p::cache_key(#input)),
+            }
+        })
+        .collect();
+    let assertions = encoders.iter().filter_map(|f| {
+        let Some(Role::Encoder(e)) = f.role() else { return None };
+        let cached = e.cache.as_ref().is_some_and(|c| c.value() != "none");
+        let ty = &f.ty;
+        cached.then(|| quote_spanned!(ty.span()=> #p::assert_cacheable::<#ty>();))
+    });
+
+    let head_config = config_literal(head, quote!(<#head_ty as #p::Head>::Config));
+    let loss_config = config_literal(loss, quote!(<#loss_ty as #p::SimilarityLoss>::Config));
+    let slots: Vec<usize> = (0..n_encoders).collect();
+    let concat = if single {
+        let e = enc_idents[0];
+        quote!(#e)
+    } else {
+        quote!(#p::Tensor::cat(&[#(&#enc_idents),*], 1)?)
+    };
+    let new_doc = format!(
+        "Builds a `{name}` from its encoders: the head is sized from their summed \
+         embedding sizes, the loss from the head's output, both initialised from \
+         `options.seed` on `options.device`."
+    );
+    let struct_def = cleaned_struct(model, true);
+
+    quote! {
+        #struct_def
+
+        #record_def
+
+        const _: () = {
+            #(#assertions)*
+        };
+
+        #[automatically_derived]
+        #[allow(clippy::field_reassign_with_default)]
+        impl #name {
+            #[doc = #new_doc]
+            #vis fn new(
+                #(#enc_idents: #enc_tys,)*
+                options: &#p::ModelOptions,
+            ) -> #p::Result<Self> {
+                Self::__build(#(#enc_idents,)* #head_config, #loss_config, options)
+            }
+
+            fn __build(
+                #(#enc_idents: #enc_tys,)*
+                head_config: <#head_ty as #p::Head>::Config,
+                loss_config: <#loss_ty as #p::SimilarityLoss>::Config,
+                options: &#p::ModelOptions,
+            ) -> #p::Result<Self> {
+                let mut params = #p::Params::new(&options.device, options.seed);
+                // The head's input is the concatenation of the encoders, in field order.
+                let input_size = 0usize #(+ #p::Encoder::embedding_size(&#enc_idents))*;
+                let #head_ident = <#head_ty as #p::Head>::new(input_size, head_config, &mut params.scope("head"))?;
+                let #loss_ident = <#loss_ty as #p::SimilarityLoss>::new(
+                    #p::Head::output_size(&#head_ident),
+                    loss_config,
+                    &mut params.scope("loss"),
+                )?;
+                let mut state = #p::ModelState::new(params);
+                #(state.add_encoder(#enc_names, &#enc_idents, #cache_types)?;)*
+                ::core::result::Result::Ok(Self {
+                    #(#enc_idents,)*
+                    #head_ident,
+                    #loss_ident,
+                    __similarity: state,
+                })
+            }
+        }
+
+        #[automatically_derived]
+        impl #p::TrainableModel for #name {
+            type Record = #record_ty;
+            type Loss = #loss_ty;
+            const NAME: &'static str = #name_str;
+
+            fn state(&self) -> &#p::ModelState {
+                &self.__similarity
+            }
+
+            fn loss(&self) -> &Self::Loss {
+                &self.#loss_ident
+            }
+
+            fn embed(
+                &self,
+                batch: &#p::EncoderBatch<'_, Self::Record>,
+                mode: &mut #p::Mode<'_>,
+            ) -> #p::Result<#p::Tensor> {
+                #(let #enc_idents = self.__similarity.embed_encoder(#slots, &self.#enc_idents, batch, #accessors, mode)?;)*
+                <#head_ty as #p::Head>::forward(&self.#head_ident, &#concat, mode)
+            }
+
+            fn fill_caches(
+                &mut self,
+                records: &[&Self::Record],
+                batch_size: usize,
+                progress: &mut dyn #p::FnMut(&'static str, usize, usize),
+            ) -> #p::Result<#p::CachedRows> {
+                let mut rows = #p::CachedRows::new(#n_encoders);
+                #(self.__similarity.fill_encoder(#slots, &self.#enc_idents, records, #accessors, #keys, batch_size, progress, &mut rows)?;)*
+                ::core::result::Result::Ok(rows)
+            }
+
+            fn save(&self, dir: &#p::Path) -> #p::Result<()> {
+                let mut writer = #p::ServableWriter::create(dir)?;
+                #(writer.encoder(#enc_names, &self.#enc_idents)?;)*
+                writer.finish(Self::NAME, &self.#head_ident, &self.#loss_ident, &self.__similarity)
+            }
+
+            fn load(dir: &#p::Path, device: &#p::Device) -> #p::Result<Self> {
+                let reader = #p::ServableReader::open(dir, Self::NAME)?;
+                #(let #enc_idents = reader.encoder::<#enc_tys>(#enc_names, device)?;)*
+                let options = #p::ModelOptions { device: device.clone(), seed: 0 };
+                let model = Self::__build(
+                    #(#enc_idents,)*
+                    reader.head_config::<#head_ty>()?,
+                    reader.loss_config::<#loss_ty>()?,
+                    &options,
+                )?;
+                reader.finish(
+                    &model.__similarity,
+                    #p::Head::input_size(&model.#head_ident),
+                    #p::Head::output_size(&model.#head_ident),
+                )?;
+                ::core::result::Result::Ok(model)
+            }
+        }
+    }
+}
+
+/// `{ let mut config: Config = Default::default(); config.name = value; ...; config }`,
+/// each assignment spanned on the user's option so a misspelt name or a wrong value type
+/// is reported there.
+fn config_literal(field: &Field, config_ty: TokenStream) -> TokenStream {
+    let p = private();
+    let options = match field.role() {
+        Some(Role::Head(ComponentAttr { options })) | Some(Role::Loss(ComponentAttr { options })) => &options[..],
+        _ => &[],
+    };
+    if options.is_empty() {
+        return quote!(<#config_ty as #p::Default>::default());
+    }
+    let config = Ident::new("config", Span::mixed_site());
+    let sets = options.iter().map(|(name, value)| {
+        quote_spanned!(name.span()=> #config.#name = #value;)
+    });
+    quote! {{
+        let mut #config: #config_ty = #p::Default::default();
+        #(#sets)*
+        #config
+    }}
+}

@@ -1,0 +1,149 @@
+//! The rules a model struct must follow, one check per rule; every violation is
+//! recorded with a span and a message that says how to fix it.
+
+use quote::ToTokens;
+
+use crate::ast::Model;
+use crate::attr::{CACHE_TYPES, Role};
+use crate::ctxt::Ctxt;
+
+pub fn check(cx: &Ctxt, model: &Model) {
+    check_generics(cx, model);
+    check_roles(cx, model);
+    check_counts(cx, model);
+    check_cache_types(cx, model);
+    check_cfg(cx, model);
+}
+
+fn check_generics(cx: &Ctxt, model: &Model) {
+    let g = &model.item.generics;
+    if !g.params.is_empty() {
+        cx.error_spanned_by(
+            &g.params,
+            "#[trainable_model] does not support generic parameters or lifetimes; \
+             name the concrete encoder, head and loss types in the fields",
+        );
+    }
+}
+
+fn check_roles(cx: &Ctxt, model: &Model) {
+    for f in &model.fields {
+        if f.roles.is_empty() {
+            cx.error_spanned_by(
+                &f.ident,
+                format!(
+                    "field `{}` has no role: annotate it with #[encoder], #[head] or #[loss]",
+                    f.ident
+                ),
+            );
+        }
+        let first = f.roles.first().map(|(r, _)| r.name());
+        for (role, span) in f.roles.iter().skip(1) {
+            let msg = if Some(role.name()) == first {
+                format!("duplicate #[{}] attribute on field `{}`", role.name(), f.ident)
+            } else {
+                format!(
+                    "field `{}` is already a {}; a field has exactly one role",
+                    f.ident,
+                    first.unwrap_or_default()
+                )
+            };
+            cx.syn_error(syn::Error::new(*span, msg));
+        }
+    }
+}
+
+fn check_counts(cx: &Ctxt, model: &Model) {
+    let ident = &model.item.ident;
+    if model.encoders().next().is_none() {
+        cx.error_spanned_by(
+            ident,
+            "a trainable model needs at least one encoder: add a field such as \
+             `#[encoder(cache = \"auto\")] text: HashedNgramEncoder`",
+        );
+    }
+    for (kind, example) in [
+        ("head", "`#[head] head: SkipConnectionHead`"),
+        ("loss", "`#[loss] loss: MultipleNegativesRankingLoss`"),
+    ] {
+        let fields: Vec<_> = model
+            .fields
+            .iter()
+            .filter(|f| f.role().is_some_and(|r| r.name() == kind))
+            .collect();
+        match fields.as_slice() {
+            [] => cx.error_spanned_by(
+                ident,
+                format!("a trainable model needs exactly one #[{kind}] field, e.g. {example}"),
+            ),
+            [first, rest @ ..] => {
+                for f in rest {
+                    cx.error_spanned_by(
+                        &f.ident,
+                        format!(
+                            "a model has exactly one #[{kind}]; `{}` is already the {kind}",
+                            first.ident
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn check_cache_types(cx: &Ctxt, model: &Model) {
+    for f in model.encoders() {
+        let Some(Role::Encoder(e)) = f.role() else { continue };
+        let Some(lit) = &e.cache else { continue };
+        let value = lit.value();
+        if !CACHE_TYPES.contains(&value.as_str()) {
+            let nearest = CACHE_TYPES
+                .iter()
+                .min_by_key(|c| edit_distance(&value.to_lowercase(), c))
+                .expect("non-empty");
+            cx.error_spanned_by(
+                lit.to_token_stream(),
+                format!(
+                    "unknown cache type \"{value}\": did you mean \"{nearest}\"? \
+                     Expected one of \"auto\", \"cpu\", \"gpu\", \"none\""
+                ),
+            );
+        }
+    }
+}
+
+fn check_cfg(cx: &Ctxt, model: &Model) {
+    for f in &model.fields {
+        if let Some(span) = f.cfg {
+            cx.syn_error(syn::Error::new(
+                span,
+                "#[cfg] is not supported on fields of a #[trainable_model]: the model's \
+                 wiring must not change with the build; put the cfg on the whole struct",
+            ));
+        }
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn edit_distance_picks_nearest() {
+        assert_eq!(super::edit_distance("gpuu", "gpu"), 1);
+        assert_eq!(super::edit_distance("cpu", "cpu"), 0);
+        assert_eq!(super::edit_distance("", "auto"), 4);
+    }
+}
