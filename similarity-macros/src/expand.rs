@@ -123,7 +123,13 @@ fn expand(model: &Model) -> TokenStream {
     };
     let accessors: Vec<TokenStream> = enc_idents
         .iter()
-        .map(|ident| if single { quote!(|r| r) } else { quote!(|r| &r.#ident) })
+        .map(|ident| {
+            if single {
+                quote!(|r: &Self::Record| r)
+            } else {
+                quote!(|r: &Self::Record| &r.#ident)
+            }
+        })
         .collect();
 
     let cache_types: Vec<TokenStream> = encoders
@@ -139,16 +145,25 @@ fn expand(model: &Model) -> TokenStream {
             quote!(#p::CacheType::#v)
         })
         .collect();
-    let keys: Vec<TokenStream> = encoders
+    // Only cached encoders are filled; their inputs must be hashable (or have a key).
+    let fills: Vec<TokenStream> = encoders
         .iter()
         .zip(&accessors)
-        .map(|(f, access)| {
+        .enumerate()
+        .filter_map(|(slot, (f, access))| {
             let Some(Role::Encoder(e)) = f.role() else { unreachable!() };
-            let input = quote!((#access)(r));
-            match &e.key {
+            if e.cache.as_ref().is_none_or(|c| c.value() == "none") {
+                return None;
+            }
+            let ident = &f.ident;
+            let input = if single { quote!(r) } else { quote!(&r.#ident) };
+            let key = match &e.key {
                 Some(path) => quote_spanned!(path.span()=> |r: &Self::Record| #p::cache_key(&#path(#input))),
                 None => quote_spanned!(f.ty.span()=> |r: &Self::Record| #p::cache_key(#input)),
-            }
+            };
+            Some(quote! {
+                self.__similarity.fill_encoder(#slot, &self.#ident, records, #access, #key, batch_size, progress, &mut rows)?;
+            })
         })
         .collect();
     let assertions = encoders.iter().filter_map(|f| {
@@ -250,7 +265,8 @@ fn expand(model: &Model) -> TokenStream {
                 progress: &mut dyn #p::FnMut(&'static str, usize, usize),
             ) -> #p::Result<#p::CachedRows> {
                 let mut rows = #p::CachedRows::new(#n_encoders);
-                #(self.__similarity.fill_encoder(#slots, &self.#enc_idents, records, #accessors, #keys, batch_size, progress, &mut rows)?;)*
+                let _ = (&records, batch_size, &progress);
+                #(#fills)*
                 ::core::result::Result::Ok(rows)
             }
 

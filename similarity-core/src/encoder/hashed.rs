@@ -142,18 +142,24 @@ impl HashedNgramEncoder {
                 }
             }
         }
-        let mut buckets: HashMap<u64, f32> = HashMap::with_capacity(tf.len());
-        for (h, count) in tf {
+        // Sorted, so that every sum below runs in one order and a text always gets
+        // bit-identical features (a HashMap's iteration order is random per instance).
+        let mut hashes: Vec<(u64, u32)> = tf.into_iter().collect();
+        hashes.sort_unstable_by_key(|&(h, _)| (h % c.n_features, h));
+        let mut out: Vec<(u64, f32)> = Vec::with_capacity(hashes.len());
+        for (h, count) in hashes {
             let sign = if h >> 63 == 1 { -1.0 } else { 1.0 };
-            *buckets.entry(h % c.n_features).or_default() += sign * (1.0 + (count as f32).ln());
+            let value = sign * (1.0 + (count as f32).ln());
+            match out.last_mut() {
+                Some((b, v)) if *b == h % c.n_features => *v += value,
+                _ => out.push((h % c.n_features, value)),
+            }
         }
-        let norm = buckets.values().map(|v| v * v).sum::<f32>().sqrt();
-        let mut out: Vec<(u64, f32)> = buckets
-            .into_iter()
-            .filter(|(_, v)| *v != 0.0)
-            .map(|(b, v)| (b, v / norm))
-            .collect();
-        out.sort_unstable_by_key(|(b, _)| *b);
+        out.retain(|(_, v)| *v != 0.0);
+        let norm = out.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+        for (_, v) in &mut out {
+            *v /= norm;
+        }
         out
     }
 
