@@ -47,13 +47,14 @@ struct FaqRow {
 }
 
 fn read_pairs(path: &Path) -> Result<Vec<SimilarityPairSample<String>>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
     let mut pairs = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        let row: FaqRow =
-            serde_json::from_str(&line).with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        let row: FaqRow = serde_json::from_str(&line)
+            .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
         pairs.push(SimilarityPairSample::positive(row.question, row.answer));
     }
     Ok(pairs)
@@ -61,7 +62,9 @@ fn read_pairs(path: &Path) -> Result<Vec<SimilarityPairSample<String>>> {
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() -> Result<()> {
@@ -69,9 +72,16 @@ fn main() -> Result<()> {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cloud-faq");
     let train = read_pairs(&data.join("train_cloud_faq_dataset.jsonl.gz"))?;
     let val = read_pairs(&data.join("val_cloud_faq_dataset.jsonl.gz"))?;
-    println!("cloud-faq: {} training pairs, {} validation pairs", train.len(), val.len());
+    println!(
+        "cloud-faq: {} training pairs, {} validation pairs",
+        train.len(),
+        val.len()
+    );
 
-    let epochs: usize = arg("--epochs").map(|e| e.parse()).transpose()?.unwrap_or(50);
+    let epochs: usize = arg("--epochs")
+        .map(|e| e.parse())
+        .transpose()?
+        .unwrap_or(50);
     let lr: f64 = arg("--lr").map(|e| e.parse()).transpose()?.unwrap_or(3e-3);
     let out = PathBuf::from(arg("--out").unwrap_or_else(|| "target/faq-model".into()));
 
@@ -85,7 +95,8 @@ fn main() -> Result<()> {
 
     let before = trainer.evaluate(&mut model, &val)?;
     let p1 = |e: &similarity_core::train::Evaluation| e.metric("precision@1").unwrap_or(f64::NAN);
-    let rr = |e: &similarity_core::train::Evaluation| e.metric("reciprocal_rank").unwrap_or(f64::NAN);
+    let rr =
+        |e: &similarity_core::train::Evaluation| e.metric("reciprocal_rank").unwrap_or(f64::NAN);
     println!(
         "before training: precision@1 {:.4}  MRR {:.4}  (each of {} questions ranked against all {} answers)",
         p1(&before),
@@ -115,16 +126,38 @@ fn main() -> Result<()> {
     let answers: Vec<String> = val.iter().map(|p| p.obj_b.clone()).collect();
     let original = model.encode(&answers, 1024)?;
     let reloaded = served.encode(&answers, 1024)?;
-    let max_diff = (original - &reloaded)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    ensure!(max_diff == 0.0, "reloaded model embeds differently: max |Δ| = {max_diff}");
-    println!("saved to {}, reloaded: identical embeddings for all {} answers", out.display(), answers.len());
+    let max_diff = (original - &reloaded)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    ensure!(
+        max_diff == 0.0,
+        "reloaded model embeds differently: max |Δ| = {max_diff}"
+    );
+    println!(
+        "saved to {}, reloaded: identical embeddings for all {} answers",
+        out.display(),
+        answers.len()
+    );
 
     for sample in [&val[0], &val[700], &val[1500]] {
         let q = served.encode(std::slice::from_ref(&sample.obj_a), 1)?;
-        let d = Distance::Cosine.distance_matrix(&q, Some(&reloaded))?.squeeze(0)?.to_vec1::<f32>()?;
-        let best = (0..d.len()).min_by(|&a, &b| d[a].total_cmp(&d[b])).unwrap_or(0);
+        let d = Distance::Cosine
+            .distance_matrix(&q, Some(&reloaded))?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
+        let best = (0..d.len())
+            .min_by(|&a, &b| d[a].total_cmp(&d[b]))
+            .unwrap_or(0);
         println!("\nQ: {}\nA: {}", sample.obj_a, answers[best]);
-        println!("   ({})", if answers[best] == sample.obj_b { "the reference answer" } else { "not the reference answer" });
+        println!(
+            "   ({})",
+            if answers[best] == sample.obj_b {
+                "the reference answer"
+            } else {
+                "not the reference answer"
+            }
+        );
     }
     println!("\ntotal {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -35,18 +35,38 @@ fn temp_dir() -> tempfile::TempDir {
 }
 
 fn trained() -> FaqModel {
-    let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions { seed: 3, ..Default::default() }).unwrap();
-    let cfg = TrainerConfig { epochs: 2, batch_size: 50, progress: false, ..Default::default() };
-    Trainer::new(cfg).fit(&mut model, &common::faq_pairs("train", 200), None).unwrap();
+    let mut model = FaqModel::new(
+        HashedNgramEncoder::default(),
+        &ModelOptions {
+            seed: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = TrainerConfig {
+        epochs: 2,
+        batch_size: 50,
+        progress: false,
+        ..Default::default()
+    };
+    Trainer::new(cfg)
+        .fit(&mut model, &common::faq_pairs("train", 200), None)
+        .unwrap();
     model
 }
 
 fn texts() -> Vec<String> {
-    common::faq_pairs("val", 20).into_iter().map(|p| p.obj_a).collect()
+    common::faq_pairs("val", 20)
+        .into_iter()
+        .map(|p| p.obj_a)
+        .collect()
 }
 
 fn entries(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut v: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     v.sort();
     v
 }
@@ -58,13 +78,27 @@ fn save_load_encode_round_trip_is_exact() {
     let dir = tmp.path().join("model");
     model.save(&dir).unwrap();
     let loaded = FaqModel::load(&dir, &Device::Cpu).unwrap();
-    let (a, b) = (model.encode(&texts(), 7).unwrap(), loaded.encode(&texts(), 7).unwrap());
+    let (a, b) = (
+        model.encode(&texts(), 7).unwrap(),
+        loaded.encode(&texts(), 7).unwrap(),
+    );
     assert_eq!(a.to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
     // The trained head is not the initial one: the round trip carried real weights.
-    let fresh = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions { seed: 3, ..Default::default() }).unwrap();
-    assert_ne!(fresh.encode(&texts(), 7).unwrap().to_vec2::<f32>().unwrap(), b.to_vec2::<f32>().unwrap());
+    let fresh = FaqModel::new(
+        HashedNgramEncoder::default(),
+        &ModelOptions {
+            seed: 3,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_ne!(
+        fresh.encode(&texts(), 7).unwrap().to_vec2::<f32>().unwrap(),
+        b.to_vec2::<f32>().unwrap()
+    );
     // Saved configs come back: two head layers, symmetric loss.
-    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(manifest["head"]["config"]["n_layers"], 2);
     assert_eq!(manifest["loss"]["config"]["symmetric"], true);
     assert_eq!(manifest["encoders"][0]["name"], "text");
@@ -74,21 +108,39 @@ fn save_load_encode_round_trip_is_exact() {
 fn overwriting_is_atomic_and_leaves_no_temporary_files() {
     let tmp = temp_dir();
     let dir = tmp.path().join("model");
-    FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap().save(&dir).unwrap();
+    FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())
+        .unwrap()
+        .save(&dir)
+        .unwrap();
     let model = trained();
     model.save(&dir).unwrap();
-    assert_eq!(entries(tmp.path()), vec![dir.clone()], "only the model directory remains");
+    assert_eq!(
+        entries(tmp.path()),
+        vec![dir.clone()],
+        "only the model directory remains"
+    );
     let loaded = FaqModel::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(
-        model.encode(&texts(), 20).unwrap().to_vec2::<f32>().unwrap(),
-        loaded.encode(&texts(), 20).unwrap().to_vec2::<f32>().unwrap()
+        model
+            .encode(&texts(), 20)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
+        loaded
+            .encode(&texts(), 20)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
     );
 }
 
 fn saved() -> (tempfile::TempDir, PathBuf) {
     let tmp = temp_dir();
     let dir = tmp.path().join("model");
-    FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap().save(&dir).unwrap();
+    FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())
+        .unwrap()
+        .save(&dir)
+        .unwrap();
     (tmp, dir)
 }
 
@@ -108,10 +160,17 @@ fn damaged_directories_give_errors_that_name_the_file() {
     let (_t, dir) = saved();
     edit_manifest(&dir, |v| v["format_version"] = 99.into());
     let e = load_err(&dir);
-    assert!(e.contains("config.json") && e.contains("format_version 99"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("format_version 99"),
+        "{e}"
+    );
 
     let (_t, dir) = saved();
-    fs::write(dir.join("config.json"), b"{\"format_version\": 1, \"model\": ").unwrap();
+    fs::write(
+        dir.join("config.json"),
+        b"{\"format_version\": 1, \"model\": ",
+    )
+    .unwrap();
     let e = load_err(&dir);
     assert!(e.contains("config.json") && e.contains("EOF"), "{e}");
 
@@ -141,8 +200,13 @@ fn damaged_directories_give_errors_that_name_the_file() {
     assert!(e.contains("encoders/text/config.json"), "{e}");
 
     let (_t, dir) = saved();
-    let e = OtherModel::load(&dir, &Device::Cpu).unwrap_err().to_string();
-    assert!(e.contains("holds a `FaqModel` model, not a `OtherModel`"), "{e}");
+    let e = OtherModel::load(&dir, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("holds a `FaqModel` model, not a `OtherModel`"),
+        "{e}"
+    );
 
     assert!(load_err(Path::new("no/such/model")).contains("no/such/model/config.json"));
 }

@@ -45,21 +45,45 @@ fn faq_model_loss_falls_and_precision_rises() {
     let first = report.epochs.first().unwrap().train_loss;
     let last = report.epochs.last().unwrap().train_loss;
     assert!(last < 0.7 * first, "training loss {first} → {last}");
-    let (p0, p1) = (before.metric("precision@1").unwrap(), after.metric("precision@1").unwrap());
+    let (p0, p1) = (
+        before.metric("precision@1").unwrap(),
+        after.metric("precision@1").unwrap(),
+    );
     assert!(p1 > p0 + 0.02, "precision@1 {p0} → {p1}");
-    assert!(after.loss < before.loss, "validation loss {} → {}", before.loss, after.loss);
+    assert!(
+        after.loss < before.loss,
+        "validation loss {} → {}",
+        before.loss,
+        after.loss
+    );
     assert_eq!(report.epochs.len(), 15);
     let last_val = report.epochs.last().unwrap().validation.as_ref().unwrap();
-    assert_eq!(last_val, &after, "the last epoch's validation is the model's evaluation");
+    assert_eq!(
+        last_val, &after,
+        "the last epoch's validation is the model's evaluation"
+    );
 }
 
 #[test]
 fn training_is_reproducible_from_the_seeds() {
     let train = common::faq_pairs("train", 200);
     let run = || {
-        let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions { seed: 5, ..Default::default() }).unwrap();
-        let report = Trainer::new(quiet(3, 64, 1e-2)).fit(&mut model, &train, None).unwrap();
-        report.epochs.iter().map(|e| e.train_loss).collect::<Vec<_>>()
+        let mut model = FaqModel::new(
+            HashedNgramEncoder::default(),
+            &ModelOptions {
+                seed: 5,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let report = Trainer::new(quiet(3, 64, 1e-2))
+            .fit(&mut model, &train, None)
+            .unwrap();
+        report
+            .epochs
+            .iter()
+            .map(|e| e.train_loss)
+            .collect::<Vec<_>>()
     };
     assert_eq!(run(), run());
 }
@@ -73,7 +97,16 @@ struct Mlp {
 impl Mlp {
     fn new(input: usize, output: usize, seed: u64, calls: Arc<AtomicUsize>) -> Self {
         let mut params = Params::new(&Device::Cpu, seed);
-        params.var("w", &[input, output], Init::Normal { mean: 0.0, std: 0.3 }).unwrap();
+        params
+            .var(
+                "w",
+                &[input, output],
+                Init::Normal {
+                    mean: 0.0,
+                    std: 0.3,
+                },
+            )
+            .unwrap();
         let weight = params.named_vars()["w"].clone();
         Mlp { weight, calls }
     }
@@ -92,7 +125,10 @@ impl Encoder for Mlp {
         let d = self.weight.dim(0)?;
         for (i, x) in inputs.iter().enumerate() {
             if x.len() != d {
-                return Err(similarity_core::Error::invalid(format!("record {i}"), format!("has {} features, expected {d}", x.len())));
+                return Err(similarity_core::Error::invalid(
+                    format!("record {i}"),
+                    format!("has {} features, expected {d}", x.len()),
+                ));
             }
         }
         let flat: Vec<f32> = inputs.iter().flat_map(|x| x.iter().copied()).collect();
@@ -109,13 +145,20 @@ impl Encoder for Mlp {
     }
 
     fn save(&self, dir: &Path) -> similarity_core::Result<()> {
-        let map = std::collections::HashMap::from([("w".to_string(), self.weight.as_tensor().clone())]);
-        Ok(similarity_core::candle_core::safetensors::save(&map, dir.join("w.safetensors"))?)
+        let map =
+            std::collections::HashMap::from([("w".to_string(), self.weight.as_tensor().clone())]);
+        Ok(similarity_core::candle_core::safetensors::save(
+            &map,
+            dir.join("w.safetensors"),
+        )?)
     }
 
     fn load(dir: &Path, device: &Device) -> similarity_core::Result<Self> {
         let t = similarity_core::candle_core::safetensors::load(dir.join("w.safetensors"), device)?;
-        Ok(Mlp { weight: Var::from_tensor(&t["w"])?, calls: Arc::default() })
+        Ok(Mlp {
+            weight: Var::from_tensor(&t["w"])?,
+            calls: Arc::default(),
+        })
     }
 }
 
@@ -138,10 +181,17 @@ struct MixedModel {
 }
 
 fn mixed_pairs(n: usize) -> Vec<SimilarityPairSample<MixedModelRecord>> {
-    let feat = |i: usize, j: usize| (0..6).map(|k| (((i * 31 + j * 7 + k * 13) % 17) as f32 / 8.0) - 1.0).collect::<Vec<f32>>();
+    let feat = |i: usize, j: usize| {
+        (0..6)
+            .map(|k| (((i * 31 + j * 7 + k * 13) % 17) as f32 / 8.0) - 1.0)
+            .collect::<Vec<f32>>()
+    };
     (0..n)
         .map(|i| {
-            let rec = |j| MixedModelRecord { frozen: feat(i, j), trainable: feat(i, j + 1) };
+            let rec = |j| MixedModelRecord {
+                frozen: feat(i, j),
+                trainable: feat(i, j + 1),
+            };
             SimilarityPairSample::positive(rec(0), rec(1))
         })
         .collect()
@@ -155,12 +205,17 @@ fn mixed_model_caches_the_frozen_encoder_and_trains_the_other() {
     let trainable = Mlp::new(6, 3, 2, trainable_calls.clone());
     let mut model = MixedModel::new(frozen, trainable, &ModelOptions::default()).unwrap();
     // The head is sized from both encoders: 4 + 3.
-    assert_eq!(model.state().params().named_vars()["head.fc_0.weight"].dims(), &[7, 7]);
+    assert_eq!(
+        model.state().params().named_vars()["head.fc_0.weight"].dims(),
+        &[7, 7]
+    );
     // Head (2 layers × 3 variables) and the trainable encoder; none of the frozen one.
     assert_eq!(model.state().trainable_vars().len(), 7);
 
     let data = mixed_pairs(40);
-    Trainer::new(quiet(3, 10, 1e-2)).fit(&mut model, &data, None).unwrap();
+    Trainer::new(quiet(3, 10, 1e-2))
+        .fit(&mut model, &data, None)
+        .unwrap();
     // 80 objects, 40 distinct per slot pattern: the frozen encoder ran only while filling
     // the cache (80 records in one batch of ≤ 1024), never during the 12 steps.
     assert_eq!(frozen_calls.load(Ordering::SeqCst), 1);
@@ -173,17 +228,38 @@ fn every_trainable_variable_receives_a_gradient() {
     let trainable = Mlp::new(6, 3, 2, Arc::default());
     let model = MixedModel::new(frozen, trainable, &ModelOptions::default()).unwrap();
     let data = mixed_pairs(8);
-    let records: Vec<&MixedModelRecord> = data.iter().map(|p| &p.obj_a).chain(data.iter().map(|p| &p.obj_b)).collect();
+    let records: Vec<&MixedModelRecord> = data
+        .iter()
+        .map(|p| &p.obj_a)
+        .chain(data.iter().map(|p| &p.obj_b))
+        .collect();
     let batch = EncoderBatch::records(&records, model.state().encoders());
     let emb = model.embed(&batch, &mut Mode::Eval).unwrap();
-    let metas: Vec<_> = data.iter().map(|p| similarity_core::data::SimilaritySample::meta(p).unwrap()).collect();
+    let metas: Vec<_> = data
+        .iter()
+        .map(|p| similarity_core::data::SimilaritySample::meta(p).unwrap())
+        .collect();
     let targets = <SimilarityPairSample<MixedModelRecord> as similarity_core::data::SimilaritySample>::targets(&metas, &Device::Cpu).unwrap();
     let loss = model.loss().forward(&emb, &targets).unwrap();
     let grads = loss.backward().unwrap();
     for var in model.state().trainable_vars() {
-        let g = grads.get(&var).expect("a gradient for every trainable variable");
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
-        assert!(norm > 0.0 && norm.is_finite(), "variable {:?} has gradient norm {norm}", var.dims());
+        let g = grads
+            .get(&var)
+            .expect("a gradient for every trainable variable");
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "variable {:?} has gradient norm {norm}",
+            var.dims()
+        );
     }
 }
 
@@ -192,16 +268,33 @@ fn bad_inputs_are_named() {
     let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
     let trainer = Trainer::new(quiet(1, 8, 1e-3));
     let err = trainer.fit(&mut model, &[], None).unwrap_err().to_string();
-    assert!(err.contains("training set") && err.contains("empty"), "{err}");
+    assert!(
+        err.contains("training set") && err.contains("empty"),
+        "{err}"
+    );
 
     let mut pairs = common::faq_pairs("train", 4);
     pairs[2].score = -0.5;
-    let err = trainer.fit(&mut model, &pairs, None).unwrap_err().to_string();
-    assert!(err.contains("training set, sample 2") && err.contains("-0.5"), "{err}");
+    let err = trainer
+        .fit(&mut model, &pairs, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("training set, sample 2") && err.contains("-0.5"),
+        "{err}"
+    );
 
-    let mut mixed = MixedModel::new(Frozen(Mlp::new(6, 4, 1, Arc::default())), Mlp::new(6, 3, 2, Arc::default()), &ModelOptions::default()).unwrap();
+    let mut mixed = MixedModel::new(
+        Frozen(Mlp::new(6, 4, 1, Arc::default())),
+        Mlp::new(6, 3, 2, Arc::default()),
+        &ModelOptions::default(),
+    )
+    .unwrap();
     let mut data = mixed_pairs(4);
     data[1].obj_b.trainable.pop();
-    let err = trainer.fit(&mut mixed, &data, None).unwrap_err().to_string();
+    let err = trainer
+        .fit(&mut mixed, &data, None)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("5 features, expected 6"), "{err}");
 }

@@ -62,9 +62,7 @@ impl Distance {
         Ok(match self {
             Distance::Cosine => (normalize(x)? * normalize(y)?)?.sum(D::Minus1)?,
             Distance::DotProduct => (x * y)?.sum(D::Minus1)?,
-            Distance::Euclidean | Distance::Manhattan => {
-                (self.distance(x, y)? + 1.0)?.recip()?
-            }
+            Distance::Euclidean | Distance::Manhattan => (self.distance(x, y)? + 1.0)?.recip()?,
         })
     }
 
@@ -106,7 +104,11 @@ impl Distance {
 
 /// Rows scaled to unit L2 norm: `x / max(‖x‖, 1e-8)`, `x: (n, d)`.
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
-    let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(NORM_EPS, f64::MAX)?;
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(NORM_EPS, f64::MAX)?;
     Ok(x.broadcast_div(&norm)?)
 }
 
@@ -153,7 +155,11 @@ mod tests {
         close(get(Distance::Euclidean)[0], 2f32.sqrt());
         close(get(Distance::Manhattan)[0], 2.0);
         close(get(Distance::DotProduct)[0], -24.0);
-        let s = Distance::Euclidean.similarity(&x, &y).unwrap().to_vec1::<f32>().unwrap();
+        let s = Distance::Euclidean
+            .similarity(&x, &y)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         close(s[0], 1.0 / (1.0 + 2f32.sqrt()));
     }
 
@@ -167,7 +173,11 @@ mod tests {
             Distance::Manhattan,
             Distance::DotProduct,
         ] {
-            let m = d.distance_matrix(&x, Some(&y)).unwrap().to_vec2::<f32>().unwrap();
+            let m = d
+                .distance_matrix(&x, Some(&y))
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let r = d.distance(&x, &y).unwrap().to_vec1::<f32>().unwrap();
             for i in 0..3 {
                 assert!((m[i][i] - r[i]).abs() < 1e-5, "{d:?} row {i}");
@@ -181,7 +191,13 @@ mod tests {
         for d in [Distance::Cosine, Distance::Euclidean, Distance::Manhattan] {
             let m = d.distance_matrix(x.as_tensor(), None).unwrap();
             let g = m.sum_all().unwrap().backward().unwrap();
-            let g = g.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let g = g
+                .get(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert!(g.iter().all(|v| v.is_finite()), "{d:?}: {g:?}");
         }
     }
@@ -190,7 +206,10 @@ mod tests {
     fn mismatched_dims_name_both_shapes() {
         let x = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let y = Tensor::zeros((2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let e = Distance::Cosine.distance_matrix(&x, Some(&y)).unwrap_err().to_string();
+        let e = Distance::Cosine
+            .distance_matrix(&x, Some(&y))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("[2, 3]") && e.contains("[2, 4]"), "{e}");
     }
 }

@@ -70,14 +70,20 @@ impl Model {
     }
 
     pub fn encoders(&self) -> impl Iterator<Item = &Field> {
-        self.fields.iter().filter(|f| matches!(f.role(), Some(Role::Encoder(_))))
+        self.fields
+            .iter()
+            .filter(|f| matches!(f.role(), Some(Role::Encoder(_))))
     }
 
     pub fn head(&self) -> Option<&Field> {
-        self.fields.iter().find(|f| matches!(f.role(), Some(Role::Head(_))))
+        self.fields
+            .iter()
+            .find(|f| matches!(f.role(), Some(Role::Head(_))))
     }
 
     pub fn loss(&self) -> Option<&Field> {
-        self.fields.iter().find(|f| matches!(f.role(), Some(Role::Loss(_))))
+        self.fields
+            .iter()
+            .find(|f| matches!(f.role(), Some(Role::Loss(_))))
     }
 }

@@ -46,7 +46,9 @@ pub struct ComponentAttr {
 /// Parses one of our attributes; `None` when `attr` is not ours.
 pub fn parse_role(cx: &Ctxt, attr: &Attribute) -> Option<(Role, Span)> {
     let path = attr.path();
-    let kind = ["encoder", "head", "loss"].into_iter().find(|k| path.is_ident(k))?;
+    let kind = ["encoder", "head", "loss"]
+        .into_iter()
+        .find(|k| path.is_ident(k))?;
     let span = attr.span();
     let role = match kind {
         "encoder" => Role::Encoder(parse_encoder(cx, attr)),
@@ -57,7 +59,10 @@ pub fn parse_role(cx: &Ctxt, attr: &Attribute) -> Option<(Role, Span)> {
 }
 
 fn parse_encoder(cx: &Ctxt, attr: &Attribute) -> EncoderAttr {
-    let mut out = EncoderAttr { cache: None, key: None };
+    let mut out = EncoderAttr {
+        cache: None,
+        key: None,
+    };
     if matches!(attr.meta, syn::Meta::Path(_)) {
         return out;
     }
@@ -94,7 +99,9 @@ fn parse_encoder(cx: &Ctxt, attr: &Attribute) -> EncoderAttr {
 }
 
 fn parse_component(cx: &Ctxt, attr: &Attribute) -> ComponentAttr {
-    let mut out = ComponentAttr { options: Vec::new() };
+    let mut out = ComponentAttr {
+        options: Vec::new(),
+    };
     if matches!(attr.meta, syn::Meta::Path(_)) {
         return out;
     }
@@ -122,6 +129,8 @@ trait PathString {
 
 impl PathString for Path {
     fn to_token_stream_string(&self) -> String {
-        quote::ToTokens::to_token_stream(self).to_string().replace(' ', "")
+        quote::ToTokens::to_token_stream(self)
+            .to_string()
+            .replace(' ', "")
     }
 }

@@ -25,8 +25,11 @@ pub fn trainable_model(args: TokenStream, input: TokenStream) -> TokenStream {
     let item: ItemStruct = match syn::parse2(input) {
         Ok(item) => item,
         Err(e) => {
-            return syn::Error::new(e.span(), "#[trainable_model] applies to a struct with named fields")
-                .into_compile_error();
+            return syn::Error::new(
+                e.span(),
+                "#[trainable_model] applies to a struct with named fields",
+            )
+            .into_compile_error();
         }
     };
     let cx = Ctxt::default();
@@ -63,7 +66,11 @@ fn cleaned_struct(model: &Model, with_state: bool) -> TokenStream {
     } = &model.item;
     let fields = model.fields.iter().map(|f| {
         let Field {
-            ident, ty, vis, attrs, ..
+            ident,
+            ty,
+            vis,
+            attrs,
+            ..
         } = f;
         quote!(#(#attrs)* #vis #ident: #ty)
     });
@@ -135,7 +142,9 @@ fn expand(model: &Model) -> TokenStream {
     let cache_types: Vec<TokenStream> = encoders
         .iter()
         .map(|f| {
-            let Some(Role::Encoder(e)) = f.role() else { unreachable!() };
+            let Some(Role::Encoder(e)) = f.role() else {
+                unreachable!()
+            };
             let v = match e.cache.as_ref().map(syn::LitStr::value).as_deref() {
                 Some("auto") => quote!(Auto),
                 Some("cpu") => quote!(Cpu),
@@ -167,12 +176,18 @@ fn expand(model: &Model) -> TokenStream {
         })
         .collect();
     let assertions = encoders.iter().filter_map(|f| {
-        let Some(Role::Encoder(e)) = f.role() else { return None };
+        let Some(Role::Encoder(e)) = f.role() else {
+            return None;
+        };
         let cached = e.cache.as_ref().is_some_and(|c| c.value() != "none");
         let ty = &f.ty;
         cached.then(|| quote_spanned!(ty.span()=> #p::assert_cacheable::<#ty>();))
     });
 
+    // Without a cached encoder there is nothing to fill.
+    let unused = fills
+        .is_empty()
+        .then(|| quote!(let _ = (records, batch_size, progress);));
     let head_config = config_literal(head, quote!(<#head_ty as #p::Head>::Config));
     let loss_config = config_literal(loss, quote!(<#loss_ty as #p::SimilarityLoss>::Config));
     let slots: Vec<usize> = (0..n_encoders).collect();
@@ -265,7 +280,7 @@ fn expand(model: &Model) -> TokenStream {
                 progress: &mut dyn #p::FnMut(&'static str, usize, usize),
             ) -> #p::Result<#p::CachedRows> {
                 let mut rows = #p::CachedRows::new(#n_encoders);
-                let _ = (&records, batch_size, &progress);
+                #unused
                 #(#fills)*
                 ::core::result::Result::Ok(rows)
             }
@@ -303,19 +318,64 @@ fn expand(model: &Model) -> TokenStream {
 fn config_literal(field: &Field, config_ty: TokenStream) -> TokenStream {
     let p = private();
     let options = match field.role() {
-        Some(Role::Head(ComponentAttr { options })) | Some(Role::Loss(ComponentAttr { options })) => &options[..],
+        Some(Role::Head(ComponentAttr { options }))
+        | Some(Role::Loss(ComponentAttr { options })) => &options[..],
         _ => &[],
     };
     if options.is_empty() {
         return quote!(<#config_ty as #p::Default>::default());
     }
     let config = Ident::new("config", Span::mixed_site());
-    let sets = options.iter().map(|(name, value)| {
-        quote_spanned!(name.span()=> #config.#name = #value;)
-    });
+    let sets = options
+        .iter()
+        .map(|(name, value)| quote_spanned!(name.span()=> #config.#name = #value;));
     quote! {{
         let mut #config: #config_ty = #p::Default::default();
         #(#sets)*
         #config
     }}
+}
+
+#[cfg(test)]
+mod tests {
+    //! Expansion snapshots: each `tests/expand/<name>.rs` of the workspace is expanded and
+    //! pretty-printed; the result is compared with `tests/expand/snapshots/`. Review a
+    //! change with `cargo insta review` (or `INSTA_UPDATE=always cargo test`).
+
+    use std::path::Path;
+
+    fn expand_file(name: &str) -> String {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/expand");
+        let source = std::fs::read_to_string(root.join(format!("{name}.rs"))).unwrap();
+        let file: syn::File = syn::parse_file(&source).unwrap();
+        let mut out = proc_macro2::TokenStream::new();
+        for item in file.items {
+            let syn::Item::Struct(mut s) = item else {
+                continue;
+            };
+            s.attrs.retain(|a| !a.path().is_ident("trainable_model"));
+            out.extend(super::trainable_model(
+                proc_macro2::TokenStream::new(),
+                quote::ToTokens::to_token_stream(&s),
+            ));
+        }
+        prettyplease::unparse(&syn::parse2(out).expect("the expansion is valid Rust"))
+    }
+
+    fn check(name: &str) {
+        let mut settings = insta::Settings::clone_current();
+        settings.set_snapshot_path("../../tests/expand/snapshots");
+        settings.set_prepend_module_to_snapshot(false);
+        settings.bind(|| insta::assert_snapshot!(name, expand_file(name)));
+    }
+
+    #[test]
+    fn faq_model() {
+        check("faq_model");
+    }
+
+    #[test]
+    fn mixed_model() {
+        check("mixed_model");
+    }
 }

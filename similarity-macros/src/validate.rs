@@ -40,10 +40,14 @@ fn check_roles(cx: &Ctxt, model: &Model) {
         let first = f.roles.first().map(|(r, _)| r.name());
         for (role, span) in f.roles.iter().skip(1) {
             let msg = if Some(role.name()) == first {
-                format!("duplicate #[{}] attribute on field `{}`", role.name(), f.ident)
+                format!(
+                    "duplicate #[{}] attribute on field `{}`",
+                    role.name(),
+                    f.ident
+                )
             } else {
                 format!(
-                    "field `{}` is already a {}; a field has exactly one role",
+                    "field `{}` already has the #[{}] role; a field has exactly one role",
                     f.ident,
                     first.unwrap_or_default()
                 )
@@ -93,7 +97,9 @@ fn check_counts(cx: &Ctxt, model: &Model) {
 
 fn check_cache_types(cx: &Ctxt, model: &Model) {
     for f in model.encoders() {
-        let Some(Role::Encoder(e)) = f.role() else { continue };
+        let Some(Role::Encoder(e)) = f.role() else {
+            continue;
+        };
         let Some(lit) = &e.cache else { continue };
         let value = lit.value();
         if !CACHE_TYPES.contains(&value.as_str()) {

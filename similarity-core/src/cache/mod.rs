@@ -80,12 +80,14 @@ impl EncoderCache {
     /// An empty cache of `cache_type` for a model on `model_device`; `None` when the type
     /// is [`CacheType::None`].
     pub fn new(cache_type: CacheType, model_device: &Device) -> Result<Option<Self>> {
-        Ok(cache_type.storage_device(model_device)?.map(|device| EncoderCache {
-            cache_type,
-            device,
-            index: HashMap::new(),
-            rows: None,
-        }))
+        Ok(cache_type
+            .storage_device(model_device)?
+            .map(|device| EncoderCache {
+                cache_type,
+                device,
+                index: HashMap::new(),
+                rows: None,
+            }))
     }
 
     /// The configured type.
@@ -105,7 +107,9 @@ impl EncoderCache {
 
     /// Bytes held by the embedding rows.
     pub fn bytes(&self) -> usize {
-        self.rows.as_ref().map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
+        self.rows
+            .as_ref()
+            .map_or(0, |t| t.elem_count() * t.dtype().size_in_bytes())
     }
 
     /// Makes sure every key is cached and returns each key's row. Keys not yet cached are
@@ -153,7 +157,9 @@ impl EncoderCache {
             .rows
             .as_ref()
             .ok_or_else(|| Error::invalid("embedding cache", "looked up before it was filled"))?;
-        Ok(store.index_select(&rows.to_device(&self.device)?, 0)?.to_device(device)?)
+        Ok(store
+            .index_select(&rows.to_device(&self.device)?, 0)?
+            .to_device(device)?)
     }
 
     /// Row ids as a tensor on this cache's device, ready for [`lookup`](Self::lookup).
@@ -169,7 +175,9 @@ mod tests {
 
     #[test]
     fn fill_dedups_and_lookup_returns_rows() {
-        let mut c = EncoderCache::new(CacheType::Auto, &Device::Cpu).unwrap().unwrap();
+        let mut c = EncoderCache::new(CacheType::Auto, &Device::Cpu)
+            .unwrap()
+            .unwrap();
         let texts = ["a", "b", "a", "c", "b"];
         let keys: Vec<CacheKey> = texts.iter().map(|t| cache_key(t)).collect();
         let mut encoded = Vec::new();
@@ -185,25 +193,46 @@ mod tests {
                 |_, _| {},
             )
             .unwrap();
-        assert_eq!(encoded, vec!["a", "b", "c"], "each distinct object encoded once");
+        assert_eq!(
+            encoded,
+            vec!["a", "b", "c"],
+            "each distinct object encoded once"
+        );
         assert_eq!(rows, vec![0, 1, 0, 2, 1]);
-        let got = c.lookup(&c.row_tensor(vec![2, 0]).unwrap(), &Device::Cpu).unwrap();
+        let got = c
+            .lookup(&c.row_tensor(vec![2, 0]).unwrap(), &Device::Cpu)
+            .unwrap();
         assert_eq!(got.to_vec2::<f32>().unwrap(), vec![vec![99.0], vec![97.0]]);
         // A second fill only encodes what is new.
         let mut calls = 0;
         let rows = c
-            .fill(&[cache_key("c"), cache_key("d")], 8, |pos| {
-                calls += pos.len();
-                Ok(Tensor::zeros((pos.len(), 1), candle_core::DType::F32, &Device::Cpu)?)
-            }, |_, _| {})
+            .fill(
+                &[cache_key("c"), cache_key("d")],
+                8,
+                |pos| {
+                    calls += pos.len();
+                    Ok(Tensor::zeros(
+                        (pos.len(), 1),
+                        candle_core::DType::F32,
+                        &Device::Cpu,
+                    )?)
+                },
+                |_, _| {},
+            )
             .unwrap();
         assert_eq!((rows, calls, c.len()), (vec![2, 3], 1, 4));
     }
 
     #[test]
     fn gpu_cache_on_cpu_model_is_a_clear_error() {
-        let e = EncoderCache::new(CacheType::Gpu, &Device::Cpu).unwrap_err().to_string();
+        let e = EncoderCache::new(CacheType::Gpu, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("gpu") && e.contains("auto"), "{e}");
-        assert!(EncoderCache::new(CacheType::None, &Device::Cpu).unwrap().is_none());
+        assert!(
+            EncoderCache::new(CacheType::None, &Device::Cpu)
+                .unwrap()
+                .is_none()
+        );
     }
 }

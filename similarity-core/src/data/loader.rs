@@ -37,17 +37,26 @@ impl DataLoader {
     /// The batches of epoch `epoch` over `n` samples, as sample indices.
     pub fn batches(&self, n: usize, epoch: usize) -> Result<Vec<Vec<usize>>> {
         if self.batch_size == 0 {
-            return Err(Error::invalid("DataLoader.batch_size", "must be at least 1"));
+            return Err(Error::invalid(
+                "DataLoader.batch_size",
+                "must be at least 1",
+            ));
         }
         if n == 0 {
-            return Err(Error::invalid("dataset", "is empty: there is nothing to train on"));
+            return Err(Error::invalid(
+                "dataset",
+                "is empty: there is nothing to train on",
+            ));
         }
         let mut order: Vec<usize> = (0..n).collect();
         if self.shuffle {
             let seed = self.seed ^ (epoch as u64).wrapping_mul(0xA076_1D64_78BD_642F);
             order.shuffle(&mut StdRng::seed_from_u64(seed));
         }
-        let mut out: Vec<Vec<usize>> = order.chunks(self.batch_size).map(<[usize]>::to_vec).collect();
+        let mut out: Vec<Vec<usize>> = order
+            .chunks(self.batch_size)
+            .map(<[usize]>::to_vec)
+            .collect();
         if self.drop_last && out.last().is_some_and(|b| b.len() < self.batch_size) {
             out.pop();
         }
@@ -82,9 +91,23 @@ mod tests {
 
     #[test]
     fn drop_last_and_edge_cases() {
-        let l = DataLoader { drop_last: true, ..DataLoader::new(4, 0) };
+        let l = DataLoader {
+            drop_last: true,
+            ..DataLoader::new(4, 0)
+        };
         assert_eq!(l.batches(10, 0).unwrap().len(), 2);
-        assert!(l.batches(3, 0).unwrap_err().to_string().contains("larger than the dataset"));
-        assert!(DataLoader::new(4, 0).batches(0, 0).unwrap_err().to_string().contains("empty"));
+        assert!(
+            l.batches(3, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("larger than the dataset")
+        );
+        assert!(
+            DataLoader::new(4, 0)
+                .batches(0, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
     }
 }

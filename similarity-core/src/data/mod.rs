@@ -133,10 +133,9 @@ pub fn metas<S: SimilaritySample>(samples: &[S]) -> Result<Vec<S::Meta>> {
         .enumerate()
         .map(|(i, s)| {
             s.meta().map_err(|e| match e {
-                Error::InvalidInput { location, message } => Error::invalid(
-                    format!("sample {i}, {location}"),
-                    message,
-                ),
+                Error::InvalidInput { location, message } => {
+                    Error::invalid(format!("sample {i}, {location}"), message)
+                }
                 other => other,
             })
         })
@@ -150,11 +149,20 @@ mod tests {
     #[test]
     fn pair_targets_follow_quaterion_layout() {
         let metas = [
-            PairMeta { score: 1.0, subgroup: 3 },
-            PairMeta { score: 0.0, subgroup: 5 },
+            PairMeta {
+                score: 1.0,
+                subgroup: 3,
+            },
+            PairMeta {
+                score: 0.0,
+                subgroup: 5,
+            },
         ];
         let t = SimilarityPairSample::<String>::targets(&metas, &Device::Cpu).unwrap();
-        assert_eq!(t.pairs.to_vec2::<u32>().unwrap(), vec![vec![0, 2], vec![1, 3]]);
+        assert_eq!(
+            t.pairs.to_vec2::<u32>().unwrap(),
+            vec![vec![0, 2], vec![1, 3]]
+        );
         assert_eq!(t.labels.to_vec1::<f32>().unwrap(), vec![1.0, 0.0]);
         assert_eq!(t.subgroups.to_vec1::<i64>().unwrap(), vec![3, 5, 3, 5]);
     }
@@ -163,9 +171,15 @@ mod tests {
     fn bad_score_names_the_sample() {
         let s = vec![
             SimilarityPairSample::positive("a".to_string(), "b".to_string()),
-            SimilarityPairSample { score: 1.5, ..SimilarityPairSample::positive("c".into(), "d".into()) },
+            SimilarityPairSample {
+                score: 1.5,
+                ..SimilarityPairSample::positive("c".into(), "d".into())
+            },
         ];
         let e = metas(&s).unwrap_err().to_string();
-        assert!(e.contains("sample 1") && e.contains("score") && e.contains("1.5"), "{e}");
+        assert!(
+            e.contains("sample 1") && e.contains("score") && e.contains("1.5"),
+            "{e}"
+        );
     }
 }

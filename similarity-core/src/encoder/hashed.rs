@@ -57,7 +57,8 @@ impl Default for HashedNgramConfig {
 
 impl HashedNgramConfig {
     fn check(&self) -> Result<()> {
-        let bad = |what: &str, msg: String| Err(Error::invalid(format!("HashedNgramConfig.{what}"), msg));
+        let bad =
+            |what: &str, msg: String| Err(Error::invalid(format!("HashedNgramConfig.{what}"), msg));
         if self.dim == 0 {
             return bad("dim", "must be at least 1".into());
         }
@@ -66,11 +67,17 @@ impl HashedNgramConfig {
         }
         let (a, b) = self.word_ngrams;
         if a == 0 || a > b {
-            return bad("word_ngrams", format!("needs 1 <= min <= max, got ({a}, {b})"));
+            return bad(
+                "word_ngrams",
+                format!("needs 1 <= min <= max, got ({a}, {b})"),
+            );
         }
         let (a, b) = self.char_ngrams;
         if (a, b) != (0, 0) && (a == 0 || a > b) {
-            return bad("char_ngrams", format!("needs (0, 0) or 1 <= min <= max, got ({a}, {b})"));
+            return bad(
+                "char_ngrams",
+                format!("needs (0, 0) or 1 <= min <= max, got ({a}, {b})"),
+            );
         }
         Ok(())
     }
@@ -122,7 +129,8 @@ impl HashedNgramEncoder {
                     }
                     key.push_str(w);
                 }
-                *tf.entry(xxh3_64_with_seed(key.as_bytes(), c.seed)).or_default() += 1;
+                *tf.entry(xxh3_64_with_seed(key.as_bytes(), c.seed))
+                    .or_default() += 1;
             }
         }
         if c.char_ngrams != (0, 0) {
@@ -137,7 +145,8 @@ impl HashedNgramEncoder {
                         key.clear();
                         key.push('c');
                         key.extend(gram);
-                        *tf.entry(xxh3_64_with_seed(key.as_bytes(), c.seed)).or_default() += 1;
+                        *tf.entry(xxh3_64_with_seed(key.as_bytes(), c.seed))
+                            .or_default() += 1;
                     }
                 }
             }
@@ -216,7 +225,11 @@ impl Encoder for HashedNgramEncoder {
                 self.project_into(bucket, value, row);
             }
         }
-        Ok(Tensor::from_vec(out, (batch.rows.len(), dim), &batch.device)?)
+        Ok(Tensor::from_vec(
+            out,
+            (batch.rows.len(), dim),
+            &batch.device,
+        )?)
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
@@ -268,24 +281,62 @@ mod tests {
     #[test]
     fn projection_keeps_cosine_geometry_and_is_deterministic() {
         let enc = HashedNgramEncoder::default();
-        let e = embed(&enc, &["how do I resize a disk", "how can I resize my disk", "pricing of object storage"]);
+        let e = embed(
+            &enc,
+            &[
+                "how do I resize a disk",
+                "how can I resize my disk",
+                "pricing of object storage",
+            ],
+        );
         assert_eq!(e.dims(), &[3, 384]);
         let again = embed(&enc, &["how do I resize a disk"]);
-        assert_eq!(e.get(0).unwrap().to_vec1::<f32>().unwrap(), again.get(0).unwrap().to_vec1::<f32>().unwrap());
-        let norms = e.sqr().unwrap().sum(1).unwrap().sqrt().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(
+            e.get(0).unwrap().to_vec1::<f32>().unwrap(),
+            again.get(0).unwrap().to_vec1::<f32>().unwrap()
+        );
+        let norms = e
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(norms.iter().all(|n| (n - 1.0).abs() < 0.2), "{norms:?}");
-        let s = Distance::Cosine.similarity_matrix(&e, None).unwrap().to_vec2::<f32>().unwrap();
-        assert!(s[0][1] > 0.4 && s[0][2] < 0.2, "related {} unrelated {}", s[0][1], s[0][2]);
+        let s = Distance::Cosine
+            .similarity_matrix(&e, None)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(
+            s[0][1] > 0.4 && s[0][2] < 0.2,
+            "related {} unrelated {}",
+            s[0][1],
+            s[0][2]
+        );
     }
 
     #[test]
     fn empty_text_gives_zero_vector_and_bad_config_is_named() {
         let enc = HashedNgramEncoder::default();
         let e = embed(&enc, &[""]);
-        assert_eq!(e.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        let err = HashedNgramEncoder::new(HashedNgramConfig { word_ngrams: (2, 1), ..Default::default() })
-            .unwrap_err()
-            .to_string();
+        assert_eq!(
+            e.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        let err = HashedNgramEncoder::new(HashedNgramConfig {
+            word_ngrams: (2, 1),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("word_ngrams"), "{err}");
     }
 }

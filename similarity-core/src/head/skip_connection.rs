@@ -56,7 +56,10 @@ impl Head for SkipConnectionHead {
     const NAME: &'static str = "SkipConnectionHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        for (name, p) in [("dropout", config.dropout), ("skip_dropout", config.skip_dropout)] {
+        for (name, p) in [
+            ("dropout", config.dropout),
+            ("skip_dropout", config.skip_dropout),
+        ] {
             if !(0.0..1.0).contains(&p) {
                 return Err(Error::invalid(
                     format!("SkipConnectionHead option `{name}`"),
@@ -76,7 +79,12 @@ impl Head for SkipConnectionHead {
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let gates = params.var(&format!("gates_{i}"), &[input_size], Init::Const(-4.0))?;
-            let fc = Linear::new(input_size, input_size, true, &mut params.scope(&format!("fc_{i}")))?;
+            let fc = Linear::new(
+                input_size,
+                input_size,
+                true,
+                &mut params.scope(&format!("fc_{i}")),
+            )?;
             layers.push((fc, gates));
         }
         Ok(SkipConnectionHead {
@@ -120,7 +128,11 @@ mod tests {
         let mut p = Params::new(&Device::Cpu, 3);
         let head = SkipConnectionHead::new(4, Default::default(), &mut p.scope("head")).unwrap();
         let x = Tensor::new(&[[1.0f32, -2.0, 0.5, 3.0]], &Device::Cpu).unwrap();
-        let y = head.forward(&x, &mut Mode::Eval).unwrap().to_vec2::<f32>().unwrap();
+        let y = head
+            .forward(&x, &mut Mode::Eval)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let w = p.named_vars()["head.fc_0.weight"].to_vec2::<f32>().unwrap();
         let b = p.named_vars()["head.fc_0.bias"].to_vec1::<f32>().unwrap();
         let xv = [1.0f32, -2.0, 0.5, 3.0];

@@ -64,7 +64,9 @@ impl LossKind for PairKind {
         let n = metas.len();
         let a = embeddings.narrow(0, 0, n)?;
         let b = embeddings.narrow(0, n, n)?;
-        let queries: Vec<u32> = (0..n as u32).filter(|&i| metas[i as usize].score > 0.0).collect();
+        let queries: Vec<u32> = (0..n as u32)
+            .filter(|&i| metas[i as usize].score > 0.0)
+            .collect();
         let scores = metric::rank_against_candidates(&a, &b, &queries, distance)?;
         Ok(vec![
             ("precision@1", scores.precision_at_1),
@@ -93,7 +95,11 @@ pub trait SimilarityLoss: Sized + Send + Sync {
     fn distance(&self) -> Distance;
 
     /// The scalar loss of a batch.
-    fn forward(&self, embeddings: &Tensor, targets: &<Self::Kind as LossKind>::Targets) -> Result<Tensor>;
+    fn forward(
+        &self,
+        embeddings: &Tensor,
+        targets: &<Self::Kind as LossKind>::Targets,
+    ) -> Result<Tensor>;
 }
 
 /// `mean_i(logsumexp(logits_i) − logits_i[target_i])` with `target_i = i`, for a square
@@ -102,7 +108,12 @@ pub trait SimilarityLoss: Sized + Send + Sync {
 pub(crate) fn diagonal_cross_entropy(logits: &Tensor) -> Result<Tensor> {
     let n = logits.dim(0)?;
     let max = logits.max_keepdim(1)?.detach();
-    let lse = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()?.add(&max)?;
+    let lse = logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(1)?
+        .log()?
+        .add(&max)?;
     let eye = Tensor::eye(n, logits.dtype(), logits.device())?;
     let diag = logits.mul(&eye)?.sum_keepdim(1)?;
     Ok(lse.sub(&diag)?.mean_all()?)
@@ -111,5 +122,8 @@ pub(crate) fn diagonal_cross_entropy(logits: &Tensor) -> Result<Tensor> {
 /// The value of a scalar tensor, for tests.
 #[cfg(test)]
 pub(crate) fn scalar(t: &Tensor) -> f32 {
-    t.to_device(&candle_core::Device::Cpu).unwrap().to_scalar::<f32>().unwrap()
+    t.to_device(&candle_core::Device::Cpu)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }

@@ -91,7 +91,11 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
         }
         let anchors = embeddings.index_select(&targets.pairs.narrow(1, 0, 1)?.squeeze(1)?, 0)?;
         let positives = embeddings.index_select(&targets.pairs.narrow(1, 1, 1)?.squeeze(1)?, 0)?;
-        let logits = (self.config.distance.similarity_matrix(&anchors, Some(&positives))? * self.config.scale)?;
+        let logits = (self
+            .config
+            .distance
+            .similarity_matrix(&anchors, Some(&positives))?
+            * self.config.scale)?;
         let loss = diagonal_cross_entropy(&logits)?;
         if self.config.symmetric {
             let back = diagonal_cross_entropy(&logits.t()?)?;
@@ -110,26 +114,45 @@ mod tests {
     use candle_core::Device;
 
     fn targets(p: usize) -> PairTargets {
-        let metas = vec![PairMeta { score: 1.0, subgroup: 0 }; p];
+        let metas = vec![
+            PairMeta {
+                score: 1.0,
+                subgroup: 0
+            };
+            p
+        ];
         SimilarityPairSample::<()>::targets(&metas, &Device::Cpu).unwrap()
     }
 
     fn loss(cfg: MultipleNegativesRankingLossConfig) -> MultipleNegativesRankingLoss {
-        MultipleNegativesRankingLoss::new(2, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+        MultipleNegativesRankingLoss::new(2, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss"))
+            .unwrap()
     }
 
     #[test]
     fn hand_computed_two_pairs() {
         // a = [e1, e2], b = [e1, e2] (orthogonal): S = scale·I, so the loss is
         // logsumexp(s, 0) − s = ln(1 + e^{−s}) for each row, symmetric or not.
-        let e = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let e = Tensor::new(
+            &[[1.0f32, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let expected = (1.0 + (-20.0f32).exp()).ln();
         let l = loss(Default::default());
         assert!((scalar(&l.forward(&e, &targets(2)).unwrap()) - expected).abs() < 1e-7);
         // a = [e1, e2], b = [e2, e1] with scale 1: each row's positive has cos 0 and the
         // negative cos 1 → ln(1 + e) − 0.
-        let e = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], &Device::Cpu).unwrap();
-        let l = loss(MultipleNegativesRankingLossConfig { scale: 1.0, symmetric: true, ..Default::default() });
+        let e = Tensor::new(
+            &[[1.0f32, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let l = loss(MultipleNegativesRankingLossConfig {
+            scale: 1.0,
+            symmetric: true,
+            ..Default::default()
+        });
         let got = scalar(&l.forward(&e, &targets(2)).unwrap());
         assert!((got - (1.0 + 1f32.exp()).ln()).abs() < 1e-6, "{got}");
     }
@@ -137,9 +160,21 @@ mod tests {
     #[test]
     fn negative_pair_is_rejected_by_index() {
         let e = Tensor::zeros((4, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let metas = [PairMeta { score: 1.0, subgroup: 0 }, PairMeta { score: 0.0, subgroup: 0 }];
+        let metas = [
+            PairMeta {
+                score: 1.0,
+                subgroup: 0,
+            },
+            PairMeta {
+                score: 0.0,
+                subgroup: 0,
+            },
+        ];
         let t = SimilarityPairSample::<()>::targets(&metas, &Device::Cpu).unwrap();
-        let err = loss(Default::default()).forward(&e, &t).unwrap_err().to_string();
+        let err = loss(Default::default())
+            .forward(&e, &t)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("pair 1") && err.contains("positive"), "{err}");
     }
 }

@@ -41,14 +41,20 @@ pub fn rank_against_candidates(
     distance: Distance,
 ) -> Result<RetrievalScores> {
     let m = candidates.dim(0)?;
-    if let Some(&bad) = which.iter().find(|&&i| i as usize >= m || i as usize >= queries.dim(0).unwrap_or(0)) {
+    if let Some(&bad) = which
+        .iter()
+        .find(|&&i| i as usize >= m || i as usize >= queries.dim(0).unwrap_or(0))
+    {
         return Err(Error::invalid(
             "retrieval evaluation",
             format!("query {bad} has no candidate of the same index ({m} candidates)"),
         ));
     }
     if which.is_empty() {
-        return Err(Error::invalid("retrieval evaluation", "no positive pair to use as a query"));
+        return Err(Error::invalid(
+            "retrieval evaluation",
+            "no positive pair to use as a query",
+        ));
     }
     let (mut hits, mut rr) = (0.0f64, 0.0f64);
     for block in which.chunks(BLOCK) {
@@ -56,7 +62,11 @@ pub fn rank_against_candidates(
         let q = queries.index_select(&idx, 0)?;
         let d = distance.distance_matrix(&q, Some(candidates))?;
         let own = d.gather(&idx.unsqueeze(1)?, 1)?;
-        let ranks = d.broadcast_lt(&own)?.to_dtype(DType::F32)?.sum(1)?.to_vec1::<f32>()?;
+        let ranks = d
+            .broadcast_lt(&own)?
+            .to_dtype(DType::F32)?
+            .sum(1)?
+            .to_vec1::<f32>()?;
         for r in ranks {
             if r == 0.0 {
                 hits += 1.0;
@@ -94,7 +104,9 @@ mod tests {
     fn blocks_give_the_same_answer_as_one_pass() {
         // 2·BLOCK + 5 queries: every query equals its candidate, so all ranks are 0.
         let n = 2 * BLOCK + 5;
-        let v: Vec<f32> = (0..n * 3).map(|i| ((i * 7919) % 1000) as f32 / 100.0).collect();
+        let v: Vec<f32> = (0..n * 3)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+            .collect();
         let x = Tensor::from_vec(v, (n, 3), &Device::Cpu).unwrap();
         let which: Vec<u32> = (0..n as u32).collect();
         let s = rank_against_candidates(&x, &x, &which, Distance::Euclidean).unwrap();

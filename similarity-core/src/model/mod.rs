@@ -98,13 +98,20 @@ pub struct ServableWriter {
 }
 
 fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::invalid("model directory", format!("`{}` has no final component", dir.display())))?;
+    let name = dir.file_name().ok_or_else(|| {
+        Error::invalid(
+            "model directory",
+            format!("`{}` has no final component", dir.display()),
+        )
+    })?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    Ok(dir.with_file_name(format!(".{}.{tag}-{}-{stamp}", name.to_string_lossy(), std::process::id())))
+    Ok(dir.with_file_name(format!(
+        ".{}.{tag}-{}-{stamp}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
 }
 
 impl ServableWriter {
@@ -114,7 +121,8 @@ impl ServableWriter {
             fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
         }
         let tmp = sibling(dir, "tmp")?;
-        fs::create_dir_all(tmp.join("encoders")).map_err(|e| Error::io("cannot create", &tmp, e))?;
+        fs::create_dir_all(tmp.join("encoders"))
+            .map_err(|e| Error::io("cannot create", &tmp, e))?;
         Ok(ServableWriter {
             target: dir.to_path_buf(),
             tmp,
@@ -168,12 +176,14 @@ impl ServableWriter {
     fn commit(self) -> Result<()> {
         let old = if self.target.exists() {
             let old = sibling(&self.target, "old")?;
-            fs::rename(&self.target, &old).map_err(|e| Error::io("cannot move aside", &self.target, e))?;
+            fs::rename(&self.target, &old)
+                .map_err(|e| Error::io("cannot move aside", &self.target, e))?;
             Some(old)
         } else {
             None
         };
-        fs::rename(&self.tmp, &self.target).map_err(|e| Error::io("cannot move into place", &self.target, e))?;
+        fs::rename(&self.tmp, &self.target)
+            .map_err(|e| Error::io("cannot move into place", &self.target, e))?;
         if let Some(old) = old {
             fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
         }
@@ -200,18 +210,28 @@ impl ServableReader {
     pub fn open(dir: &Path, model: &str) -> Result<Self> {
         let path = dir.join(MANIFEST);
         let raw: serde_json::Value = read_json(&path)?;
-        let version = raw.get("format_version").and_then(serde_json::Value::as_u64);
+        let version = raw
+            .get("format_version")
+            .and_then(serde_json::Value::as_u64);
         match version {
             Some(v) if v == u64::from(FORMAT_VERSION) => {}
             Some(v) => {
                 return Err(Error::format(
                     &path,
-                    format!("format_version {v} is not supported: this library reads version {FORMAT_VERSION}"),
+                    format!(
+                        "format_version {v} is not supported: this library reads version {FORMAT_VERSION}"
+                    ),
                 ));
             }
-            None => return Err(Error::format(&path, "no integer `format_version`: not a saved model")),
+            None => {
+                return Err(Error::format(
+                    &path,
+                    "no integer `format_version`: not a saved model",
+                ));
+            }
         }
-        let manifest: Manifest = serde_json::from_value(raw).map_err(|e| Error::format(&path, e.to_string()))?;
+        let manifest: Manifest =
+            serde_json::from_value(raw).map_err(|e| Error::format(&path, e.to_string()))?;
         if manifest.model != model {
             return Err(Error::format(
                 &path,
@@ -237,11 +257,20 @@ impl ServableReader {
             .encoders
             .iter()
             .find(|e| e.name == name)
-            .ok_or_else(|| Error::format(&path, format!("has no encoder `{name}`, which the model declares")))?;
+            .ok_or_else(|| {
+                Error::format(
+                    &path,
+                    format!("has no encoder `{name}`, which the model declares"),
+                )
+            })?;
         if entry.kind != E::NAME {
             return Err(Error::format(
                 &path,
-                format!("encoder `{name}` was saved as `{}`, the model declares `{}`", entry.kind, E::NAME),
+                format!(
+                    "encoder `{name}` was saved as `{}`, the model declares `{}`",
+                    entry.kind,
+                    E::NAME
+                ),
             ));
         }
         let encoder = E::load(&self.dir.join("encoders").join(name), device)?;
@@ -268,12 +297,20 @@ impl ServableReader {
         self.component_config(&self.manifest.loss, L::NAME, "loss")
     }
 
-    fn component_config<C: DeserializeOwned>(&self, entry: &ComponentEntry, kind: &str, what: &str) -> Result<C> {
+    fn component_config<C: DeserializeOwned>(
+        &self,
+        entry: &ComponentEntry,
+        kind: &str,
+        what: &str,
+    ) -> Result<C> {
         let path = self.dir.join(MANIFEST);
         if entry.kind != kind {
             return Err(Error::format(
                 &path,
-                format!("{what} was saved as `{}`, the model declares `{kind}`", entry.kind),
+                format!(
+                    "{what} was saved as `{}`, the model declares `{kind}`",
+                    entry.kind
+                ),
             ));
         }
         serde_json::from_value(entry.config.clone())
@@ -285,7 +322,12 @@ impl ServableReader {
     pub fn finish(&self, state: &ModelState, head_input: usize, head_output: usize) -> Result<()> {
         let path = self.dir.join(MANIFEST);
         let names: Vec<&str> = state.encoders().iter().map(|e| e.name).collect();
-        let saved: Vec<&str> = self.manifest.encoders.iter().map(|e| e.name.as_str()).collect();
+        let saved: Vec<&str> = self
+            .manifest
+            .encoders
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
         if names != saved {
             return Err(Error::format(
                 &path,
@@ -307,5 +349,6 @@ impl ServableReader {
 }
 
 fn to_value<T: Serialize>(path: &Path, config: &T) -> Result<serde_json::Value> {
-    serde_json::to_value(config).map_err(|e| Error::format(path, format!("cannot serialise config: {e}")))
+    serde_json::to_value(config)
+        .map_err(|e| Error::format(path, format!("cannot serialise config: {e}")))
 }

@@ -66,7 +66,9 @@ impl OptimizerConfig {
         if !(lr > 0.0 && lr.is_finite()) || weight_decay < 0.0 {
             return Err(Error::invalid(
                 "TrainerConfig.optimizer",
-                format!("needs lr > 0 and weight_decay >= 0, got lr = {lr}, weight_decay = {weight_decay}"),
+                format!(
+                    "needs lr > 0 and weight_decay >= 0, got lr = {lr}, weight_decay = {weight_decay}"
+                ),
             ));
         }
         Ok(AdamW::new(
@@ -127,7 +129,10 @@ pub struct Evaluation {
 impl Evaluation {
     /// The metric called `name`.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
+        self.metrics
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -177,7 +182,12 @@ impl<'a, M: TrainableModel> Prepared<'a, M> {
             .collect()
     }
 
-    fn batch<'b>(&self, model: &M, ids: &[usize], scratch: &'b mut Vec<&'a M::Record>) -> Result<EncoderBatch<'b, M::Record>>
+    fn batch<'b>(
+        &self,
+        model: &M,
+        ids: &[usize],
+        scratch: &'b mut Vec<&'a M::Record>,
+    ) -> Result<EncoderBatch<'b, M::Record>>
     where
         'a: 'b,
     {
@@ -217,7 +227,9 @@ impl Trainer {
         }
         let started = Instant::now();
         let train_data = self.prepare(model, train, "training set")?;
-        let val_data = val.map(|v| self.prepare(model, v, "validation set")).transpose()?;
+        let val_data = val
+            .map(|v| self.prepare(model, v, "validation set"))
+            .transpose()?;
         let cache_seconds = started.elapsed().as_secs_f64();
 
         let loader = DataLoader {
@@ -229,7 +241,10 @@ impl Trainer {
         let mut optimizer = c.optimizer.build(model.state().trainable_vars())?;
         let mut rng = StdRng::seed_from_u64(c.seed ^ 0x5EED);
         let steps_per_epoch = loader.batches(train.len(), 0)?.len();
-        let bar = self.bar((c.epochs * steps_per_epoch) as u64, "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})");
+        let bar = self.bar(
+            (c.epochs * steps_per_epoch) as u64,
+            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
+        );
         let mut report = FitReport {
             cache_seconds,
             epochs: Vec::with_capacity(c.epochs),
@@ -286,12 +301,20 @@ impl Trainer {
     }
 
     /// Loss and retrieval metrics of `model` on `samples` (filling caches as needed).
-    pub fn evaluate<M: TrainableModel>(&self, model: &mut M, samples: &[SampleOf<M>]) -> Result<Evaluation> {
+    pub fn evaluate<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        samples: &[SampleOf<M>],
+    ) -> Result<Evaluation> {
         let data = self.prepare(model, samples, "evaluation set")?;
         self.evaluate_prepared(model, &data)
     }
 
-    fn evaluate_prepared<M: TrainableModel>(&self, model: &M, data: &Prepared<'_, M>) -> Result<Evaluation> {
+    fn evaluate_prepared<M: TrainableModel>(
+        &self,
+        model: &M,
+        data: &Prepared<'_, M>,
+    ) -> Result<Evaluation> {
         let n = data.metas.len();
         let mut scratch = Vec::new();
         let (mut sum, mut count) = (0.0, 0usize);
@@ -326,7 +349,10 @@ impl Trainer {
         )?;
         Ok(Evaluation {
             loss: sum / count as f64,
-            metrics: metrics.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            metrics: metrics
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         })
     }
 
@@ -340,7 +366,9 @@ impl Trainer {
             return Err(Error::invalid(what, "is empty"));
         }
         let metas = metas(samples).map_err(|e| match e {
-            Error::InvalidInput { location, message } => Error::invalid(format!("{what}, {location}"), message),
+            Error::InvalidInput { location, message } => {
+                Error::invalid(format!("{what}, {location}"), message)
+            }
             other => other,
         })?;
         let k = <SampleOf<M> as SimilaritySample>::OBJECTS;
@@ -348,14 +376,25 @@ impl Trainer {
             .iter()
             .flat_map(|s| (0..k).map(move |slot| s.object(slot)))
             .collect();
-        let bar = self.bar(0, "{spinner} caching {prefix} [{bar:30}] {pos}/{len} ({eta})");
-        let rows = model.fill_caches(&records, self.config.cache_batch_size, &mut |name, done, total| {
-            bar.set_prefix(name);
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })?;
+        let bar = self.bar(
+            0,
+            "{spinner} caching {prefix} [{bar:30}] {pos}/{len} ({eta})",
+        );
+        let rows = model.fill_caches(
+            &records,
+            self.config.cache_batch_size,
+            &mut |name, done, total| {
+                bar.set_prefix(name);
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )?;
         bar.finish_and_clear();
-        Ok(Prepared { metas, records, rows })
+        Ok(Prepared {
+            metas,
+            records,
+            rows,
+        })
     }
 
     fn bar(&self, len: u64, template: &str) -> ProgressBar {

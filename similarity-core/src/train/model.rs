@@ -130,19 +130,26 @@ impl ModelState {
 
     /// Registers the next encoder (in declaration order): its trainable variables and
     /// its cache.
-    pub fn add_encoder<E: Encoder>(&mut self, name: &'static str, encoder: &E, cache: CacheType) -> Result<()> {
+    pub fn add_encoder<E: Encoder>(
+        &mut self,
+        name: &'static str,
+        encoder: &E,
+        cache: CacheType,
+    ) -> Result<()> {
         self.encoders.push(EncoderSlot {
             name,
             kind: E::NAME,
             embedding_size: encoder.embedding_size(),
         });
         self.encoder_vars.extend(encoder.trainable_vars());
-        self.caches.push(EncoderCache::new(cache, self.params.device()).map_err(|e| match e {
-            Error::InvalidInput { location, message } => {
-                Error::invalid(format!("encoder `{name}`, {location}"), message)
-            }
-            other => other,
-        })?);
+        self.caches.push(
+            EncoderCache::new(cache, self.params.device()).map_err(|e| match e {
+                Error::InvalidInput { location, message } => {
+                    Error::invalid(format!("encoder `{name}`, {location}"), message)
+                }
+                other => other,
+            })?,
+        );
         Ok(())
     }
 
@@ -183,7 +190,10 @@ impl ModelState {
         input: impl for<'r> Fn(&'r R) -> &'r E::Input,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        if let (Some(rows), Some(cache)) = (batch.rows.get(slot).and_then(Option::as_ref), self.cache(slot)) {
+        if let (Some(rows), Some(cache)) = (
+            batch.rows.get(slot).and_then(Option::as_ref),
+            self.cache(slot),
+        ) {
             return cache.lookup(rows, self.device());
         }
         let records = batch.records.ok_or_else(|| {
@@ -272,7 +282,9 @@ impl CachedRows {
             .iter()
             .enumerate()
             .map(|(slot, rows)| match (rows, state.cache(slot)) {
-                (Some(rows), Some(cache)) => cache.row_tensor(ids.iter().map(|&i| rows[i]).collect()).map(Some),
+                (Some(rows), Some(cache)) => cache
+                    .row_tensor(ids.iter().map(|&i| rows[i]).collect())
+                    .map(Some),
                 _ => Ok(None),
             })
             .collect()

@@ -1,0 +1,11 @@
+use similarity_core::prelude::*;
+
+#[trainable_model]
+struct Model {
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: MultipleNegativesRankingLoss,
+}
+
+fn main() {}
