@@ -179,7 +179,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let texts = ["a", "b", "a", "c", "b"];
-        let keys: Vec<CacheKey> = texts.iter().map(|t| cache_key(t)).collect();
+        let keys: Vec<CacheKey> = texts.iter().map(cache_key).collect();
         let mut encoded = Vec::new();
         let rows = c
             .fill(

@@ -84,7 +84,7 @@ impl HashedNgramConfig {
 }
 
 /// Hashed word and character n-grams with a seeded random projection.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct HashedNgramEncoder {
     config: HashedNgramConfig,
 }
@@ -191,14 +191,6 @@ fn splitmix64(state: &mut u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-impl Default for HashedNgramEncoder {
-    fn default() -> Self {
-        HashedNgramEncoder {
-            config: HashedNgramConfig::default(),
-        }
-    }
 }
 
 impl Encoder for HashedNgramEncoder {
