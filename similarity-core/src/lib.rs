@@ -66,13 +66,13 @@ pub use train::{TrainableModel, Trainer, TrainerConfig};
 /// Everything a model definition and a training script need.
 pub mod prelude {
     pub use crate::cache::CacheType;
-    pub use crate::data::SimilarityPairSample;
+    pub use crate::data::{SimilarityGroupSample, SimilarityPairSample};
     pub use crate::distance::Distance;
     pub use crate::encoder::{
         Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
     };
     pub use crate::head::{Head, SkipConnectionHead};
-    pub use crate::loss::{MultipleNegativesRankingLoss, SimilarityLoss};
+    pub use crate::loss::{MemoryLoss, MultipleNegativesRankingLoss, SimilarityLoss};
     pub use crate::train::{ModelOptions, OptimizerConfig, TrainableModel, Trainer, TrainerConfig};
     pub use crate::trainable_model;
     pub use crate::{Device, Tensor};

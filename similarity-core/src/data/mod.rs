@@ -2,7 +2,9 @@
 //!
 //! A *sample* holds one or more *objects* (records an encoder can embed) and the targets
 //! that relate them. A [`SimilarityPairSample`] holds `obj_a`, `obj_b`, a `score` in
-//! `[0, 1]` and a `subgroup`.
+//! `[0, 1]` and a `subgroup`; a [`SimilarityGroupSample`] holds one `obj` and its `group`
+//! (a class id: objects of one group are similar). A batch of `N` group samples embeds
+//! `N` objects and the loss receives [`GroupTargets`]: `groups: (N)`.
 //!
 //! Batches are laid out as Quaterion's `PairsSimilarityDataLoader` lays them out: for a
 //! batch of `P` pairs the model embeds `2P` objects, first every `obj_a`, then every
@@ -122,6 +124,58 @@ impl<R: Send + Sync> SimilaritySample for SimilarityPairSample<R> {
             pairs: Tensor::from_vec(pairs, (p, 2), device)?,
             labels: Tensor::from_vec(labels, p, device)?,
             subgroups: Tensor::from_vec(subgroups, 2 * p, device)?,
+        })
+    }
+}
+
+/// One object and its group (Quaterion's `SimilarityGroupSample`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimilarityGroupSample<R> {
+    /// The object.
+    pub obj: R,
+    /// Its group (class) id; objects of one group are similar.
+    pub group: i64,
+}
+
+impl<R> SimilarityGroupSample<R> {
+    /// `obj` in `group`.
+    pub fn new(obj: R, group: i64) -> Self {
+        SimilarityGroupSample { obj, group }
+    }
+}
+
+/// The target of one group sample: its group id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GroupMeta {
+    /// The group id.
+    pub group: i64,
+}
+
+/// The targets of a batch of `N` group samples.
+#[derive(Debug, Clone)]
+pub struct GroupTargets {
+    /// `(N)`, `i64`: the group of every embedding.
+    pub groups: Tensor,
+}
+
+impl<R: Send + Sync> SimilaritySample for SimilarityGroupSample<R> {
+    type Record = R;
+    type Meta = GroupMeta;
+    type Targets = GroupTargets;
+    const OBJECTS: usize = 1;
+
+    fn object(&self, _slot: usize) -> &R {
+        &self.obj
+    }
+
+    fn meta(&self) -> Result<GroupMeta> {
+        Ok(GroupMeta { group: self.group })
+    }
+
+    fn targets(batch: &[GroupMeta], device: &Device) -> Result<GroupTargets> {
+        let groups: Vec<i64> = batch.iter().map(|m| m.group).collect();
+        Ok(GroupTargets {
+            groups: Tensor::from_vec(groups, batch.len(), device)?,
         })
     }
 }

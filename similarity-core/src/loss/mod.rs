@@ -4,6 +4,9 @@
 //! loader lays them out, together with that kind's targets:
 //! * pair losses ([`PairKind`]): `embeddings: (2P, d)`, first the `P` `obj_a`, then the
 //!   `P` `obj_b`, and [`PairTargets`] (`pairs: (P, 2)`, `labels: (P)`, `subgroups: (2P)`).
+//! * group losses ([`GroupKind`]): `embeddings: (N, d)` and [`GroupTargets`]
+//!   (`groups: (N)`, `i64`). Those that can learn against a cross-batch memory also
+//!   implement [`MemoryLoss`].
 //!
 //! Every loss is a batched expression of matrix operations (no per-item loops) returning
 //! a scalar tensor. Losses with trainable parameters create them in the
@@ -19,7 +22,10 @@ pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
 
-use crate::data::{PairMeta, PairTargets, SimilarityPairSample, SimilaritySample};
+use crate::data::{
+    GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,
+    SimilaritySample,
+};
 use crate::distance::Distance;
 use crate::error::Result;
 use crate::metric;
@@ -73,6 +79,46 @@ impl LossKind for PairKind {
             ("reciprocal_rank", scores.reciprocal_rank),
         ])
     }
+}
+
+/// Objects with a group id ([`SimilarityGroupSample`]).
+#[derive(Debug)]
+pub enum GroupKind {}
+
+impl LossKind for GroupKind {
+    type Meta = GroupMeta;
+    type Targets = GroupTargets;
+    type Sample<R: Send + Sync> = SimilarityGroupSample<R>;
+
+    /// Every object is a query against all the others (itself excluded); the objects of
+    /// its group are relevant. Reports `precision@1` and `r_precision` over the objects
+    /// whose group has at least two members.
+    fn evaluate(
+        embeddings: &Tensor,
+        metas: &[GroupMeta],
+        distance: Distance,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let groups: Vec<i64> = metas.iter().map(|m| m.group).collect();
+        let scores = metric::group_retrieval(embeddings, &groups, distance)?;
+        Ok(vec![
+            ("precision@1", scores.precision_at_1),
+            ("r_precision", scores.r_precision),
+        ])
+    }
+}
+
+/// A group loss that can also compare a batch against a cross-batch memory (XBM, Wang et
+/// al. 2020): the batch's embeddings are anchors, the memory's are the candidates.
+pub trait MemoryLoss: SimilarityLoss<Kind = GroupKind> {
+    /// The loss of `embeddings: (N, d)` with `groups: (N)` against
+    /// `memory_embeddings: (M, d)` with `memory_groups: (M)`.
+    fn forward_memory(
+        &self,
+        embeddings: &Tensor,
+        groups: &Tensor,
+        memory_embeddings: &Tensor,
+        memory_groups: &Tensor,
+    ) -> Result<Tensor>;
 }
 
 /// A similarity loss.

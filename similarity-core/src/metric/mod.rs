@@ -10,6 +10,18 @@
 //! reciprocal_rank = mean_i 1 / (rank_i + 1)
 //! ```
 //!
+//! [`group_retrieval`] scores retrieval within a labelled set: every object queries all
+//! the others (never itself); the objects of its group are relevant. With `R` the number
+//! of other members of the query's group,
+//!
+//! ```text
+//! precision@1 = mean [nearest other object is in the group]
+//! r_precision = mean (relevant among the R nearest) / R      (Quaterion's RetrievalRPrecision)
+//! ```
+//!
+//! over the queries with `R ≥ 1`. Quaterion's evaluation leaves the self-distance in and
+//! so deflates both; here the query itself is always excluded.
+//!
 //! Distances are computed in blocks of [`BLOCK`] queries against all candidates, so memory
 //! is `O(BLOCK · m)`, never `n × m`.
 
@@ -82,6 +94,79 @@ pub fn rank_against_candidates(
     })
 }
 
+/// Mean scores of retrieval within a labelled set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupScores {
+    /// Fraction of queries whose nearest other object is in their group.
+    pub precision_at_1: f64,
+    /// Mean R-precision.
+    pub r_precision: f64,
+    /// Number of queries scored (objects whose group has another member).
+    pub queries: usize,
+}
+
+/// Scores every object of `embeddings: (n, d)` as a query against the others, with
+/// `groups[i]` the group of row `i`.
+pub fn group_retrieval(
+    embeddings: &Tensor,
+    groups: &[i64],
+    distance: Distance,
+) -> Result<GroupScores> {
+    let n = embeddings.dim(0)?;
+    if groups.len() != n {
+        return Err(Error::shape(
+            "group retrieval",
+            format!("{n} group ids"),
+            groups.len(),
+        ));
+    }
+    let mut sizes = std::collections::HashMap::<i64, usize>::new();
+    for g in groups {
+        *sizes.entry(*g).or_default() += 1;
+    }
+    let (mut hits, mut rp, mut queries) = (0.0f64, 0.0f64, 0usize);
+    let mut order: Vec<usize> = Vec::with_capacity(n);
+    for start in (0..n).step_by(BLOCK) {
+        let len = BLOCK.min(n - start);
+        let d = distance
+            .distance_matrix(&embeddings.narrow(0, start, len)?, Some(embeddings))?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        for (row, dist) in d.iter().enumerate() {
+            let i = start + row;
+            let r = sizes[&groups[i]] - 1;
+            if r == 0 {
+                continue;
+            }
+            order.clear();
+            order.extend((0..n).filter(|&j| j != i));
+            let by_distance = |a: &usize, b: &usize| dist[*a].total_cmp(&dist[*b]);
+            order.select_nth_unstable_by(r - 1, by_distance);
+            let nearest = order[..r].iter().min_by(|a, b| by_distance(a, b)).copied();
+            if nearest.is_some_and(|j| groups[j] == groups[i]) {
+                hits += 1.0;
+            }
+            let relevant = order[..r]
+                .iter()
+                .filter(|&&j| groups[j] == groups[i])
+                .count();
+            rp += relevant as f64 / r as f64;
+            queries += 1;
+        }
+    }
+    if queries == 0 {
+        return Err(Error::invalid(
+            "group retrieval",
+            "no group has two members, so no object has a relevant neighbour",
+        ));
+    }
+    Ok(GroupScores {
+        precision_at_1: hits / queries as f64,
+        r_precision: rp / queries as f64,
+        queries,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +183,18 @@ mod tests {
         assert!((s.reciprocal_rank - (1.0 + 0.5 + 1.0 / 3.0) / 3.0).abs() < 1e-6);
         let s = rank_against_candidates(&q, &c, &[0], Distance::Euclidean).unwrap();
         assert_eq!((s.precision_at_1, s.queries), (1.0, 1));
+    }
+
+    #[test]
+    fn group_retrieval_excludes_self_and_skips_singletons() {
+        // On a line: 0 and 1 in group 7, 2 and 3 in group 8, 4 alone (not a query).
+        // Row 2 (x = 2.0) has row 1 (x = 1.9) nearer than row 3 (x = 3.5): a miss.
+        let x = Tensor::new(&[[0.0f32], [1.9], [2.0], [3.5], [10.0]], &Device::Cpu).unwrap();
+        let s = group_retrieval(&x, &[7, 7, 8, 8, 9], Distance::Euclidean).unwrap();
+        assert_eq!(s.queries, 4);
+        // Query 0 → 1 hit; 1 → 2 miss; 2 → 1 miss; 3 → 2 hit.
+        assert!((s.precision_at_1 - 0.5).abs() < 1e-12);
+        assert!((s.r_precision - 0.5).abs() < 1e-12);
     }
 
     #[test]
