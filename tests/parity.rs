@@ -248,3 +248,39 @@ fn multiple_negatives_ranking_loss_matches_quaterion_up_to_its_cosine_scale() {
         }
     }
 }
+
+mod common;
+
+#[test]
+fn multiple_negatives_ranking_loss_gradient_matches_finite_differences() {
+    use similarity_core::data::{PairMeta, SimilarityPairSample, SimilaritySample};
+    let x = Tensor::randn(0f64, 1.0, (8, 5), &Device::Cpu).unwrap();
+    let metas = vec![
+        PairMeta {
+            score: 1.0,
+            subgroup: 0
+        };
+        4
+    ];
+    let targets = SimilarityPairSample::<()>::targets(&metas, &Device::Cpu).unwrap();
+    for (distance, symmetric) in [
+        (Distance::Cosine, true),
+        (Distance::Euclidean, false),
+        (Distance::DotProduct, true),
+    ] {
+        let config = MultipleNegativesRankingLossConfig {
+            scale: 5.0,
+            distance,
+            symmetric,
+        };
+        let loss = MultipleNegativesRankingLoss::new(
+            5,
+            config,
+            &mut Params::new(&Device::Cpu, 0).scope("loss"),
+        )
+        .unwrap();
+        common::check_gradient(&format!("MNRL {distance:?}"), &x, 1e-5, |e| {
+            loss.forward(e, &targets).unwrap()
+        });
+    }
+}

@@ -24,3 +24,40 @@ pub fn faq_pairs(split: &str, n: usize) -> Vec<SimilarityPairSample<String>> {
         })
         .collect()
 }
+
+use similarity_core::candle_core::{DType, Device, Tensor, Var};
+
+/// Checks the gradient of the scalar `f(x)` at `x` against central finite differences,
+/// in f64 (`x` is converted): every component must agree to `rel` relative to the largest
+/// gradient component (and absolutely to `1e-7`). Returns the analytic gradient.
+pub fn check_gradient(name: &str, x: &Tensor, rel: f64, f: impl Fn(&Tensor) -> Tensor) -> Vec<f64> {
+    let x = x.to_dtype(DType::F64).unwrap();
+    let var = Var::from_tensor(&x).unwrap();
+    let grads = f(var.as_tensor()).backward().unwrap();
+    let analytic: Vec<f64> = grads
+        .get(&var)
+        .unwrap_or_else(|| panic!("{name}: no gradient reaches the input"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let eps = 1e-6;
+    let eval = |v: Vec<f64>| -> f64 {
+        let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+        f(&t).to_scalar::<f64>().unwrap()
+    };
+    let scale = analytic.iter().fold(0f64, |m, g| m.max(g.abs())).max(1e-3);
+    for i in 0..base.len() {
+        let (mut plus, mut minus) = (base.clone(), base.clone());
+        plus[i] += eps;
+        minus[i] -= eps;
+        let numeric = (eval(plus) - eval(minus)) / (2.0 * eps);
+        assert!(
+            (numeric - analytic[i]).abs() <= rel * scale + 1e-7,
+            "{name}: d/dx[{i}] analytic {} vs numeric {numeric}",
+            analytic[i]
+        );
+    }
+    analytic
+}
