@@ -2,7 +2,7 @@
 //! and gradients (see `tests/parity/SCHEMA.md`). Where Quaterion is wrong the test asserts
 //! the corrected value, computed independently, and says why.
 
-use std::path::Path;
+mod common;
 
 use similarity_core::candle_core::{DType, Var};
 use similarity_core::data::PairTargets;
@@ -14,64 +14,7 @@ use similarity_core::loss::{
 use similarity_core::nn::{Mode, Params};
 use similarity_core::{Device, Tensor};
 
-use serde_json::Value;
-
-fn load(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/parity")
-        .join(name);
-    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
-}
-
-fn flatten(v: &Value, out: &mut Vec<f64>) {
-    match v {
-        Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
-        Value::Number(n) => out.push(n.as_f64().unwrap()),
-        Value::Bool(b) => out.push(f64::from(u8::from(*b))),
-        other => panic!("unexpected tensor element {other}"),
-    }
-}
-
-/// A tensor of the schema (`{dtype, shape, data}`) as f32 values and its shape.
-fn values(t: &Value) -> (Vec<f32>, Vec<usize>) {
-    let shape: Vec<usize> = t["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    let mut flat = Vec::new();
-    flatten(&t["data"], &mut flat);
-    (flat.into_iter().map(|x| x as f32).collect(), shape)
-}
-
-fn tensor(t: &Value) -> Tensor {
-    let (v, shape) = values(t);
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn lookup<'a>(file: &'a Value, reference: &str) -> &'a Value {
-    reference.split('.').fold(&file["inputs"], |v, k| &v[k])
-}
-
-fn assert_close(got: &Tensor, expected: &Value, rel: f32, what: &str) {
-    let (want, shape) = values(expected);
-    assert_eq!(got.dims(), &shape[..], "{what}: shape");
-    let got = got
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (g - w).abs() <= rel * scale.max(w.abs()),
-            "{what}[{i}]: got {g}, Quaterion {w}"
-        );
-    }
-}
+use common::parity::{assert_close, load, lookup, tensor, values};
 
 #[test]
 fn skip_connection_head_matches_quaterion_outputs_and_gradients() {
@@ -249,8 +192,6 @@ fn multiple_negatives_ranking_loss_matches_quaterion_up_to_its_cosine_scale() {
     }
 }
 
-mod common;
-
 #[test]
 fn multiple_negatives_ranking_loss_gradient_matches_finite_differences() {
     use similarity_core::data::{PairMeta, SimilarityPairSample, SimilaritySample};
@@ -282,5 +223,27 @@ fn multiple_negatives_ranking_loss_gradient_matches_finite_differences() {
         common::check_gradient(&format!("MNRL {distance:?}"), &x, 1e-5, |e| {
             loss.forward(e, &targets).unwrap()
         });
+    }
+}
+
+#[test]
+fn group_masks_match_quaterion() {
+    use similarity_core::loss::masks::{negative_mask, positive_mask};
+    let file = load("utils_masks.json");
+    let groups = |name: &str| tensor(lookup(&file, name)).to_dtype(DType::I64).unwrap();
+    for case in file["cases"].as_array().unwrap() {
+        let id = case["id"].as_str().unwrap();
+        let inputs = case["inputs"].as_object().unwrap();
+        let Some(a) = inputs.get("labels_a") else {
+            continue; // the triplet mask belongs to TripletLoss's tests
+        };
+        let a = groups(a.as_str().unwrap());
+        let b = inputs.get("labels_b").map(|r| groups(r.as_str().unwrap()));
+        let mask = match id.split('/').next().unwrap() {
+            "anchor_positive" => positive_mask(&a, b.as_ref(), DType::F32).unwrap(),
+            "anchor_negative" => negative_mask(&a, b.as_ref(), DType::F32).unwrap(),
+            other => panic!("unexpected case {other}"),
+        };
+        assert_close(&mask, &case["expected"]["mask"], 0.0, id);
     }
 }

@@ -6,6 +6,8 @@ use std::path::Path;
 
 use similarity_core::data::SimilarityPairSample;
 
+pub mod parity;
+
 /// The first `n` pairs of a cloud-FAQ split (`"train"` or `"val"`).
 pub fn faq_pairs(split: &str, n: usize) -> Vec<SimilarityPairSample<String>> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,6 +12,7 @@
 //! a scalar tensor. Losses with trainable parameters create them in the
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
 
+pub mod masks;
 mod multiple_negatives_ranking;
 
 use candle_core::Tensor;

@@ -1,0 +1,76 @@
+//! Group masks shared by the group losses.
+//!
+//! For group ids `a: (n)` and `b: (m)` (or `b = a`), as `{0, 1}` tensors of a float
+//! `dtype` so that they multiply into distance matrices:
+//!
+//! ```text
+//! positive[i, j] = [aᵢ = bⱼ] ∧ ¬(b = a ∧ i = j)     same group, never the anchor itself
+//! negative[i, j] = [aᵢ ≠ bⱼ]
+//! ```
+//!
+//! Shapes: `(n, m)`. Masks are built from a broadcast comparison, never a loop.
+
+use candle_core::{DType, Tensor};
+
+use crate::error::Result;
+
+/// `[aᵢ = bⱼ]` as `u8`, `(n, m)`.
+pub fn same_group(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.unsqueeze(1)?.broadcast_eq(&b.unsqueeze(0)?)?)
+}
+
+/// Anchor–positive mask: same group, and not the anchor itself when `b` is `None`.
+pub fn positive_mask(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
+    let same = same_group(a, b.unwrap_or(a))?.to_dtype(dtype)?;
+    Ok(match b {
+        Some(_) => same,
+        None => (same - Tensor::eye(a.dim(0)?, dtype, a.device())?)?,
+    })
+}
+
+/// Anchor–negative mask: different groups.
+pub fn negative_mask(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
+    let same = same_group(a, b.unwrap_or(a))?.to_dtype(dtype)?;
+    Ok((1.0 - same)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn masks_by_hand() {
+        let g = Tensor::new(&[1i64, 2, 1], &Device::Cpu).unwrap();
+        let p = positive_mask(&g, None, DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(
+            p,
+            vec![
+                vec![0.0, 0.0, 1.0],
+                vec![0.0, 0.0, 0.0],
+                vec![1.0, 0.0, 0.0]
+            ]
+        );
+        let other = Tensor::new(&[1i64, 3], &Device::Cpu).unwrap();
+        let p = positive_mask(&g, Some(&other), DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(p, vec![vec![1.0, 0.0], vec![0.0, 0.0], vec![1.0, 0.0]]);
+        let n = negative_mask(&g, None, DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(
+            n,
+            vec![
+                vec![0.0, 1.0, 0.0],
+                vec![1.0, 0.0, 1.0],
+                vec![0.0, 1.0, 0.0]
+            ]
+        );
+    }
+}
