@@ -89,7 +89,7 @@ fn main() -> Result<()> {
     let trainer = Trainer::new(TrainerConfig {
         epochs,
         batch_size: 1024,
-        optimizer: OptimizerConfig::Adam { lr },
+        optimizer: OptimizerConfig::adam(lr),
         ..Default::default()
     });
 

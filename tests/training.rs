@@ -26,7 +26,7 @@ fn quiet(epochs: usize, batch_size: usize, lr: f64) -> TrainerConfig {
     TrainerConfig {
         epochs,
         batch_size,
-        optimizer: OptimizerConfig::Adam { lr },
+        optimizer: OptimizerConfig::adam(lr),
         progress: false,
         ..Default::default()
     }

@@ -174,21 +174,39 @@ impl ServableWriter {
     }
 
     fn commit(self) -> Result<()> {
-        let old = if self.target.exists() {
-            let old = sibling(&self.target, "old")?;
-            fs::rename(&self.target, &old)
-                .map_err(|e| Error::io("cannot move aside", &self.target, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        fs::rename(&self.tmp, &self.target)
-            .map_err(|e| Error::io("cannot move into place", &self.target, e))?;
-        if let Some(old) = old {
-            fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
-        }
-        Ok(())
+        swap_into_place(&self.tmp, &self.target)
     }
+}
+
+/// Writes a directory atomically: `write` fills a hidden sibling of `target`, which then
+/// replaces `target`. On error the sibling is removed and `target` is untouched.
+pub fn write_dir_atomically(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
+    }
+    let tmp = sibling(target, "tmp")?;
+    fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
+    let result = write(&tmp).and_then(|()| swap_into_place(&tmp, target));
+    if result.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+/// Moves the finished directory `tmp` to `target`, replacing what was there.
+fn swap_into_place(tmp: &Path, target: &Path) -> Result<()> {
+    let old = if target.exists() {
+        let old = sibling(target, "old")?;
+        fs::rename(target, &old).map_err(|e| Error::io("cannot move aside", target, e))?;
+        Some(old)
+    } else {
+        None
+    };
+    fs::rename(tmp, target).map_err(|e| Error::io("cannot move into place", target, e))?;
+    if let Some(old) = old {
+        fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
+    }
+    Ok(())
 }
 
 impl Drop for ServableWriter {

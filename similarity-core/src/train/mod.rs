@@ -9,80 +9,39 @@
 //!       loss = model.loss().forward(emb, targets(batch))
 //!       optimiser step (Adam / AdamW)
 //!     validate: mean loss over val batches + retrieval metrics over the whole val set
+//!     log (CSV, JSON lines, SVG), checkpoint (every N epochs, best), early stopping
 //! ```
 //!
-//! A non-finite loss stops training with [`Error::NonFinite`] naming the epoch and step.
+//! Shuffling and dropout of epoch `e` are seeded with `(seed, e)`, so a run resumed from
+//! the checkpoint of epoch `e` continues exactly as the uninterrupted run (on CPU).
+//! A non-finite loss stops training with [`Error::NonFinite`] naming the epoch and step;
+//! checkpoints are only written after finite epochs, so the last one stays good.
 
+mod checkpoint;
+mod logs;
 mod model;
+mod optim;
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Tensor;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde::{Deserialize, Serialize};
 
+pub use checkpoint::{CheckpointConfig, TrainerState};
+pub use logs::write_logs;
 pub use model::{
     CachedRows, EncoderBatch, EncoderSlot, ModelOptions, ModelState, SampleOf, TrainableModel,
 };
+pub use optim::{LrSchedule, Optimizer, OptimizerConfig, ParamGroup};
 
 use crate::data::{DataLoader, SimilaritySample, metas};
 use crate::error::{Error, Result};
 use crate::loss::{LossKind, SimilarityLoss};
 use crate::nn::Mode;
-
-/// The optimiser and its learning rate.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OptimizerConfig {
-    /// Adam (Kingma & Ba), betas (0.9, 0.999), eps 1e-8: PyTorch's defaults.
-    Adam {
-        /// Learning rate.
-        lr: f64,
-    },
-    /// AdamW (decoupled weight decay, Loshchilov & Hutter).
-    AdamW {
-        /// Learning rate.
-        lr: f64,
-        /// Decoupled weight decay.
-        weight_decay: f64,
-    },
-}
-
-impl Default for OptimizerConfig {
-    fn default() -> Self {
-        OptimizerConfig::Adam { lr: 1e-3 }
-    }
-}
-
-impl OptimizerConfig {
-    fn build(self, vars: Vec<candle_core::Var>) -> Result<AdamW> {
-        let (lr, weight_decay) = match self {
-            OptimizerConfig::Adam { lr } => (lr, 0.0),
-            OptimizerConfig::AdamW { lr, weight_decay } => (lr, weight_decay),
-        };
-        if !(lr > 0.0 && lr.is_finite()) || weight_decay < 0.0 {
-            return Err(Error::invalid(
-                "TrainerConfig.optimizer",
-                format!(
-                    "needs lr > 0 and weight_decay >= 0, got lr = {lr}, weight_decay = {weight_decay}"
-                ),
-            ));
-        }
-        Ok(AdamW::new(
-            vars,
-            ParamsAdamW {
-                lr,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay,
-            },
-        )?)
-    }
-}
 
 /// Options of a [`Trainer`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +54,18 @@ pub struct TrainerConfig {
     pub cache_batch_size: usize,
     /// Optimiser. Default Adam, lr 1e-3.
     pub optimizer: OptimizerConfig,
+    /// Learning-rate factors by variable-name prefix (e.g. the loss's own parameters).
+    pub param_groups: Vec<ParamGroup>,
+    /// Learning-rate schedule. Default constant.
+    pub schedule: LrSchedule,
+    /// Clip the global gradient norm to this value. Default none.
+    pub clip_grad_norm: Option<f64>,
+    /// Stop when a monitored value stops improving. Default none.
+    pub early_stopping: Option<EarlyStopping>,
+    /// Where and when to write checkpoints. Default none.
+    pub checkpoints: Option<CheckpointConfig>,
+    /// Directory for `metrics.csv`, `metrics.jsonl` and `curves.svg`. Default none.
+    pub logs_dir: Option<PathBuf>,
     /// Drop the last, smaller training batch. Default false.
     pub drop_last: bool,
     /// Seed of shuffling and dropout. Default 0.
@@ -110,12 +81,79 @@ impl Default for TrainerConfig {
             batch_size: 128,
             cache_batch_size: 1024,
             optimizer: OptimizerConfig::default(),
+            param_groups: Vec::new(),
+            schedule: LrSchedule::Constant,
+            clip_grad_norm: None,
+            early_stopping: None,
+            checkpoints: None,
+            logs_dir: None,
             drop_last: false,
             seed: 0,
             progress: true,
         }
     }
 }
+
+/// Whether a monitored value should go down or up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MonitorMode {
+    /// Lower is better (losses).
+    Min,
+    /// Higher is better (retrieval metrics).
+    Max,
+}
+
+/// Stop training when `monitor` has not improved by more than `min_delta` for `patience`
+/// consecutive epochs (PyTorch Lightning's `EarlyStopping`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EarlyStopping {
+    /// `"train_loss"`, `"val_loss"`, or a validation metric such as `"precision@1"`.
+    pub monitor: String,
+    /// Direction of improvement.
+    pub mode: MonitorMode,
+    /// Epochs without improvement before stopping.
+    pub patience: usize,
+    /// Smallest change that counts as an improvement.
+    pub min_delta: f64,
+}
+
+/// The value called `monitor` in `stats`: `train_loss`, `val_loss` or a validation metric.
+pub fn monitored(stats: &EpochStats, monitor: &str) -> Option<f64> {
+    match monitor {
+        "train_loss" => Some(stats.train_loss),
+        "val_loss" => stats.validation.as_ref().map(|v| v.loss),
+        name => stats.validation.as_ref().and_then(|v| v.metric(name)),
+    }
+}
+
+fn improves(mode: MonitorMode, value: f64, best: Option<f64>, min_delta: f64) -> bool {
+    match (mode, best) {
+        (_, None) => true,
+        (MonitorMode::Min, Some(b)) => value < b - min_delta,
+        (MonitorMode::Max, Some(b)) => value > b + min_delta,
+    }
+}
+
+/// What a step hook sees: the head's embeddings of the batch, its targets and its loss
+/// (Quaterion's `process_results`).
+#[derive(Debug)]
+pub struct StepOutput<'a, T> {
+    /// 0-based epoch.
+    pub epoch: usize,
+    /// 0-based step within the epoch.
+    pub step: usize,
+    /// `(batch objects, d)`, in the loss's layout.
+    pub embeddings: &'a Tensor,
+    /// The batch's targets.
+    pub targets: &'a T,
+    /// The loss value.
+    pub loss: f64,
+}
+
+/// Targets of a model's loss kind.
+pub type TargetsOf<M> =
+    <<<M as TrainableModel>::Loss as SimilarityLoss>::Kind as LossKind>::Targets;
 
 /// Loss and metrics of one pass over an evaluation set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,6 +183,8 @@ pub struct EpochStats {
     pub train_loss: f64,
     /// Validation loss and metrics, when a validation set was given.
     pub validation: Option<Evaluation>,
+    /// Learning rate at the epoch's last step.
+    pub lr: f64,
     /// Wall time of the epoch, validation included.
     pub seconds: f64,
 }
@@ -154,8 +194,12 @@ pub struct EpochStats {
 pub struct FitReport {
     /// Seconds spent filling caches.
     pub cache_seconds: f64,
-    /// One entry per epoch.
+    /// One entry per epoch (those before a resume included).
     pub epochs: Vec<EpochStats>,
+    /// The epoch early stopping stopped after, if it did.
+    pub stopped_early: Option<usize>,
+    /// The best value of the early-stopping or checkpoint monitor, and its epoch.
+    pub best: Option<(usize, f64)>,
 }
 
 /// Fits a [`TrainableModel`].
@@ -221,9 +265,58 @@ impl Trainer {
         train: &[SampleOf<M>],
         val: Option<&[SampleOf<M>]>,
     ) -> Result<FitReport> {
+        self.run(model, train, val, None, &mut |_| {})
+    }
+
+    /// [`fit`](Self::fit), calling `hook` after every training step with the batch's
+    /// embeddings, targets and loss.
+    pub fn fit_with_hook<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        train: &[SampleOf<M>],
+        val: Option<&[SampleOf<M>]>,
+        hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
+    ) -> Result<FitReport> {
+        self.run(model, train, val, None, hook)
+    }
+
+    /// Continues a run from a checkpoint directory written by this trainer (see
+    /// [`CheckpointConfig`]): restores the weights, the optimiser state and the history,
+    /// then trains the remaining epochs. With the same data and config it ends with the
+    /// same weights as the uninterrupted run.
+    pub fn resume<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        checkpoint: &Path,
+        train: &[SampleOf<M>],
+        val: Option<&[SampleOf<M>]>,
+    ) -> Result<FitReport> {
+        self.run(model, train, val, Some(checkpoint), &mut |_| {})
+    }
+
+    fn run<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        train: &[SampleOf<M>],
+        val: Option<&[SampleOf<M>]>,
+        resume: Option<&Path>,
+        hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
+    ) -> Result<FitReport> {
         let c = &self.config;
         if c.epochs == 0 {
             return Err(Error::invalid("TrainerConfig.epochs", "must be at least 1"));
+        }
+        if let Some(es) = &c.early_stopping
+            && val.is_none()
+            && es.monitor != "train_loss"
+        {
+            return Err(Error::invalid(
+                "TrainerConfig.early_stopping",
+                format!(
+                    "monitors `{}`, which needs a validation set; pass one, or monitor `train_loss`",
+                    es.monitor
+                ),
+            ));
         }
         let started = Instant::now();
         let train_data = self.prepare(model, train, "training set")?;
@@ -238,23 +331,51 @@ impl Trainer {
             drop_last: c.drop_last,
             seed: c.seed,
         };
-        let mut optimizer = c.optimizer.build(model.state().trainable_vars())?;
-        let mut rng = StdRng::seed_from_u64(c.seed ^ 0x5EED);
+        let mut optimizer = Optimizer::new(
+            c.optimizer,
+            model.state().named_trainable_vars(),
+            &c.param_groups,
+        )?;
         let steps_per_epoch = loader.batches(train.len(), 0)?.len();
-        let bar = self.bar(
-            (c.epochs * steps_per_epoch) as u64,
-            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
-        );
+        let total_steps = c.epochs * steps_per_epoch;
         let mut report = FitReport {
             cache_seconds,
             epochs: Vec::with_capacity(c.epochs),
+            stopped_early: None,
+            best: None,
         };
+        if let Some(dir) = resume {
+            let state = checkpoint::restore(dir, M::NAME, model.state(), &mut optimizer)?;
+            report.epochs = state.history;
+            report.best = state.best;
+        }
+        let first_epoch = report.epochs.len();
+        let bar = self.bar(
+            total_steps as u64,
+            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
+        );
+        bar.set_position((first_epoch * steps_per_epoch) as u64);
+        let monitor = c
+            .early_stopping
+            .as_ref()
+            .map(|e| (e.monitor.clone(), e.mode, e.min_delta))
+            .or_else(|| {
+                Some(if val.is_some() {
+                    ("val_loss".into(), MonitorMode::Min, 0.0)
+                } else {
+                    ("train_loss".into(), MonitorMode::Min, 0.0)
+                })
+            });
         let mut scratch = Vec::new();
         let mut last_val = String::new();
-        for epoch in 0..c.epochs {
+        for epoch in first_epoch..c.epochs {
             let epoch_start = Instant::now();
+            // Dropout of epoch e depends only on (seed, e), like the shuffling.
+            let mut rng = StdRng::seed_from_u64(
+                c.seed ^ 0x5EED ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
-            let (mut sum, mut count) = (0.0, 0usize);
+            let (mut sum, mut count, mut lr) = (0.0, 0usize, c.optimizer.lr());
             for (step, samples) in loader.batches(train.len(), epoch)?.iter().enumerate() {
                 let ids = Prepared::<M>::object_ids(samples);
                 let batch = train_data.batch(model, &ids, &mut scratch)?;
@@ -271,7 +392,32 @@ impl Trainer {
                         value,
                     });
                 }
-                optimizer.backward_step(&loss)?;
+                let grads = loss.backward()?;
+                let scale = match c.clip_grad_norm {
+                    Some(max) => {
+                        let norm = optimizer.grad_norm(&grads)?;
+                        if !norm.is_finite() {
+                            return Err(Error::NonFinite {
+                                what: "gradient norm",
+                                epoch,
+                                step,
+                                value: norm,
+                            });
+                        }
+                        if norm > max { max / norm } else { 1.0 }
+                    }
+                    None => 1.0,
+                };
+                let factor = c.schedule.factor(optimizer.steps(), epoch, total_steps);
+                lr = c.optimizer.lr() * factor;
+                optimizer.step(&grads, factor, scale)?;
+                hook(&StepOutput {
+                    epoch,
+                    step,
+                    embeddings: &embeddings,
+                    targets: &targets,
+                    loss: value,
+                });
                 sum += value;
                 count += 1;
                 bar.inc(1);
@@ -289,12 +435,53 @@ impl Trainer {
                 }
             }
             bar.set_message(format!("loss {train_loss:.4}{last_val}"));
-            report.epochs.push(EpochStats {
+            let stats = EpochStats {
                 epoch,
                 train_loss,
                 validation,
+                lr,
                 seconds: epoch_start.elapsed().as_secs_f64(),
-            });
+            };
+            tracing::info!(epoch, train_loss, val = %last_val, "epoch finished");
+            let mut is_best = false;
+            if let Some((name, mode, min_delta)) = &monitor {
+                let value = monitored(&stats, name).ok_or_else(|| {
+                    Error::invalid(
+                        "TrainerConfig.early_stopping.monitor",
+                        format!("`{name}` is not a value this run produces (train_loss, val_loss, or one of the validation metrics)"),
+                    )
+                })?;
+                if improves(*mode, value, report.best.map(|(_, b)| b), *min_delta) {
+                    report.best = Some((epoch, value));
+                    is_best = true;
+                }
+            }
+            report.epochs.push(stats);
+            if let Some(dir) = &c.logs_dir {
+                write_logs(dir, &report.epochs)?;
+            }
+            if let Some(cp) = &c.checkpoints {
+                let state = TrainerState {
+                    history: report.epochs.clone(),
+                    best: report.best,
+                };
+                checkpoint::save_epoch(
+                    cp,
+                    M::NAME,
+                    epoch,
+                    is_best,
+                    model.state(),
+                    &optimizer,
+                    &state,
+                )?;
+            }
+            if let (Some(es), Some((best_epoch, _))) = (&c.early_stopping, report.best)
+                && epoch - best_epoch >= es.patience
+            {
+                tracing::info!(epoch, best_epoch, "early stopping");
+                report.stopped_early = Some(epoch);
+                break;
+            }
         }
         bar.finish();
         Ok(report)

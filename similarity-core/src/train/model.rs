@@ -113,7 +113,7 @@ impl Default for ModelOptions {
 pub struct ModelState {
     params: Params,
     encoders: Vec<EncoderSlot>,
-    encoder_vars: Vec<Var>,
+    encoder_vars: Vec<(String, Var)>,
     caches: Vec<Option<EncoderCache>>,
 }
 
@@ -141,7 +141,13 @@ impl ModelState {
             kind: E::NAME,
             embedding_size: encoder.embedding_size(),
         });
-        self.encoder_vars.extend(encoder.trainable_vars());
+        self.encoder_vars.extend(
+            encoder
+                .trainable_vars()
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("encoders.{name}.{i}"), v)),
+        );
         self.caches.push(
             EncoderCache::new(cache, self.params.device()).map_err(|e| match e {
                 Error::InvalidInput { location, message } => {
@@ -170,7 +176,21 @@ impl ModelState {
 
     /// Everything the optimiser updates: head, loss and trainable encoder variables.
     pub fn trainable_vars(&self) -> Vec<Var> {
-        let mut v = self.params.vars();
+        self.named_trainable_vars()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// [`trainable_vars`](Self::trainable_vars) with their names: `head.*`, `loss.*`,
+    /// and `encoders.<field>.<i>` for the `i`-th variable of a trainable encoder.
+    pub fn named_trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut v: Vec<(String, Var)> = self
+            .params
+            .named_vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         v.extend(self.encoder_vars.iter().cloned());
         v
     }

@@ -1,0 +1,488 @@
+//! Optimisers, learning-rate schedules and gradient clipping.
+//!
+//! Candle ships AdamW and momentum-free SGD without schedules, parameter groups or
+//! clipping; the trainer needs all of them and needs to checkpoint the optimiser's state,
+//! so they are written here once. For a variable `θ` with gradient `g` at step `t`
+//! (1-based) and learning rate `η = η₀ · schedule(t) · group_factor`:
+//!
+//! ```text
+//! Adam   (L2 weight decay λ, as PyTorch's Adam):  g ← g + λθ
+//!        m ← β₁m + (1−β₁)g,  v ← β₂v + (1−β₂)g²,  θ ← θ − η · m̂ / (√v̂ + ε)
+//!        with m̂ = m/(1−β₁ᵗ), v̂ = v/(1−β₂ᵗ), β = (0.9, 0.999), ε = 1e-8
+//! AdamW  (decoupled, Loshchilov & Hutter):  θ ← θ(1 − ηλ), then the Adam update without L2
+//! SGD    (momentum μ, PyTorch's form):  g ← g + λθ,  b ← μb + g (b = g at t = 1),  θ ← θ − ηb
+//! ```
+//!
+//! Clipping scales every gradient by `min(1, max_norm / ‖g‖₂)`, the norm taken over all
+//! trainable variables together (PyTorch's `clip_grad_norm_`).
+
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const EPS: f64 = 1e-8;
+
+/// The optimiser and its base learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerConfig {
+    /// Adam (Kingma & Ba 2015) with PyTorch's defaults; `weight_decay` is L2 (default 0).
+    Adam {
+        /// Learning rate.
+        lr: f64,
+        /// L2 penalty added to the gradient.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+    /// AdamW: Adam with decoupled weight decay.
+    AdamW {
+        /// Learning rate.
+        lr: f64,
+        /// Decoupled weight decay (PyTorch's default is 0.01).
+        weight_decay: f64,
+    },
+    /// Stochastic gradient descent with (optional) momentum.
+    Sgd {
+        /// Learning rate.
+        lr: f64,
+        /// Momentum `μ` (0 for plain SGD).
+        #[serde(default)]
+        momentum: f64,
+        /// L2 penalty added to the gradient.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::Adam {
+            lr: 1e-3,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Adam at `lr`, no weight decay.
+    pub fn adam(lr: f64) -> Self {
+        OptimizerConfig::Adam {
+            lr,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        match *self {
+            OptimizerConfig::Adam { lr, .. }
+            | OptimizerConfig::AdamW { lr, .. }
+            | OptimizerConfig::Sgd { lr, .. } => lr,
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let (lr, wd, momentum) = match *self {
+            OptimizerConfig::Adam { lr, weight_decay }
+            | OptimizerConfig::AdamW { lr, weight_decay } => (lr, weight_decay, 0.0),
+            OptimizerConfig::Sgd {
+                lr,
+                momentum,
+                weight_decay,
+            } => (lr, weight_decay, momentum),
+        };
+        let valid = lr > 0.0
+            && lr.is_finite()
+            && wd >= 0.0
+            && wd.is_finite()
+            && (0.0..1.0).contains(&momentum);
+        if !valid {
+            return Err(Error::invalid(
+                "TrainerConfig.optimizer",
+                format!("needs lr > 0, weight_decay >= 0 and 0 <= momentum < 1, got {self:?}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Variables whose name starts with `prefix` train at `lr_factor` times the learning rate
+/// (e.g. a loss's own parameters: prefix `"loss."`). The first matching group wins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ParamGroup {
+    /// Name prefix, e.g. `"loss."`, `"head.fc_0."`, `"encoders.photo."`.
+    pub prefix: String,
+    /// Multiplies the learning rate.
+    pub lr_factor: f64,
+}
+
+/// How the learning rate changes over training, as a factor of the base rate.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Always 1.
+    #[default]
+    Constant,
+    /// Linear warm-up from 0 over `warmup_steps`, then 1.
+    Warmup {
+        /// Steps of warm-up.
+        warmup_steps: usize,
+    },
+    /// Linear warm-up, then cosine decay to `min_factor` at the last step.
+    WarmupCosine {
+        /// Steps of warm-up.
+        warmup_steps: usize,
+        /// Factor at the end of training.
+        min_factor: f64,
+    },
+    /// Multiply by `gamma` every `every_epochs` epochs (PyTorch's `StepLR`).
+    Step {
+        /// Epochs between decays.
+        every_epochs: usize,
+        /// Decay factor.
+        gamma: f64,
+    },
+}
+
+impl LrSchedule {
+    /// The factor at optimiser step `step` (0-based) of `total_steps`, in `epoch`.
+    pub fn factor(&self, step: usize, epoch: usize, total_steps: usize) -> f64 {
+        let warm = |w: usize| {
+            if w > 0 && step < w {
+                (step + 1) as f64 / w as f64
+            } else {
+                1.0
+            }
+        };
+        match *self {
+            LrSchedule::Constant => 1.0,
+            LrSchedule::Warmup { warmup_steps } => warm(warmup_steps),
+            LrSchedule::WarmupCosine {
+                warmup_steps,
+                min_factor,
+            } => {
+                if step < warmup_steps {
+                    return warm(warmup_steps);
+                }
+                let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
+                let progress = ((step - warmup_steps) as f64 / span).min(1.0);
+                min_factor
+                    + (1.0 - min_factor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+            LrSchedule::Step {
+                every_epochs,
+                gamma,
+            } => gamma.powi((epoch / every_epochs.max(1)) as i32),
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    lr_factor: f64,
+    /// Adam: (m, v); SGD: (momentum buffer, unused).
+    state: Option<(Tensor, Tensor)>,
+}
+
+/// An optimiser over named variables.
+pub struct Optimizer {
+    config: OptimizerConfig,
+    slots: Vec<Slot>,
+    step: usize,
+}
+
+impl std::fmt::Debug for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Optimizer")
+            .field("config", &self.config)
+            .field("vars", &self.slots.len())
+            .field("step", &self.step)
+            .finish()
+    }
+}
+
+impl Optimizer {
+    /// An optimiser for `vars` (name, variable), with learning-rate `groups`.
+    pub fn new(
+        config: OptimizerConfig,
+        vars: Vec<(String, Var)>,
+        groups: &[ParamGroup],
+    ) -> Result<Self> {
+        config.check()?;
+        for g in groups {
+            if g.lr_factor.is_nan() || g.lr_factor < 0.0 || g.lr_factor.is_infinite() {
+                return Err(Error::invalid(
+                    format!("parameter group `{}`", g.prefix),
+                    format!("lr_factor must be >= 0, got {}", g.lr_factor),
+                ));
+            }
+            if !vars.iter().any(|(n, _)| n.starts_with(&g.prefix)) {
+                let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(Error::invalid(
+                    format!("parameter group `{}`", g.prefix),
+                    format!("matches no variable; the model's variables are {names:?}"),
+                ));
+            }
+        }
+        let slots = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let lr_factor = groups
+                    .iter()
+                    .find(|g| name.starts_with(&g.prefix))
+                    .map_or(1.0, |g| g.lr_factor);
+                Slot {
+                    name,
+                    var,
+                    lr_factor,
+                    state: None,
+                }
+            })
+            .collect();
+        Ok(Optimizer {
+            config,
+            slots,
+            step: 0,
+        })
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.step
+    }
+
+    /// The global L2 norm of the gradients of the optimiser's variables.
+    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        let mut total = 0.0;
+        for s in &self.slots {
+            if let Some(g) = grads.get(&s.var) {
+                total += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?;
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update at learning-rate factor `lr_factor`, gradients scaled by `grad_scale`
+    /// (clipping). Variables without a gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore, lr_factor: f64, grad_scale: f64) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        for s in &mut self.slots {
+            let Some(g) = grads.get(&s.var) else { continue };
+            let theta = s.var.as_tensor();
+            let mut g = if grad_scale == 1.0 {
+                g.clone()
+            } else {
+                (g * grad_scale)?
+            };
+            let lr = self.config.lr() * lr_factor * s.lr_factor;
+            let next = match self.config {
+                OptimizerConfig::Adam { weight_decay, .. }
+                | OptimizerConfig::AdamW { weight_decay, .. } => {
+                    let decoupled = matches!(self.config, OptimizerConfig::AdamW { .. });
+                    if !decoupled && weight_decay > 0.0 {
+                        g = (g + (theta * weight_decay)?)?;
+                    }
+                    let (m, v) = match &s.state {
+                        Some((m, v)) => (
+                            ((m * BETA1)? + (&g * (1.0 - BETA1))?)?,
+                            ((v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?,
+                        ),
+                        None => ((&g * (1.0 - BETA1))?, (g.sqr()? * (1.0 - BETA2))?),
+                    };
+                    let m_hat = (&m / (1.0 - BETA1.powi(t)))?;
+                    let v_hat = (&v / (1.0 - BETA2.powi(t)))?;
+                    let base = if decoupled && weight_decay > 0.0 {
+                        (theta * (1.0 - lr * weight_decay))?
+                    } else {
+                        theta.clone()
+                    };
+                    s.state = Some((m, v));
+                    (base - ((m_hat / (v_hat.sqrt()? + EPS)?)? * lr)?)?
+                }
+                OptimizerConfig::Sgd {
+                    momentum,
+                    weight_decay,
+                    ..
+                } => {
+                    if weight_decay > 0.0 {
+                        g = (g + (theta * weight_decay)?)?;
+                    }
+                    let update = if momentum > 0.0 {
+                        let buf = match &s.state {
+                            Some((b, _)) => ((b * momentum)? + &g)?,
+                            None => g.clone(),
+                        };
+                        s.state = Some((buf.clone(), buf.zeros_like()?));
+                        buf
+                    } else {
+                        g
+                    };
+                    (theta - (update * lr)?)?
+                }
+            };
+            s.var.set(&next.detach())?;
+        }
+        Ok(())
+    }
+
+    /// The state to checkpoint: `m.<name>`/`v.<name>` per variable that has stepped.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            if let Some((a, b)) = &s.state {
+                out.insert(format!("m.{}", s.name), a.clone());
+                out.insert(format!("v.{}", s.name), b.clone());
+            }
+        }
+        out
+    }
+
+    /// Restores a checkpointed state taken after `steps` steps.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
+        for s in &mut self.slots {
+            let (m, v) = (
+                tensors.get(&format!("m.{}", s.name)),
+                tensors.get(&format!("v.{}", s.name)),
+            );
+            s.state = match (m, v) {
+                (Some(m), Some(v)) => {
+                    let device = s.var.device();
+                    Some((m.to_device(device)?, v.to_device(device)?))
+                }
+                _ => None,
+            };
+        }
+        self.step = steps;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn quadratic_steps(config: OptimizerConfig, steps: usize) -> Vec<f32> {
+        // f(θ) = ½‖θ‖², so g = θ.
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(config, vec![("w".into(), var.clone())], &[]).unwrap();
+        for _ in 0..steps {
+            let loss = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            opt.step(&loss.backward().unwrap(), 1.0, 1.0).unwrap();
+        }
+        var.as_tensor().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn adam_first_step_moves_by_lr_in_sign_direction() {
+        // At t = 1, m̂ = g and v̂ = g², so θ moves by lr·g/(|g| + ε) ≈ lr·sign(g).
+        let w = quadratic_steps(OptimizerConfig::adam(0.1), 1);
+        assert!(
+            (w[0] - 0.9).abs() < 1e-6 && (w[1] + 1.9).abs() < 1e-6,
+            "{w:?}"
+        );
+    }
+
+    #[test]
+    fn sgd_momentum_matches_hand_computation() {
+        // θ₀ = 1, g = θ: b₁ = 1, θ₁ = 1 − 0.1 = 0.9; b₂ = 0.5·1 + 0.9 = 1.4, θ₂ = 0.9 − 0.14 = 0.76.
+        let w = quadratic_steps(
+            OptimizerConfig::Sgd {
+                lr: 0.1,
+                momentum: 0.5,
+                weight_decay: 0.0,
+            },
+            2,
+        );
+        assert!((w[0] - 0.76).abs() < 1e-6, "{w:?}");
+    }
+
+    #[test]
+    fn adamw_decays_decoupled() {
+        // With g = θ and decoupled decay: θ₁ = θ₀(1 − ηλ) − η·sign(θ₀).
+        let w = quadratic_steps(
+            OptimizerConfig::AdamW {
+                lr: 0.1,
+                weight_decay: 0.5,
+            },
+            1,
+        );
+        assert!((w[0] - (0.95 - 0.1)).abs() < 1e-6, "{w:?}");
+    }
+
+    #[test]
+    fn schedules() {
+        let c = LrSchedule::WarmupCosine {
+            warmup_steps: 10,
+            min_factor: 0.0,
+        };
+        assert!((c.factor(0, 0, 110) - 0.1).abs() < 1e-12);
+        assert!((c.factor(9, 0, 110) - 1.0).abs() < 1e-12);
+        assert!((c.factor(60, 0, 110) - 0.5).abs() < 1e-12);
+        assert!(c.factor(110, 0, 110).abs() < 1e-12);
+        let s = LrSchedule::Step {
+            every_epochs: 2,
+            gamma: 0.5,
+        };
+        assert_eq!(
+            (s.factor(0, 1, 0), s.factor(0, 2, 0), s.factor(0, 5, 0)),
+            (1.0, 0.5, 0.25)
+        );
+    }
+
+    #[test]
+    fn groups_and_clipping() {
+        let a = Var::new(&[3.0f32], &Device::Cpu).unwrap();
+        let b = Var::new(&[4.0f32], &Device::Cpu).unwrap();
+        let groups = [ParamGroup {
+            prefix: "loss.".into(),
+            lr_factor: 0.0,
+        }];
+        let cfg = OptimizerConfig::Sgd {
+            lr: 1.0,
+            momentum: 0.0,
+            weight_decay: 0.0,
+        };
+        let mut opt = Optimizer::new(
+            cfg,
+            vec![("head.w".into(), a.clone()), ("loss.c".into(), b.clone())],
+            &groups,
+        )
+        .unwrap();
+        let loss = ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            * 0.5)
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        assert!((opt.grad_norm(&grads).unwrap() - 5.0).abs() < 1e-6);
+        opt.step(&grads, 1.0, 0.2).unwrap(); // clipped to norm 1
+        assert!((a.as_tensor().to_vec1::<f32>().unwrap()[0] - 2.4).abs() < 1e-6);
+        assert_eq!(
+            b.as_tensor().to_vec1::<f32>().unwrap()[0],
+            4.0,
+            "frozen by its group"
+        );
+        let bad = [ParamGroup {
+            prefix: "lose.".into(),
+            lr_factor: 1.0,
+        }];
+        let e = Optimizer::new(cfg, vec![("loss.c".into(), b)], &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lose.") && e.contains("loss.c"), "{e}");
+    }
+}
