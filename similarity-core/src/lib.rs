@@ -57,6 +57,7 @@ pub mod metric;
 pub mod model;
 pub mod nn;
 pub mod train;
+pub mod xbm;
 
 pub use candle_core::{self, DType, Device, Tensor};
 pub use error::{Error, Result};
@@ -75,6 +76,7 @@ pub mod prelude {
     pub use crate::loss::{MemoryLoss, MultipleNegativesRankingLoss, SimilarityLoss};
     pub use crate::train::{ModelOptions, OptimizerConfig, TrainableModel, Trainer, TrainerConfig};
     pub use crate::trainable_model;
+    pub use crate::xbm::Xbm;
     pub use crate::{Device, Tensor};
 }
 
@@ -84,15 +86,20 @@ pub mod __private {
     pub use crate::cache::{CacheType, cache_key};
     pub use crate::encoder::{Encoder, FrozenEncoder};
     pub use crate::head::Head;
-    pub use crate::loss::SimilarityLoss;
+    pub use crate::loss::{LossKind, MemoryLoss, SimilarityLoss};
     pub use crate::model::{ServableReader, ServableWriter};
     pub use crate::nn::{Mode, Params};
     pub use crate::train::{CachedRows, EncoderBatch, ModelOptions, ModelState, TrainableModel};
+    pub use crate::xbm::{Xbm, XbmConfig};
     pub use crate::{Device, Result, Tensor};
     pub use ::core::default::Default;
     pub use ::core::ops::FnMut;
+    pub use ::std::collections::HashMap;
     pub use ::std::path::Path;
 
     /// Compile-time check that a cached encoder is frozen.
     pub const fn assert_cacheable<E: FrozenEncoder>() {}
+
+    /// Compile-time check that a model with `#[xbm]` has a loss with a memory form.
+    pub const fn assert_memory_loss<L: MemoryLoss>() {}
 }

@@ -81,6 +81,12 @@ impl Model {
             .find(|f| matches!(f.role(), Some(Role::Head(_))))
     }
 
+    pub fn xbm(&self) -> Option<&Field> {
+        self.fields
+            .iter()
+            .find(|f| matches!(f.role(), Some(Role::Xbm(_))))
+    }
+
     pub fn loss(&self) -> Option<&Field> {
         self.fields
             .iter()

@@ -1,7 +1,8 @@
-//! Parsing of the field attributes `#[encoder(...)]`, `#[head(...)]` and `#[loss(...)]`.
+//! Parsing of the field attributes `#[encoder(...)]`, `#[head(...)]`, `#[loss(...)]` and
+//! `#[xbm(...)]`.
 //!
 //! `#[encoder]` takes the options this macro interprets itself (`cache`, `key`);
-//! `#[head]` and `#[loss]` take `name = value` pairs that become field assignments on the
+//! `#[head]`, `#[loss]` and `#[xbm]` take `name = value` pairs that become field assignments on the
 //! component's typed `Config`, so the compiler checks names and value types.
 
 use proc_macro2::Span;
@@ -18,6 +19,7 @@ pub enum Role {
     Encoder(EncoderAttr),
     Head(ComponentAttr),
     Loss(ComponentAttr),
+    Xbm(ComponentAttr),
 }
 
 impl Role {
@@ -26,6 +28,7 @@ impl Role {
             Role::Encoder(_) => "encoder",
             Role::Head(_) => "head",
             Role::Loss(_) => "loss",
+            Role::Xbm(_) => "xbm",
         }
     }
 }
@@ -38,7 +41,7 @@ pub struct EncoderAttr {
     pub key: Option<Path>,
 }
 
-/// `#[head(name = value, ...)]` or `#[loss(...)]`.
+/// `#[head(name = value, ...)]`, `#[loss(...)]` or `#[xbm(...)]`.
 pub struct ComponentAttr {
     pub options: Vec<(Ident, Expr)>,
 }
@@ -46,13 +49,14 @@ pub struct ComponentAttr {
 /// Parses one of our attributes; `None` when `attr` is not ours.
 pub fn parse_role(cx: &Ctxt, attr: &Attribute) -> Option<(Role, Span)> {
     let path = attr.path();
-    let kind = ["encoder", "head", "loss"]
+    let kind = ["encoder", "head", "loss", "xbm"]
         .into_iter()
         .find(|k| path.is_ident(k))?;
     let span = attr.span();
     let role = match kind {
         "encoder" => Role::Encoder(parse_encoder(cx, attr)),
         "head" => Role::Head(parse_component(cx, attr)),
+        "xbm" => Role::Xbm(parse_component(cx, attr)),
         _ => Role::Loss(parse_component(cx, attr)),
     };
     Some((role, span))

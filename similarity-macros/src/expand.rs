@@ -6,7 +6,9 @@
 //!   sizes and the loss from the head's output size, options as typed config literals;
 //! * `impl TrainableModel for M`: embed (cache or encoder → concat → head), cache fill,
 //!   save and load;
-//! * compile-time assertions (a cached encoder must be frozen).
+//! * with an `#[xbm]` field, the memory loss, enqueueing and checkpoint state;
+//! * compile-time assertions (a cached encoder must be frozen; XBM needs a loss with a
+//!   memory form).
 //!
 //! On a validation error only the cleaned struct and the errors are emitted, so the user
 //! sees the real problem instead of a cascade.
@@ -188,6 +190,41 @@ fn expand(model: &Model) -> TokenStream {
     let unused = fills
         .is_empty()
         .then(|| quote!(let _ = (records, batch_size, progress);));
+    let xbm = model.xbm();
+    let xbm_build = xbm.map(|f| {
+        let ident = &f.ident;
+        let config = config_literal(f, quote!(#p::XbmConfig));
+        quote!(let #ident = #p::Xbm::new(#config, &options.device)?;)
+    });
+    let xbm_ident = xbm.map(|f| &f.ident);
+    let xbm_field = xbm_ident.map(|i| quote!(#i,));
+    let xbm_assertion =
+        xbm.map(|_| quote_spanned!(loss_ty.span()=> #p::assert_memory_loss::<#loss_ty>();));
+    let xbm_methods = xbm_ident.map(|x| {
+        let targets = quote!(<<Self::Loss as #p::SimilarityLoss>::Kind as #p::LossKind>::Targets);
+        quote! {
+            fn memory_loss(
+                &self,
+                embeddings: &#p::Tensor,
+                targets: &#targets,
+                step: usize,
+            ) -> #p::Result<::core::option::Option<#p::Tensor>> {
+                self.#x.loss(&self.#loss_ident, embeddings, &targets.groups, step)
+            }
+
+            fn memory_enqueue(&mut self, embeddings: &#p::Tensor, targets: &#targets) -> #p::Result<()> {
+                self.#x.enqueue(embeddings, &targets.groups)
+            }
+
+            fn extra_state(&self) -> #p::HashMap<::std::string::String, #p::Tensor> {
+                self.#x.state_tensors()
+            }
+
+            fn load_extra_state(&mut self, state: &#p::HashMap<::std::string::String, #p::Tensor>) -> #p::Result<()> {
+                self.#x.load_state(state)
+            }
+        }
+    });
     let head_config = config_literal(head, quote!(<#head_ty as #p::Head>::Config));
     let loss_config = config_literal(loss, quote!(<#loss_ty as #p::SimilarityLoss>::Config));
     let slots: Vec<usize> = (0..n_encoders).collect();
@@ -211,6 +248,7 @@ fn expand(model: &Model) -> TokenStream {
 
         const _: () = {
             #(#assertions)*
+            #xbm_assertion
         };
 
         #[automatically_derived]
@@ -239,12 +277,14 @@ fn expand(model: &Model) -> TokenStream {
                     loss_config,
                     &mut params.scope("loss"),
                 )?;
+                #xbm_build
                 let mut state = #p::ModelState::new(params);
                 #(state.add_encoder(#enc_names, &#enc_idents, #cache_types)?;)*
                 ::core::result::Result::Ok(Self {
                     #(#enc_idents,)*
                     #head_ident,
                     #loss_ident,
+                    #xbm_field
                     __similarity: state,
                 })
             }
@@ -308,6 +348,8 @@ fn expand(model: &Model) -> TokenStream {
                 )?;
                 ::core::result::Result::Ok(model)
             }
+
+            #xbm_methods
         }
     }
 }
@@ -319,7 +361,8 @@ fn config_literal(field: &Field, config_ty: TokenStream) -> TokenStream {
     let p = private();
     let options = match field.role() {
         Some(Role::Head(ComponentAttr { options }))
-        | Some(Role::Loss(ComponentAttr { options })) => &options[..],
+        | Some(Role::Loss(ComponentAttr { options }))
+        | Some(Role::Xbm(ComponentAttr { options })) => &options[..],
         _ => &[],
     };
     if options.is_empty() {

@@ -11,6 +11,7 @@ pub fn check(cx: &Ctxt, model: &Model) {
     check_generics(cx, model);
     check_roles(cx, model);
     check_counts(cx, model);
+    check_xbm(cx, model);
     check_cache_types(cx, model);
     check_cfg(cx, model);
 }
@@ -32,7 +33,7 @@ fn check_roles(cx: &Ctxt, model: &Model) {
             cx.error_spanned_by(
                 &f.ident,
                 format!(
-                    "field `{}` has no role: annotate it with #[encoder], #[head] or #[loss]",
+                    "field `{}` has no role: annotate it with #[encoder], #[head], #[loss] or #[xbm]",
                     f.ident
                 ),
             );
@@ -91,6 +92,25 @@ fn check_counts(cx: &Ctxt, model: &Model) {
                     );
                 }
             }
+        }
+    }
+}
+
+fn check_xbm(cx: &Ctxt, model: &Model) {
+    let fields: Vec<_> = model
+        .fields
+        .iter()
+        .filter(|f| f.role().is_some_and(|r| r.name() == "xbm"))
+        .collect();
+    if let [first, rest @ ..] = fields.as_slice() {
+        for f in rest {
+            cx.error_spanned_by(
+                &f.ident,
+                format!(
+                    "a model has at most one #[xbm] memory; `{}` is already it",
+                    first.ident
+                ),
+            );
         }
     }
 }

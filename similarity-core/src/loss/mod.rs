@@ -110,6 +110,11 @@ impl LossKind for GroupKind {
 
 /// A group loss that can also compare a batch against a cross-batch memory (XBM, Wang et
 /// al. 2020): the batch's embeddings are anchors, the memory's are the candidates.
+#[diagnostic::on_unimplemented(
+    message = "loss `{Self}` has no cross-batch-memory form, so it cannot be used with #[xbm]",
+    label = "XBM needs a group loss that implements `MemoryLoss`",
+    note = "use a group loss such as TripletLoss, or remove the #[xbm] field"
+)]
 pub trait MemoryLoss: SimilarityLoss<Kind = GroupKind> {
     /// The loss of `embeddings: (N, d)` with `groups: (N)` against
     /// `memory_embeddings: (M, d)` with `memory_groups: (M)`.

@@ -6,6 +6,7 @@
 //! state.json             format version, model type, optimiser steps, per-epoch history, best
 //! weights.safetensors    every trainable variable by name (head.*, loss.*, encoders.<f>.<i>)
 //! optimizer.safetensors  the optimiser's moments by variable name
+//! extra.safetensors      the model's other state (its cross-batch memory), if any
 //! ```
 //!
 //! Under [`CheckpointConfig::dir`] the trainer keeps `last/` (after every epoch),
@@ -53,6 +54,7 @@ struct StateFile {
     trainer: TrainerState,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub(super) fn save_epoch(
     config: &CheckpointConfig,
     model: &str,
@@ -61,8 +63,9 @@ pub(super) fn save_epoch(
     state: &ModelState,
     optimizer: &Optimizer,
     trainer: &TrainerState,
+    extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    let write = |dir: PathBuf| write(&dir, model, state, optimizer, trainer);
+    let write = |dir: PathBuf| write(&dir, model, state, optimizer, trainer, extra);
     write(config.dir.join("last"))?;
     if config.every_n_epochs > 0 && (epoch + 1).is_multiple_of(config.every_n_epochs) {
         write(config.dir.join(format!("epoch-{:04}", epoch + 1)))?;
@@ -79,6 +82,7 @@ fn write(
     state: &ModelState,
     optimizer: &Optimizer,
     trainer: &TrainerState,
+    extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
     write_dir_atomically(dir, |tmp| {
         let weights: HashMap<String, Tensor> = state
@@ -91,6 +95,9 @@ fn write(
             &optimizer.state_tensors(),
             tmp.join("optimizer.safetensors"),
         )?;
+        if !extra.is_empty() {
+            candle_core::safetensors::save(extra, tmp.join("extra.safetensors"))?;
+        }
         write_json(
             &tmp.join("state.json"),
             &StateFile {
@@ -103,12 +110,14 @@ fn write(
     })
 }
 
+/// Restores weights and optimiser state; returns the trainer's state and the model's
+/// extra state (empty when the checkpoint has none).
 pub(super) fn restore(
     dir: &Path,
     model: &str,
     state: &ModelState,
     optimizer: &mut Optimizer,
-) -> Result<TrainerState> {
+) -> Result<(TrainerState, HashMap<String, Tensor>)> {
     let path = dir.join("state.json");
     let file: StateFile = read_json(&path)?;
     if file.format_version != FORMAT_VERSION {
@@ -156,5 +165,10 @@ pub(super) fn restore(
         var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
     }
     optimizer.load_state(&load("optimizer.safetensors")?, file.optimizer_steps)?;
-    Ok(file.trainer)
+    let extra = if dir.join("extra.safetensors").exists() {
+        load("extra.safetensors")?
+    } else {
+        HashMap::new()
+    };
+    Ok((file.trainer, extra))
 }

@@ -345,7 +345,8 @@ impl Trainer {
             best: None,
         };
         if let Some(dir) = resume {
-            let state = checkpoint::restore(dir, M::NAME, model.state(), &mut optimizer)?;
+            let (state, extra) = checkpoint::restore(dir, M::NAME, model.state(), &mut optimizer)?;
+            model.load_extra_state(&extra)?;
             report.epochs = state.history;
             report.best = state.best;
         }
@@ -382,7 +383,11 @@ impl Trainer {
                 let batch_metas: Vec<_> = samples.iter().map(|&i| train_data.metas[i]).collect();
                 let targets = <SampleOf<M>>::targets(&batch_metas, model.state().device())?;
                 let embeddings = model.embed(&batch, &mut Mode::Train(&mut rng))?;
-                let loss = model.loss().forward(&embeddings, &targets)?;
+                let mut loss = model.loss().forward(&embeddings, &targets)?;
+                // Against the memory as it was before this batch joins it.
+                if let Some(memory) = model.memory_loss(&embeddings, &targets, optimizer.steps())? {
+                    loss = (loss + memory)?;
+                }
                 let value = scalar(&loss)?;
                 if !value.is_finite() {
                     return Err(Error::NonFinite {
@@ -411,6 +416,7 @@ impl Trainer {
                 let factor = c.schedule.factor(optimizer.steps(), epoch, total_steps);
                 lr = c.optimizer.lr() * factor;
                 optimizer.step(&grads, factor, scale)?;
+                model.memory_enqueue(&embeddings.detach(), &targets)?;
                 hook(&StepOutput {
                     epoch,
                     step,
@@ -465,6 +471,7 @@ impl Trainer {
                     history: report.epochs.clone(),
                     best: report.best,
                 };
+                let extra = model.extra_state();
                 checkpoint::save_epoch(
                     cp,
                     M::NAME,
@@ -473,6 +480,7 @@ impl Trainer {
                     model.state(),
                     &optimizer,
                     &state,
+                    &extra,
                 )?;
             }
             if let (Some(es), Some((best_epoch, _))) = (&c.early_stopping, report.best)

@@ -11,6 +11,7 @@
 //! [`TrainableModel`] is what the macro implements; [`ModelState`] holds what the user
 //! never declares: the trainable variables, the encoders' caches and the device.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
@@ -62,6 +63,36 @@ pub trait TrainableModel: Sized + Send + Sync {
     /// Reads a model written by [`save`](Self::save), placing it on `device`. The
     /// directory must come from the same model type with the same encoders.
     fn load(dir: &Path, device: &Device) -> Result<Self>;
+
+    /// The cross-batch-memory loss of a training batch at optimiser step `step` (already
+    /// weighted), or `None` when the model has no memory or it is not active yet.
+    fn memory_loss(
+        &self,
+        _embeddings: &Tensor,
+        _targets: &<<Self::Loss as SimilarityLoss>::Kind as LossKind>::Targets,
+        _step: usize,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+
+    /// Enqueues a training batch into the cross-batch memory, if the model has one.
+    fn memory_enqueue(
+        &mut self,
+        _embeddings: &Tensor,
+        _targets: &<<Self::Loss as SimilarityLoss>::Kind as LossKind>::Targets,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// State beyond the trainable variables that a checkpoint must keep (the memory).
+    fn extra_state(&self) -> HashMap<String, Tensor> {
+        HashMap::new()
+    }
+
+    /// Restores [`extra_state`](Self::extra_state).
+    fn load_extra_state(&mut self, _state: &HashMap<String, Tensor>) -> Result<()> {
+        Ok(())
+    }
 
     /// Embeds `records` without caches (the serving path), `batch_size` at a time:
     /// `(records.len(), output_size)`.

@@ -1,0 +1,320 @@
+//! Cross-batch memory (XBM; Wang et al., "Cross-Batch Memory for Embedding Learning",
+//! CVPR 2020, <https://arxiv.org/abs/1912.06798>).
+//!
+//! A ring buffer of the last `size` embeddings and their groups. At every training step
+//! `t`:
+//!
+//! ```text
+//! L_t = L(batch) + weight · L_mem(batch, memory)    if t ≥ start_iteration and memory ≠ ∅
+//! memory ← enqueue(detach(batch embeddings), groups) (strict FIFO: the oldest rows go first)
+//! ```
+//!
+//! The memory loss is computed against the memory *before* the batch is enqueued (a batch
+//! never meets itself there). Cost: the memory is `(size, d)` on the model's device; the
+//! memory loss is `O(batch · size)`.
+//!
+//! **Difference from Quaterion.** Quaterion enqueues only once `start_iteration` has
+//! passed, so its memory starts empty exactly when it starts to be used; here the memory is
+//! filled from the first step, as in the paper, and is full when the memory loss starts.
+//! Quaterion's wrap-around also writes an overflowing batch's first rows to the start of
+//! the buffer and its last rows to the end; here rows are written in FIFO order.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::loss::MemoryLoss;
+
+/// Options of the cross-batch memory (Quaterion's `XbmConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XbmConfig {
+    /// Embeddings kept. Default 10,000.
+    pub size: usize,
+    /// Weight of the memory loss. Default 1.
+    pub weight: f64,
+    /// First optimiser step (0-based) at which the memory loss is added. Default 1,000.
+    pub start_iteration: usize,
+}
+
+impl Default for XbmConfig {
+    fn default() -> Self {
+        XbmConfig {
+            size: 10_000,
+            weight: 1.0,
+            start_iteration: 1_000,
+        }
+    }
+}
+
+/// The memory: a ring buffer of embeddings `(size, d)` and groups `(size)`.
+#[derive(Debug)]
+pub struct Xbm {
+    config: XbmConfig,
+    device: Device,
+    embeddings: Option<Tensor>,
+    groups: Option<Tensor>,
+    /// Next row to write.
+    pointer: usize,
+    /// Rows filled so far (≤ size).
+    len: usize,
+}
+
+impl Xbm {
+    /// An empty memory on `device`.
+    pub fn new(config: XbmConfig, device: &Device) -> Result<Self> {
+        if config.size == 0 {
+            return Err(Error::invalid("XBM option `size`", "must be at least 1"));
+        }
+        if !config.weight.is_finite() || config.weight < 0.0 {
+            return Err(Error::invalid(
+                "XBM option `weight`",
+                format!("must be >= 0, got {}", config.weight),
+            ));
+        }
+        Ok(Xbm {
+            config,
+            device: device.clone(),
+            embeddings: None,
+            groups: None,
+            pointer: 0,
+            len: 0,
+        })
+    }
+
+    /// The options.
+    pub fn config(&self) -> &XbmConfig {
+        &self.config
+    }
+
+    /// Rows held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is held yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a batch (`embeddings: (n, d)`, `groups: (n)`), overwriting the oldest rows.
+    /// A batch larger than the memory keeps its last `size` rows.
+    pub fn enqueue(&mut self, embeddings: &Tensor, groups: &Tensor) -> Result<()> {
+        let size = self.config.size;
+        let (n, d) = embeddings.dims2()?;
+        if groups.dims() != [n] {
+            return Err(Error::shape(
+                "XBM enqueue",
+                format!("groups ({n})"),
+                groups.dims(),
+            ));
+        }
+        let embeddings = embeddings
+            .detach()
+            .to_dtype(DType::F32)?
+            .to_device(&self.device)?;
+        let groups = groups.to_dtype(DType::I64)?.to_device(&self.device)?;
+        let (embeddings, groups, n) = if n > size {
+            (
+                embeddings.narrow(0, n - size, size)?,
+                groups.narrow(0, n - size, size)?,
+                size,
+            )
+        } else {
+            (embeddings, groups, n)
+        };
+        let store = match self.embeddings.take() {
+            Some(s) if s.dim(1)? == d => s,
+            Some(s) => {
+                return Err(Error::shape(
+                    "XBM enqueue",
+                    format!("(batch, {})", s.dim(1)?),
+                    embeddings.dims(),
+                ));
+            }
+            None => Tensor::zeros((size, d), DType::F32, &self.device)?,
+        };
+        let store_groups = match self.groups.take() {
+            Some(g) => g,
+            None => Tensor::zeros(size, DType::I64, &self.device)?,
+        };
+        // Up to two contiguous writes: to the end of the buffer, then wrapping to its start.
+        let first = n.min(size - self.pointer);
+        let mut store = store.slice_assign(
+            &[self.pointer..self.pointer + first, 0..d],
+            &embeddings.narrow(0, 0, first)?,
+        )?;
+        let mut store_groups = store_groups.slice_assign(
+            &[self.pointer..self.pointer + first],
+            &groups.narrow(0, 0, first)?,
+        )?;
+        if first < n {
+            let rest = n - first;
+            store = store.slice_assign(&[0..rest, 0..d], &embeddings.narrow(0, first, rest)?)?;
+            store_groups =
+                store_groups.slice_assign(&[0..rest], &groups.narrow(0, first, rest)?)?;
+        }
+        self.embeddings = Some(store);
+        self.groups = Some(store_groups);
+        self.pointer = (self.pointer + n) % size;
+        self.len = (self.len + n).min(size);
+        Ok(())
+    }
+
+    /// The filled rows: `(len, d)` embeddings and `(len)` groups, or `None` when empty.
+    pub fn get(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (&self.embeddings, &self.groups) {
+            (Some(e), Some(g)) if self.len > 0 => {
+                Ok(Some((e.narrow(0, 0, self.len)?, g.narrow(0, 0, self.len)?)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// `weight · loss.forward_memory(batch, memory)` at optimiser step `step`, or `None`
+    /// before `start_iteration` or while the memory is empty.
+    pub fn loss<L: MemoryLoss>(
+        &self,
+        loss: &L,
+        embeddings: &Tensor,
+        groups: &Tensor,
+        step: usize,
+    ) -> Result<Option<Tensor>> {
+        if step < self.config.start_iteration {
+            return Ok(None);
+        }
+        let Some((memory, memory_groups)) = self.get()? else {
+            return Ok(None);
+        };
+        let memory = memory
+            .to_device(embeddings.device())?
+            .to_dtype(embeddings.dtype())?;
+        let memory_groups = memory_groups.to_device(groups.device())?;
+        let value = loss.forward_memory(embeddings, groups, &memory, &memory_groups)?;
+        Ok(Some((value * self.config.weight)?))
+    }
+
+    /// The memory's state for a checkpoint.
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        if let (Some(e), Some(g)) = (&self.embeddings, &self.groups) {
+            out.insert("xbm.embeddings".into(), e.clone());
+            out.insert("xbm.groups".into(), g.clone());
+            let meta = [self.pointer as i64, self.len as i64];
+            if let Ok(t) = Tensor::new(&meta, &Device::Cpu) {
+                out.insert("xbm.pointer_len".into(), t);
+            }
+        }
+        out
+    }
+
+    /// Restores a state written by [`state_tensors`](Self::state_tensors).
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        let (Some(e), Some(g), Some(m)) = (
+            tensors.get("xbm.embeddings"),
+            tensors.get("xbm.groups"),
+            tensors.get("xbm.pointer_len"),
+        ) else {
+            *self = Xbm::new(self.config.clone(), &self.device)?;
+            return Ok(());
+        };
+        let meta = m.to_vec1::<i64>()?;
+        let (pointer, len) = (meta[0] as usize, meta[1] as usize);
+        if e.dim(0)? != self.config.size || pointer >= self.config.size || len > self.config.size {
+            return Err(Error::invalid(
+                "XBM checkpoint state",
+                format!(
+                    "holds {} rows (pointer {pointer}, len {len}), the memory has size {}",
+                    e.dim(0)?,
+                    self.config.size
+                ),
+            ));
+        }
+        self.embeddings = Some(e.to_device(&self.device)?);
+        self.groups = Some(g.to_device(&self.device)?);
+        self.pointer = pointer;
+        self.len = len;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(start: i64, n: usize) -> (Tensor, Tensor) {
+        let g: Vec<i64> = (start..start + n as i64).collect();
+        let e: Vec<f32> = g.iter().map(|&v| v as f32).collect();
+        (
+            Tensor::from_vec(e, (n, 1), &Device::Cpu).unwrap(),
+            Tensor::from_vec(g, n, &Device::Cpu).unwrap(),
+        )
+    }
+
+    #[test]
+    fn strict_fifo_with_wrap_around_and_oversized_batches() {
+        let mut m = Xbm::new(
+            XbmConfig {
+                size: 5,
+                ..Default::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(m.get().unwrap().is_none());
+        let mut next = 0;
+        let mut expected: Vec<i64> = Vec::new();
+        for n in [2, 2, 3, 1, 7, 4] {
+            let (e, g) = batch(next, n);
+            m.enqueue(&e, &g).unwrap();
+            expected.extend(next..next + n as i64);
+            next += n as i64;
+            let (e, g) = m.get().unwrap().unwrap();
+            let mut held = g.to_vec1::<i64>().unwrap();
+            // Rows and groups stay aligned.
+            assert_eq!(
+                e.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                held.iter().map(|&v| v as f32).collect::<Vec<_>>()
+            );
+            held.sort();
+            let keep = expected.len().min(5);
+            assert_eq!(
+                held,
+                expected[expected.len() - keep..].to_vec(),
+                "the last {keep} rows, oldest overwritten first"
+            );
+        }
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut m = Xbm::new(
+            XbmConfig {
+                size: 4,
+                ..Default::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (e, g) = batch(0, 3);
+        m.enqueue(&e, &g).unwrap();
+        let mut r = Xbm::new(
+            XbmConfig {
+                size: 4,
+                ..Default::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        r.load_state(&m.state_tensors()).unwrap();
+        let (e2, g2) = batch(3, 2);
+        m.enqueue(&e2, &g2).unwrap();
+        r.enqueue(&e2, &g2).unwrap();
+        assert_eq!(
+            m.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap(),
+            r.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap()
+        );
+    }
+}
