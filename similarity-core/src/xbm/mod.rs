@@ -101,6 +101,8 @@ impl Xbm {
 
     /// Appends a batch (`embeddings: (n, d)`, `groups: (n)`), overwriting the oldest rows.
     /// A batch larger than the memory keeps its last `size` rows.
+    // `slice_assign` takes one range per dimension: a one-element array is the 1-d case.
+    #[allow(clippy::single_range_in_vec_init)]
     pub fn enqueue(&mut self, embeddings: &Tensor, groups: &Tensor) -> Result<()> {
         let size = self.config.size;
         let (n, d) = embeddings.dims2()?;
