@@ -15,7 +15,7 @@
 //! | [`RetrievalReciprocalRank`] | `Σ_p 1/(rank_p + 1)` (Quaterion 0.1.35, every relevant)| `/ Σ R`        |
 //! | [`MeanReciprocalRank`]      | `1/(rank_0 + 1)` (standard MRR, first relevant)        | mean, `R ≥ 1`  |
 //!
-//! Candidates are ranked by `(distance, index)`; see [`ranking`](RankedRow) for the
+//! Candidates are ranked by `(distance, index)`; see [`RankedRow`] for the
 //! exact tie rule. The raw functions ([`retrieval_precision`], [`retrieval_reciprocal_rank`],
 //! [`retrieval_r_precision`], [`recall_at_k`], [`map_at_r`], [`ndcg_at_k`], …) score a
 //! dense block; the [`Metric`] structs are what users attach, scored on a dense block with

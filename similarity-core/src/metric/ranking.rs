@@ -106,7 +106,7 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// A contribution of `value` with weight `count`.
+    /// A contribution summing to `sum`, averaged over `count`.
     pub fn new(sum: f64, count: f64) -> Partial {
         Partial { sum, count }
     }
