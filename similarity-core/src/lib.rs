@@ -74,6 +74,10 @@ pub mod prelude {
     };
     pub use crate::head::{Head, SkipConnectionHead};
     pub use crate::loss::{MemoryLoss, MultipleNegativesRankingLoss, SimilarityLoss};
+    pub use crate::metric::{
+        Evaluator, MapAtR, MeanReciprocalRank, Metric, Ndcg, RecallAtK, Relevance,
+        RetrievalPrecision, RetrievalRPrecision, RetrievalReciprocalRank,
+    };
     pub use crate::train::{ModelOptions, OptimizerConfig, TrainableModel, Trainer, TrainerConfig};
     pub use crate::trainable_model;
     pub use crate::xbm::Xbm;

@@ -1,5 +1,33 @@
 //! Retrieval metrics.
 //!
+//! Shapes: a query block is a distance matrix `distances: (n, m)` (row `i` holds query
+//! `i`'s distance to each of `m` candidates; smaller is nearer) and a relevance matrix
+//! `relevance: (n, m)` of the same shape (`> 0` relevant, the value being its gain: 1 for
+//! groups, the pair score for pairs), as Quaterion's `raw_compute` takes them.
+//!
+//! | metric                      | per query row (R relevant, `rank_p` 0-based)          | over rows      |
+//! |-----------------------------|--------------------------------------------------------|----------------|
+//! | [`RetrievalPrecision`]`{k}` | `Σ_{top k} rel / k`                                    | mean, all rows |
+//! | [`RecallAtK`]`{k}`          | `|relevant ∩ top k| / R`                               | mean, `R ≥ 1`  |
+//! | [`RetrievalRPrecision`]     | `r / R`, `r = |relevant ∩ top R|`                      | `Σ r / Σ R`    |
+//! | [`MapAtR`]                  | `(1/R) Σ_{rank_p < R} (p + 1)/(rank_p + 1)`            | mean, `R ≥ 1`  |
+//! | [`Ndcg`]`{k}`               | `DCG@k / IDCG@k`, discount `1/log2(pos + 2)`           | mean, `R ≥ 1`  |
+//! | [`RetrievalReciprocalRank`] | `Σ_p 1/(rank_p + 1)` (Quaterion 0.1.35, every relevant)| `/ Σ R`        |
+//! | [`MeanReciprocalRank`]      | `1/(rank_0 + 1)` (standard MRR, first relevant)        | mean, `R ≥ 1`  |
+//!
+//! Candidates are ranked by `(distance, index)`; see [`RankedRow`] for the
+//! exact tie rule. The raw functions ([`retrieval_precision`], [`retrieval_reciprocal_rank`],
+//! [`retrieval_r_precision`], [`recall_at_k`], [`map_at_r`], [`ndcg_at_k`], …) score a
+//! dense block; the [`Metric`] structs are what users attach, scored on a dense block with
+//! [`Metric::compute`] or over a whole embedded dataset with [`Evaluator`], which computes
+//! distances a block of query rows at a time (never `n × n`) with the query itself masked,
+//! for groups ([`Relevance::Groups`]) and pairs ([`Relevance::Pairs`]).
+//!
+//! Distances: our cosine distance is `1 − cos`, Quaterion's matrix form `(1 − cos) / 2`.
+//! The ranking is the same, so every metric here (all rank-based) agrees.
+//!
+//! The older helpers used by the trainer's validation follow.
+//!
 //! [`rank_against_candidates`] scores query → candidate retrieval where query `i`'s
 //! relevant candidate is candidate `i` (a question and its answer). For each query the
 //! *rank* is the number of candidates strictly closer than the relevant one
@@ -16,7 +44,8 @@
 //!
 //! ```text
 //! precision@1 = mean [nearest other object is in the group]
-//! r_precision = mean (relevant among the R nearest) / R      (Quaterion's RetrievalRPrecision)
+//! r_precision = mean (relevant among the R nearest) / R      (macro average over queries;
+//!                                                             RetrievalRPrecision pools)
 //! ```
 //!
 //! over the queries with `R ≥ 1`. Quaterion's evaluation leaves the self-distance in and
@@ -24,6 +53,26 @@
 //!
 //! Distances are computed in blocks of [`BLOCK`] queries against all candidates, so memory
 //! is `O(BLOCK · m)`, never `n × m`.
+
+mod evaluator;
+mod map_at_r;
+mod ndcg;
+mod precision;
+mod r_precision;
+mod ranking;
+mod recall;
+mod reciprocal_rank;
+
+pub use evaluator::{Evaluator, Relevance};
+pub use map_at_r::{MapAtR, map_at_r};
+pub use ndcg::{Ndcg, ndcg_at_k};
+pub use precision::{RetrievalPrecision, retrieval_precision};
+pub use r_precision::{RetrievalRPrecision, r_precision_per_row, retrieval_r_precision};
+pub use ranking::{Metric, Partial, RankedRow, ranked_rows};
+pub use recall::{RecallAtK, recall_at_k};
+pub use reciprocal_rank::{
+    MeanReciprocalRank, RetrievalReciprocalRank, mean_reciprocal_rank, retrieval_reciprocal_rank,
+};
 
 use candle_core::{DType, Tensor};
 
