@@ -42,6 +42,10 @@ pub trait LossKind: 'static {
     /// The sample type for records of type `R`.
     type Sample<R: Send + Sync>: SimilaritySample<Record = R, Meta = Self::Meta, Targets = Self::Targets>;
 
+    /// Who is relevant to whom among the objects of `metas`' samples, laid out
+    /// slot-major (as a batch is): the partner of a pair, the members of a group.
+    fn relevance(metas: &[Self::Meta]) -> metric::OwnedRelevance;
+
     /// Scores a whole evaluation set: `embeddings` holds every object of every sample
     /// in slot-major order (`OBJECTS · n` rows); returns `(metric name, value)` pairs.
     fn evaluate(
@@ -59,6 +63,14 @@ impl LossKind for PairKind {
     type Meta = PairMeta;
     type Targets = PairTargets;
     type Sample<R: Send + Sync> = SimilarityPairSample<R>;
+
+    fn relevance(metas: &[PairMeta]) -> metric::OwnedRelevance {
+        let p = metas.len();
+        metric::OwnedRelevance::Pairs {
+            pairs: (0..p).map(|i| (i, i + p)).collect(),
+            scores: metas.iter().map(|m| m.score).collect(),
+        }
+    }
 
     /// Each positive pair's `obj_a` is a query ranked against every `obj_b` of the set;
     /// its own `obj_b` is the relevant answer. Reports `precision@1` and
@@ -90,6 +102,10 @@ impl LossKind for GroupKind {
     type Meta = GroupMeta;
     type Targets = GroupTargets;
     type Sample<R: Send + Sync> = SimilarityGroupSample<R>;
+
+    fn relevance(metas: &[GroupMeta]) -> metric::OwnedRelevance {
+        metric::OwnedRelevance::Groups(metas.iter().map(|m| m.group).collect())
+    }
 
     /// Every object is a query against all the others (itself excluded); the objects of
     /// its group are relevant. Reports `precision@1` and `r_precision` over the objects

@@ -53,6 +53,30 @@ pub enum Relevance<'a> {
     },
 }
 
+/// [`Relevance`] with owned data, as a loss kind builds it for a batch or a data set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OwnedRelevance {
+    /// See [`Relevance::Groups`].
+    Groups(Vec<i64>),
+    /// See [`Relevance::Pairs`].
+    Pairs {
+        /// `(a, b)` object indices.
+        pairs: Vec<(usize, usize)>,
+        /// One score per pair.
+        scores: Vec<f32>,
+    },
+}
+
+impl OwnedRelevance {
+    /// The borrowed view the [`Evaluator`] takes.
+    pub fn as_relevance(&self) -> Relevance<'_> {
+        match self {
+            OwnedRelevance::Groups(g) => Relevance::Groups(g),
+            OwnedRelevance::Pairs { pairs, scores } => Relevance::Pairs { pairs, scores },
+        }
+    }
+}
+
 /// Relevant `(object, gain)` lists, built once per evaluation.
 enum Lists {
     Groups {

@@ -63,7 +63,7 @@ mod ranking;
 mod recall;
 mod reciprocal_rank;
 
-pub use evaluator::{Evaluator, Relevance};
+pub use evaluator::{Evaluator, OwnedRelevance, Relevance};
 pub use map_at_r::{MapAtR, map_at_r};
 pub use ndcg::{Ndcg, ndcg_at_k};
 pub use precision::{RetrievalPrecision, retrieval_precision};

@@ -18,8 +18,12 @@ pub fn write_logs(dir: &Path, history: &[EpochStats]) -> Result<()> {
         .map(|v| v.metrics.iter().map(|(n, _)| n.clone()).collect())
         .unwrap_or_default();
 
+    let train_names: Vec<String> = history
+        .first()
+        .map(|e| e.train_metrics.iter().map(|(n, _)| n.clone()).collect())
+        .unwrap_or_default();
     let mut csv = String::from("epoch,train_loss,val_loss,lr,seconds");
-    for n in &metric_names {
+    for n in train_names.iter().chain(&metric_names) {
         csv.push(',');
         csv.push_str(n);
     }
@@ -36,6 +40,14 @@ pub fn write_logs(dir: &Path, history: &[EpochStats]) -> Result<()> {
             e.lr,
             e.seconds
         );
+        for n in &train_names {
+            let value = e
+                .train_metrics
+                .iter()
+                .find(|(m, _)| m == n)
+                .map_or(String::new(), |(_, x)| x.to_string());
+            let _ = write!(csv, ",{value}");
+        }
         for n in &metric_names {
             let value = val
                 .and_then(|v| v.metric(n))

@@ -41,6 +41,7 @@ pub use optim::{LrSchedule, Optimizer, OptimizerConfig, ParamGroup};
 use crate::data::{DataLoader, SimilaritySample, metas};
 use crate::error::{Error, Result};
 use crate::loss::{LossKind, SimilarityLoss};
+use crate::metric::{Evaluator, Metric};
 use crate::nn::Mode;
 
 /// Options of a [`Trainer`].
@@ -181,6 +182,9 @@ pub struct EpochStats {
     pub epoch: usize,
     /// Mean training loss over the epoch's steps.
     pub train_loss: f64,
+    /// Attached metrics, averaged over the epoch's training batches.
+    #[serde(default)]
+    pub train_metrics: Vec<(String, f64)>,
     /// Validation loss and metrics, when a validation set was given.
     pub validation: Option<Evaluation>,
     /// Learning rate at the epoch's last step.
@@ -206,6 +210,7 @@ pub struct FitReport {
 #[derive(Debug, Clone, Default)]
 pub struct Trainer {
     config: TrainerConfig,
+    metrics: std::sync::Arc<Vec<Box<dyn Metric>>>,
 }
 
 /// Samples with their objects' cache rows: everything an epoch needs.
@@ -250,7 +255,47 @@ impl<'a, M: TrainableModel> Prepared<'a, M> {
 impl Trainer {
     /// A trainer with `config`.
     pub fn new(config: TrainerConfig) -> Self {
-        Trainer { config }
+        Trainer {
+            config,
+            metrics: Default::default(),
+        }
+    }
+
+    /// Attaches retrieval metrics (e.g. `RetrievalPrecision { k: 1 }`): each is computed
+    /// on every training batch (within the batch, averaged over the epoch, reported as
+    /// `train_<name>`) and over the whole validation set (self excluded, in blocks),
+    /// shown on the progress bar and written to the logs.
+    pub fn with_metrics(mut self, metrics: Vec<Box<dyn Metric>>) -> Self {
+        self.metrics = std::sync::Arc::new(metrics);
+        self
+    }
+
+    /// Loss and metrics of `model` on a validation set: [`evaluate`](Self::evaluate)
+    /// under Lightning's name.
+    pub fn validate<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        val: &[SampleOf<M>],
+    ) -> Result<Evaluation> {
+        self.evaluate(model, val)
+    }
+
+    fn batch_metrics<M: TrainableModel>(
+        &self,
+        model: &M,
+        embeddings: &Tensor,
+        metas: &[<<M::Loss as SimilarityLoss>::Kind as LossKind>::Meta],
+    ) -> Result<Vec<(String, f64)>> {
+        if self.metrics.is_empty() {
+            return Ok(Vec::new());
+        }
+        let relevance = <<M::Loss as SimilarityLoss>::Kind as LossKind>::relevance(metas);
+        let metrics: Vec<&dyn Metric> = self.metrics.iter().map(|m| m.as_ref()).collect();
+        Evaluator::new(model.loss().distance()).evaluate(
+            &embeddings.detach(),
+            &relevance.as_relevance(),
+            &metrics,
+        )
     }
 
     /// The configuration.
@@ -351,11 +396,6 @@ impl Trainer {
             report.best = state.best;
         }
         let first_epoch = report.epochs.len();
-        let bar = self.bar(
-            total_steps as u64,
-            "{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})",
-        );
-        bar.set_position((first_epoch * steps_per_epoch) as u64);
         let monitor = c
             .early_stopping
             .as_ref()
@@ -375,8 +415,13 @@ impl Trainer {
             let mut rng = StdRng::seed_from_u64(
                 c.seed ^ 0x5EED ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
+            let bar = self.bar(
+                steps_per_epoch as u64,
+                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+            );
             bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
             let (mut sum, mut count, mut lr) = (0.0, 0usize, c.optimizer.lr());
+            let mut metric_sums: Vec<(String, f64)> = Vec::new();
             for (step, samples) in loader.batches(train.len(), epoch)?.iter().enumerate() {
                 let ids = Prepared::<M>::object_ids(samples);
                 let batch = train_data.batch(model, &ids, &mut scratch)?;
@@ -426,10 +471,30 @@ impl Trainer {
                 });
                 sum += value;
                 count += 1;
+                let mut live = format!("loss {:.4}", sum / count as f64);
+                for (i, (name, v)) in self
+                    .batch_metrics(model, &embeddings, &batch_metas)?
+                    .into_iter()
+                    .enumerate()
+                {
+                    match metric_sums.get_mut(i) {
+                        Some((_, total)) => *total += v,
+                        None => metric_sums.push((name, v)),
+                    }
+                    live.push_str(&format!(
+                        " {} {:.4}",
+                        metric_sums[i].0,
+                        metric_sums[i].1 / count as f64
+                    ));
+                }
                 bar.inc(1);
-                bar.set_message(format!("loss {:.4}{last_val}", sum / count as f64));
+                bar.set_message(format!("{live}{last_val}"));
             }
             let train_loss = sum / count as f64;
+            let train_metrics: Vec<(String, f64)> = metric_sums
+                .into_iter()
+                .map(|(name, total)| (format!("train_{name}"), total / count as f64))
+                .collect();
             let validation = match &val_data {
                 Some(v) => Some(self.evaluate_prepared(model, v)?),
                 None => None,
@@ -440,10 +505,16 @@ impl Trainer {
                     last_val.push_str(&format!(" {name} {value:.4}"));
                 }
             }
-            bar.set_message(format!("loss {train_loss:.4}{last_val}"));
+            let mut summary = format!("loss {train_loss:.4}");
+            for (name, v) in &train_metrics {
+                summary.push_str(&format!(" {name} {v:.4}"));
+            }
+            bar.set_message(format!("{summary}{last_val}"));
+            bar.finish();
             let stats = EpochStats {
                 epoch,
                 train_loss,
+                train_metrics,
                 validation,
                 lr,
                 seconds: epoch_start.elapsed().as_secs_f64(),
@@ -491,7 +562,6 @@ impl Trainer {
                 break;
             }
         }
-        bar.finish();
         Ok(report)
     }
 
@@ -537,17 +607,19 @@ impl Trainer {
             parts.push(model.embed(&batch, &mut Mode::Eval)?.detach());
         }
         let embeddings = Tensor::cat(&parts, 0)?;
-        let metrics = <<M::Loss as SimilarityLoss>::Kind as LossKind>::evaluate(
-            &embeddings,
-            &data.metas,
-            model.loss().distance(),
-        )?;
+        let mut metrics: Vec<(String, f64)> =
+            <<M::Loss as SimilarityLoss>::Kind as LossKind>::evaluate(
+                &embeddings,
+                &data.metas,
+                model.loss().distance(),
+            )?
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        metrics.extend(self.batch_metrics(model, &embeddings, &data.metas)?);
         Ok(Evaluation {
             loss: sum / count as f64,
-            metrics: metrics
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            metrics,
         })
     }
 
