@@ -35,6 +35,9 @@ fn check(got: &Tensor, want: &[f32], shape: &[usize], rel: f32, atol: f32, what:
     }
 }
 
+/// How Quaterion's value maps to ours.
+type Transform = dyn Fn(f32) -> f32;
+
 fn transformed(v: &Value, f: impl Fn(f32) -> f32) -> (Vec<f32>, Vec<usize>) {
     let (v, shape) = values(v);
     (v.into_iter().map(f).collect(), shape)
@@ -50,8 +53,8 @@ fn run(file: &str, metric: Distance) {
         let e = &case["expected"];
         let same = |v: f32| v;
         // Quaterion's cosine matrix forms are half-scale; see the module docs.
-        let dist_m = |v: f32| if cosine { 2.0 * v } else { v };
-        let sim_m = |v: f32| if cosine { 2.0 * v - 1.0 } else { v };
+        let dist_m = move |v: f32| if cosine { 2.0 * v } else { v };
+        let sim_m = move |v: f32| if cosine { 2.0 * v - 1.0 } else { v };
         // Euclidean self-distances that are 0 in exact arithmetic (the diagonal, the
         // equal rows 3 and 5 of set `a`) are ~1e-6 here (sqrt(0 + 1e-12)) but up to 4e-3
         // in Quaterion's 32-row set `b`, where `torch.cdist` takes its matmul path and keeps
@@ -61,9 +64,14 @@ fn run(file: &str, metric: Distance) {
         } else {
             1e-6
         };
-        let cases: [(&str, Tensor, &dyn Fn(f32) -> f32, f32); 6] = [
+        let cases: [(&str, Tensor, &Transform, f32); 6] = [
             ("distance", metric.distance(&x, &y).unwrap(), &same, 1e-6),
-            ("similarity", metric.similarity(&x, &y).unwrap(), &same, 1e-6),
+            (
+                "similarity",
+                metric.similarity(&x, &y).unwrap(),
+                &same,
+                1e-6,
+            ),
             (
                 "distance_matrix_self",
                 metric.distance_matrix(&x, None).unwrap(),

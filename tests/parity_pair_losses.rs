@@ -55,7 +55,12 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 fn dist(metric: Distance, a: &[f64], b: &[f64]) -> f64 {
     match metric {
         Distance::Cosine => 1.0 - dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt()),
-        Distance::Euclidean => a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt(),
+        Distance::Euclidean => a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt(),
         Distance::Manhattan => a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum(),
         Distance::DotProduct => -dot(a, b),
     }
@@ -98,7 +103,11 @@ fn contrastive_ref(
             l
         })
         .sum();
-    if size_average { total / p as f64 } else { total }
+    if size_average {
+        total / p as f64
+    } else {
+        total
+    }
 }
 
 /// OnlineContrastiveLoss from its formula, anchors `a` against candidates `c`.
@@ -127,10 +136,16 @@ fn online_ref(
         }
     };
     let (mut pos, mut neg) = (Vec::new(), Vec::new());
-    for i in 0..a.len() {
-        let d: Vec<f64> = c.iter().map(|cj| dist(metric, &a[i], cj)).collect();
-        let ps: Vec<f64> = (0..c.len()).filter(|&j| is_pos(i, j)).map(|j| d[j]).collect();
-        let ns: Vec<f64> = (0..c.len()).filter(|&j| is_neg(i, j)).map(|j| d[j]).collect();
+    for (i, ai) in a.iter().enumerate() {
+        let d: Vec<f64> = c.iter().map(|cj| dist(metric, ai, cj)).collect();
+        let ps: Vec<f64> = (0..c.len())
+            .filter(|&j| is_pos(i, j))
+            .map(|j| d[j])
+            .collect();
+        let ns: Vec<f64> = (0..c.len())
+            .filter(|&j| is_neg(i, j))
+            .map(|j| d[j])
+            .collect();
         match mining {
             PairMining::All => {
                 pos.extend(ps);
@@ -146,7 +161,9 @@ fn online_ref(
                     pos.push(ps.iter().cloned().fold(f64::NEG_INFINITY, f64::max));
                 }
                 if !ns.is_empty() {
-                    neg.push(relu(margin - ns.iter().cloned().fold(f64::INFINITY, f64::min)));
+                    neg.push(relu(
+                        margin - ns.iter().cloned().fold(f64::INFINITY, f64::min),
+                    ));
                 }
             }
         }
@@ -192,8 +209,7 @@ fn contrastive(config: ContrastiveLossConfig) -> ContrastiveLoss {
 }
 
 fn online(config: OnlineContrastiveLossConfig) -> OnlineContrastiveLoss {
-    OnlineContrastiveLoss::new(1, config, &mut Params::new(&Device::Cpu, 0).scope("loss"))
-        .unwrap()
+    OnlineContrastiveLoss::new(1, config, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
 }
 
 /// Loss and gradient of `f` at the f32 embeddings `e`.
@@ -244,8 +260,14 @@ fn contrastive_loss_matches_quaterion_or_the_corrected_reference() {
 
         // 1. The reference with Quaterion's half-scale cosine matrix reproduces it.
         let quaterion_scale = if metric == Distance::Cosine { 0.5 } else { 1.0 };
-        let r = |scale| contrastive_ref(&e, &labels, &subgroups, metric, margin, size_average, scale);
-        close(r(quaterion_scale), expected["loss_f64"].as_f64().unwrap(), 1e-5, &format!("{id} reference vs Quaterion"));
+        let r =
+            |scale| contrastive_ref(&e, &labels, &subgroups, metric, margin, size_average, scale);
+        close(
+            r(quaterion_scale),
+            expected["loss_f64"].as_f64().unwrap(),
+            1e-5,
+            &format!("{id} reference vs Quaterion"),
+        );
 
         let loss = contrastive(ContrastiveLossConfig {
             distance: metric,
@@ -257,12 +279,22 @@ fn contrastive_loss_matches_quaterion_or_the_corrected_reference() {
             // 2b. Quaterion's subgroup term sees half cosine distances (module docs):
             // ours equals the reference on the full `1 − cos`, and its gradient is
             // checked by finite differences.
-            close(scalar(&value), r(1.0), 1e-5, &format!("{id} corrected loss"));
+            close(
+                scalar(&value),
+                r(1.0),
+                1e-5,
+                &format!("{id} corrected loss"),
+            );
             check_gradient(id, &emb, 1e-4, |x| loss.forward(x, &targets).unwrap());
         } else {
             // 2a. Quaterion is right: match it (Euclidean `mixed`: the clone-workaround
             // gradient, since its own backward raises).
-            close(scalar(&value), expected["loss"].as_f64().unwrap(), 1e-5, &format!("{id} loss"));
+            close(
+                scalar(&value),
+                expected["loss"].as_f64().unwrap(),
+                1e-5,
+                &format!("{id} loss"),
+            );
             assert_close(&grad, quaterion_grad(expected), 1e-4, &format!("{id} grad"));
         }
     }
@@ -291,7 +323,9 @@ fn online_contrastive_loss_matches_the_corrected_reference() {
         let expected = &case["expected"];
         assert!(case["error"].is_null(), "{id}: Quaterion raised");
         let r = |margin, quaterion| {
-            online_ref(&e, &groups, &e, &groups, true, metric, margin, mining, quaterion)
+            online_ref(
+                &e, &groups, &e, &groups, true, metric, margin, mining, quaterion,
+            )
         };
 
         // 1. With Quaterion's quirks the reference reproduces it. For cosine, via the
@@ -301,7 +335,12 @@ fn online_contrastive_loss_matches_the_corrected_reference() {
         } else {
             r(margin, true)
         };
-        close(quaterion, expected["loss_f64"].as_f64().unwrap(), 1e-5, &format!("{id} reference vs Quaterion"));
+        close(
+            quaterion,
+            expected["loss_f64"].as_f64().unwrap(),
+            1e-5,
+            &format!("{id} reference vs Quaterion"),
+        );
 
         // 2. Every case has the self-negative quirk, so ours matches the corrected
         //    reference, and its gradient is checked by finite differences.
@@ -312,7 +351,12 @@ fn online_contrastive_loss_matches_the_corrected_reference() {
         });
         let targets = GroupTargets { groups: groups_t };
         let value = loss.forward(&emb, &targets).unwrap();
-        close(scalar(&value), r(margin, false), 1e-5, &format!("{id} corrected loss"));
+        close(
+            scalar(&value),
+            r(margin, false),
+            1e-5,
+            &format!("{id} corrected loss"),
+        );
         check_gradient(id, &emb, 1e-4, |x| loss.forward(x, &targets).unwrap());
     }
 }
@@ -321,10 +365,14 @@ fn online_contrastive_loss_matches_the_corrected_reference() {
 
 /// Deterministic values in [-1, 1) (a 64-bit LCG), `n` of them.
 fn random(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         })
         .collect()
@@ -347,7 +395,9 @@ fn contrastive_gradients_match_finite_differences() {
         let sg: Vec<i64> = subgroups.iter().chain(&subgroups).copied().collect();
         let targets = PairTargets {
             pairs: Tensor::from_vec(
-                (0..p as u32).flat_map(|i| [i, i + p as u32]).collect::<Vec<u32>>(),
+                (0..p as u32)
+                    .flat_map(|i| [i, i + p as u32])
+                    .collect::<Vec<u32>>(),
                 (p, 2),
                 &Device::Cpu,
             )
@@ -398,12 +448,27 @@ fn online_contrastive_gradients_match_finite_differences() {
             let name = format!("online {metric:?} {mining:?}");
             let (a, m) = (rows(&flat, dim), rows(&mem_flat, dim));
             let want = online_ref(&a, &groups, &a, &groups, true, metric, 1.2, mining, false);
-            close(scalar(&loss.forward(&emb, &targets).unwrap()), want, 1e-9, &name);
+            close(
+                scalar(&loss.forward(&emb, &targets).unwrap()),
+                want,
+                1e-9,
+                &name,
+            );
             check_gradient(&name, &emb, 1e-5, |x| loss.forward(x, &targets).unwrap());
 
             // Against a memory bank: no anchor is excluded, groups alone decide.
             let name = format!("{name} memory");
-            let want = online_ref(&a, &groups, &m, &mem_groups, false, metric, 1.2, mining, false);
+            let want = online_ref(
+                &a,
+                &groups,
+                &m,
+                &mem_groups,
+                false,
+                metric,
+                1.2,
+                mining,
+                false,
+            );
             let got = loss
                 .forward_memory(&emb, &targets.groups, &memory, &mem_groups_t)
                 .unwrap();

@@ -115,7 +115,8 @@ impl SimilarityLoss for ContrastiveLoss {
         let subgroups = targets.subgroups.to_vec1::<i64>()?;
         if subgroups.iter().any(|&s| s != subgroups[0]) {
             let matrix = distance.distance_matrix(embeddings, None)?;
-            let same = masks::same_group(&targets.subgroups, &targets.subgroups)?.to_dtype(dtype)?;
+            let same =
+                masks::same_group(&targets.subgroups, &targets.subgroups)?.to_dtype(dtype)?;
             // Same-subgroup entries (the object itself and its pair partner included) are
             // lifted above every real distance, so the row minimum is a real negative.
             let lifted = (&matrix + (same * mask_offset(&matrix, margin)?)?)?;
@@ -142,9 +143,8 @@ fn hinge_sq(d: &Tensor, margin: f64) -> Result<Tensor> {
 /// of the matrix plus `|margin| + 1`. A finite offset (unlike the dtype's maximum) keeps
 /// the arithmetic, and so the gradients, finite; it is a constant for autograd.
 pub(crate) fn mask_offset(matrix: &Tensor, margin: f64) -> Result<f64> {
-    let range = |t: Tensor| -> Result<f64> {
-        Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
-    };
+    let range =
+        |t: Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
     let hi = range(matrix.max_all()?)?;
     let lo = range(matrix.min_all()?)?;
     Ok((hi - lo).abs() + margin.abs() + 1.0)
@@ -203,10 +203,18 @@ mod tests {
             margin: 1.0,
             ..Default::default()
         };
-        let got = scalar(&loss(cfg.clone()).forward(&e, &targets(&[(1.0, 0), (1.0, 1)])).unwrap());
+        let got = scalar(
+            &loss(cfg.clone())
+                .forward(&e, &targets(&[(1.0, 0), (1.0, 1)]))
+                .unwrap(),
+        );
         assert!((got - 0.5).abs() < 1e-6, "{got}");
         // One subgroup: no hard-negative term.
-        let got = scalar(&loss(cfg).forward(&e, &targets(&[(1.0, 0), (1.0, 0)])).unwrap());
+        let got = scalar(
+            &loss(cfg)
+                .forward(&e, &targets(&[(1.0, 0), (1.0, 0)]))
+                .unwrap(),
+        );
         assert!(got.abs() < 1e-6, "{got}");
     }
 

@@ -80,7 +80,7 @@ pub struct OnlineContrastiveLoss {
 
 impl OnlineContrastiveLoss {
     /// The loss of distances `d: (n, m)` with `{0, 1}` masks `pos`, `neg` of the same shape.
-    fn from_masks(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+    fn masked_loss(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
         let margin = self.config.margin;
         // relu(m − D) is only read where `neg` is 1.
         let hinge = d.neg()?.affine(1.0, margin)?.relu()?;
@@ -141,7 +141,7 @@ impl SimilarityLoss for OnlineContrastiveLoss {
         let d = self.config.distance.distance_matrix(embeddings, None)?;
         let pos = masks::positive_mask(&targets.groups, None, dtype)?;
         let neg = masks::negative_mask(&targets.groups, None, dtype)?;
-        self.from_masks(&d, &pos, &neg)
+        self.masked_loss(&d, &pos, &neg)
     }
 }
 
@@ -160,7 +160,7 @@ impl MemoryLoss for OnlineContrastiveLoss {
             .distance_matrix(embeddings, Some(memory_embeddings))?;
         let pos = masks::positive_mask(groups, Some(memory_groups), dtype)?;
         let neg = masks::negative_mask(groups, Some(memory_groups), dtype)?;
-        self.from_masks(&d, &pos, &neg)
+        self.masked_loss(&d, &pos, &neg)
     }
 }
 
@@ -177,8 +177,7 @@ mod tests {
             mining,
             distance: Distance::Euclidean,
         };
-        OnlineContrastiveLoss::new(1, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss"))
-            .unwrap()
+        OnlineContrastiveLoss::new(1, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
     }
 
     #[test]
@@ -222,8 +221,10 @@ mod tests {
                 .unwrap();
         assert_eq!(cfg.mining, PairMining::All);
         assert!(
-            serde_json::from_str::<OnlineContrastiveLossConfig>(r#"{"margin": 1.0, "mode": "all"}"#)
-                .is_err()
+            serde_json::from_str::<OnlineContrastiveLossConfig>(
+                r#"{"margin": 1.0, "mode": "all"}"#
+            )
+            .is_err()
         );
     }
 }
