@@ -51,7 +51,7 @@ impl Distance {
         Ok(match self {
             Distance::Cosine => (1.0 - self.similarity(x, y)?)?,
             Distance::Euclidean => ((x - y)?.sqr()?.sum(D::Minus1)? + SQRT_EPS)?.sqrt()?,
-            Distance::Manhattan => (x - y)?.abs()?.sum(D::Minus1)?,
+            Distance::Manhattan => abs_zero_subgradient(&(x - y)?)?.sum(D::Minus1)?,
             Distance::DotProduct => (x * y)?.sum(D::Minus1)?.neg()?,
         })
     }
@@ -77,14 +77,22 @@ impl Distance {
                 let xx = x.sqr()?.sum_keepdim(1)?;
                 let yy = y.sqr()?.sum_keepdim(1)?.t()?;
                 let xy = x.matmul(&y.t()?)?;
-                let d2 = xx.broadcast_add(&yy)?.sub(&(xy * 2.0)?)?.relu()?;
-                (d2 + SQRT_EPS)?.sqrt()?
+                let norms = xx.broadcast_add(&yy)?;
+                let d2 = norms.sub(&(xy * 2.0)?)?;
+                // `|x|² + |y|² − 2x·y` cancels catastrophically for (near-)equal rows: the
+                // self-distance diagonal and duplicated embeddings come out as round-off of
+                // either sign, and the round-off of the gradient, divided by a distance near
+                // sqrt(ε), becomes a spurious gradient of order 1e-2. Below the round-off
+                // floor (a few ulps of |x|² + |y|²) the value carries no information, so it
+                // is taken as exactly 0, with a zero gradient, as `torch.cdist` gives.
+                let floor = (norms * (8.0 * dtype_epsilon(x.dtype())))?;
+                let informative = d2.gt(&floor)?.to_dtype(x.dtype())?;
+                ((d2 * informative)? + SQRT_EPS)?.sqrt()?
             }
-            Distance::Manhattan => x
-                .unsqueeze(1)?
-                .broadcast_sub(&y.unsqueeze(0)?)?
-                .abs()?
-                .sum(D::Minus1)?,
+            Distance::Manhattan => {
+                abs_zero_subgradient(&x.unsqueeze(1)?.broadcast_sub(&y.unsqueeze(0)?)?)?
+                    .sum(D::Minus1)?
+            }
         })
     }
 
@@ -99,6 +107,26 @@ impl Distance {
                 (self.distance_matrix(x, Some(y))? + 1.0)?.recip()?
             }
         })
+    }
+}
+
+/// `|v|` whose gradient at `v = 0` is 0 (Candle's `abs` uses +1 there): equal coordinates
+/// of two embeddings then pull neither way, which keeps the gradient of a symmetric
+/// distance symmetric (and equal to `torch`'s).
+fn abs_zero_subgradient(v: &Tensor) -> Result<Tensor> {
+    let zero = v.zeros_like()?;
+    let sign = (v.gt(&zero)?.to_dtype(v.dtype())? - v.lt(&zero)?.to_dtype(v.dtype())?)?;
+    Ok((v * sign)?)
+}
+
+/// The machine epsilon of a float dtype.
+fn dtype_epsilon(dtype: candle_core::DType) -> f64 {
+    use candle_core::DType;
+    match dtype {
+        DType::F64 => f64::EPSILON,
+        DType::F16 => 9.77e-4,
+        DType::BF16 => 7.81e-3,
+        _ => f64::from(f32::EPSILON),
     }
 }
 

@@ -73,7 +73,11 @@ pub mod prelude {
         Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
     };
     pub use crate::head::{Head, SkipConnectionHead};
-    pub use crate::loss::{MemoryLoss, MultipleNegativesRankingLoss, SimilarityLoss};
+    pub use crate::loss::{
+        ArcFaceLoss, CenterLoss, CircleLoss, CombinedLoss, ContrastiveLoss, CosFaceLoss,
+        FastAPLoss, MemoryLoss, MultiSimilarityLoss, MultipleNegativesRankingLoss,
+        OnlineContrastiveLoss, SimilarityLoss, SoftmaxLoss, SupConLoss, TripletLoss,
+    };
     pub use crate::metric::{
         Evaluator, MapAtR, MeanReciprocalRank, Metric, Ndcg, RecallAtK, Relevance,
         RetrievalPrecision, RetrievalRPrecision, RetrievalReciprocalRank,

@@ -12,16 +12,20 @@
 //! a scalar tensor. Losses with trainable parameters create them in the
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
 
+mod contrastive;
 pub mod masks;
 mod multiple_negatives_ranking;
+mod online_contrastive;
 
 use candle_core::Tensor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use contrastive::{ContrastiveLoss, ContrastiveLossConfig};
 pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
+pub use online_contrastive::{OnlineContrastiveLoss, OnlineContrastiveLossConfig, PairMining};
 
 use crate::data::{
     GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,

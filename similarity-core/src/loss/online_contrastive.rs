@@ -1,0 +1,230 @@
+//! `OnlineContrastiveLoss`: contrastive loss (Hadsell, Chopra & LeCun, 2006,
+//! <http://yann.lecun.com/exdb/publis/pdf/hadsell-chopra-lecun-06.pdf>) with the pairs
+//! mined from group labels inside the batch.
+//!
+//! With `D` the distance matrix of the batch, `P` the anchor–positive mask (same group,
+//! never the anchor itself) and `N` the anchor–negative mask (other group), see
+//! [`masks`](super::masks):
+//!
+//! ```text
+//! mining = all:   L = ½ [ Σ P⊙D / |P|  +  Σ N⊙relu(margin − D) / |N| ]
+//! mining = hard:  L = ½ [ mean_{i has a positive} max_{j∈Pᵢ} D_ij
+//!                       + mean_{i has a negative} relu(margin − min_{j∈Nᵢ} D_ij) ]
+//! ```
+//!
+//! (an empty mean or sum counts as 0). Distances are not squared, as in Quaterion.
+//! Options and defaults (Quaterion's): `margin` 0.5, `distance` cosine, `mining` hard.
+//!
+//! Against a memory bank ([`MemoryLoss`]) the batch rows are anchors and the memory rows
+//! candidates; the masks compare groups only (a memory row is never "the anchor itself").
+//!
+//! **Differences from Quaterion.**
+//! * Its negative mask is "not a positive", which includes the anchor itself: every
+//!   anchor counts its own distance (≈ 0) as a negative, so `all` adds `N` constant terms
+//!   `relu(margin − 0)` and dilutes the average, and in `hard` mode the hardest negative
+//!   of every anchor *is* the anchor. Here the anchor is never its own negative.
+//! * Its cosine distance matrix is `(1 − cos)/2`; here it is `1 − cos`, so Quaterion's
+//!   cosine loss with margin `m` is half of this formula with margin `2m`.
+//! * In `hard` mode it takes the maximum of `P⊙D` (zeros off the mask), which ignores
+//!   negative distances (dot product); here the maximum is over positives only.
+//! * Its in-place masking breaks the Euclidean backward; the masks here are arithmetic.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::contrastive::mask_offset;
+use super::{GroupKind, MemoryLoss, SimilarityLoss, masks};
+use crate::data::GroupTargets;
+use crate::distance::Distance;
+use crate::error::{Error, Result};
+use crate::nn::ParamScope;
+
+/// How [`OnlineContrastiveLoss`] picks pairs in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairMining {
+    /// Every anchor–positive and anchor–negative pair.
+    All,
+    /// Per anchor, the farthest positive and the closest negative (Quaterion's default).
+    #[default]
+    Hard,
+}
+
+/// Options of [`OnlineContrastiveLoss`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnlineContrastiveLossConfig {
+    /// Negatives are pushed to at least this distance. Default 0.5.
+    pub margin: f64,
+    /// Distance between embeddings. Default cosine.
+    pub distance: Distance,
+    /// Pair mining strategy. Default hard.
+    pub mining: PairMining,
+}
+
+impl Default for OnlineContrastiveLossConfig {
+    fn default() -> Self {
+        OnlineContrastiveLossConfig {
+            margin: 0.5,
+            distance: Distance::Cosine,
+            mining: PairMining::Hard,
+        }
+    }
+}
+
+/// Contrastive loss with in-batch pair mining; see the module docs.
+#[derive(Debug, Clone)]
+pub struct OnlineContrastiveLoss {
+    config: OnlineContrastiveLossConfig,
+}
+
+impl OnlineContrastiveLoss {
+    /// The loss of distances `d: (n, m)` with `{0, 1}` masks `pos`, `neg` of the same shape.
+    fn masked_loss(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+        let margin = self.config.margin;
+        // relu(m − D) is only read where `neg` is 1.
+        let hinge = d.neg()?.affine(1.0, margin)?.relu()?;
+        let (pos_loss, neg_loss) = match self.config.mining {
+            PairMining::All => (
+                masked_mean(&(pos * d)?.sum_all()?, &pos.sum_all()?)?,
+                masked_mean(&(neg * &hinge)?.sum_all()?, &neg.sum_all()?)?,
+            ),
+            PairMining::Hard => {
+                let offset = mask_offset(d, margin)?;
+                // Non-positives pushed below every distance, non-negatives above, so the
+                // row max / min land on a real positive / negative when the row has one.
+                let hardest_pos = (d - ((1.0 - pos)? * offset)?)?.max(1)?;
+                let hardest_neg = (d + ((1.0 - neg)? * offset)?)?.min(1)?;
+                let has_pos = pos.max(1)?;
+                let has_neg = neg.max(1)?;
+                let neg_hinge = hardest_neg.neg()?.affine(1.0, margin)?.relu()?;
+                (
+                    masked_mean(&(&has_pos * hardest_pos)?.sum_all()?, &has_pos.sum_all()?)?,
+                    masked_mean(&(&has_neg * neg_hinge)?.sum_all()?, &has_neg.sum_all()?)?,
+                )
+            }
+        };
+        Ok(((pos_loss + neg_loss)? * 0.5)?)
+    }
+}
+
+/// `total / max(count, 1)`: counts are whole numbers, so an empty set gives 0.
+fn masked_mean(total: &Tensor, count: &Tensor) -> Result<Tensor> {
+    Ok(total.div(&count.clamp(1.0, f64::MAX)?)?)
+}
+
+impl SimilarityLoss for OnlineContrastiveLoss {
+    type Kind = GroupKind;
+    type Config = OnlineContrastiveLossConfig;
+    const NAME: &'static str = "OnlineContrastiveLoss";
+
+    fn new(_embedding_size: usize, config: Self::Config, _params: &mut ParamScope) -> Result<Self> {
+        if !config.margin.is_finite() {
+            return Err(Error::invalid(
+                "OnlineContrastiveLoss option `margin`",
+                format!("must be a finite number, got {}", config.margin),
+            ));
+        }
+        Ok(OnlineContrastiveLoss { config })
+    }
+
+    fn config(&self) -> &Self::Config {
+        &self.config
+    }
+
+    fn distance(&self) -> Distance {
+        self.config.distance
+    }
+
+    fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
+        let dtype = embeddings.dtype();
+        let d = self.config.distance.distance_matrix(embeddings, None)?;
+        let pos = masks::positive_mask(&targets.groups, None, dtype)?;
+        let neg = masks::negative_mask(&targets.groups, None, dtype)?;
+        self.masked_loss(&d, &pos, &neg)
+    }
+}
+
+impl MemoryLoss for OnlineContrastiveLoss {
+    fn forward_memory(
+        &self,
+        embeddings: &Tensor,
+        groups: &Tensor,
+        memory_embeddings: &Tensor,
+        memory_groups: &Tensor,
+    ) -> Result<Tensor> {
+        let dtype = embeddings.dtype();
+        let d = self
+            .config
+            .distance
+            .distance_matrix(embeddings, Some(memory_embeddings))?;
+        let pos = masks::positive_mask(groups, Some(memory_groups), dtype)?;
+        let neg = masks::negative_mask(groups, Some(memory_groups), dtype)?;
+        self.masked_loss(&d, &pos, &neg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::scalar;
+    use crate::nn::Params;
+    use candle_core::Device;
+
+    fn loss(mining: PairMining, margin: f64) -> OnlineContrastiveLoss {
+        let cfg = OnlineContrastiveLossConfig {
+            margin,
+            mining,
+            distance: Distance::Euclidean,
+        };
+        OnlineContrastiveLoss::new(1, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+    }
+
+    #[test]
+    fn hand_computed_on_a_line() {
+        // Points 0, 1 (group 0) and 3 (group 1), Euclidean, margin 2.5.
+        let e = Tensor::new(&[[0.0f32], [1.0], [3.0]], &Device::Cpu).unwrap();
+        let t = GroupTargets {
+            groups: Tensor::new(&[0i64, 0, 1], &Device::Cpu).unwrap(),
+        };
+        // all: positives (0,1),(1,0): mean 1. Negatives (0,2),(2,0): relu(2.5−3) = 0,
+        // (1,2),(2,1): 0.5 → mean 0.25. L = ½(1 + 0.25) = 0.625.
+        let got = scalar(&loss(PairMining::All, 2.5).forward(&e, &t).unwrap());
+        assert!((got - 0.625).abs() < 1e-5, "{got}");
+        // hard: anchors 0, 1 have positive distance 1 (anchor 2 has none) → 1. Hardest
+        // negatives: 3, 2, 2 → relu: 0, 0.5, 0.5 → mean 1/3. L = ½(1 + 1/3).
+        let got = scalar(&loss(PairMining::Hard, 2.5).forward(&e, &t).unwrap());
+        assert!((got - 2.0 / 3.0).abs() < 1e-5, "{got}");
+    }
+
+    #[test]
+    fn memory_rows_are_never_the_anchor() {
+        // Memory holds a copy of the anchor: it is a positive at distance ≈ 0.
+        let e = Tensor::new(&[[0.0f32], [3.0]], &Device::Cpu).unwrap();
+        let g = Tensor::new(&[0i64, 1], &Device::Cpu).unwrap();
+        let m = Tensor::new(&[[0.0f32], [1.0]], &Device::Cpu).unwrap();
+        let mg = Tensor::new(&[0i64, 1], &Device::Cpu).unwrap();
+        // Positives (0,0): 0, (1,1): 2 → 1. Negatives (0,1): relu(2.5 − 1) = 1.5,
+        // (1,0): relu(2.5 − 3) = 0 → 0.75. L = ½(1 + 0.75) = 0.875.
+        let got = scalar(
+            &loss(PairMining::All, 2.5)
+                .forward_memory(&e, &g, &m, &mg)
+                .unwrap(),
+        );
+        assert!((got - 0.875).abs() < 1e-5, "{got}");
+    }
+
+    #[test]
+    fn mining_parses_from_snake_case() {
+        let cfg: OnlineContrastiveLossConfig =
+            serde_json::from_str(r#"{"margin": 1.0, "distance": "euclidean", "mining": "all"}"#)
+                .unwrap();
+        assert_eq!(cfg.mining, PairMining::All);
+        assert!(
+            serde_json::from_str::<OnlineContrastiveLossConfig>(
+                r#"{"margin": 1.0, "mode": "all"}"#
+            )
+            .is_err()
+        );
+    }
+}
