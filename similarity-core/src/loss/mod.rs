@@ -14,6 +14,10 @@
 
 pub mod masks;
 mod multiple_negatives_ranking;
+mod triplet;
+mod circle;
+mod fast_ap;
+mod multi_similarity;
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -22,6 +26,10 @@ use serde::de::DeserializeOwned;
 pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
+pub use triplet::{TripletLoss, TripletLossConfig, TripletMining, triplet_mask};
+pub use circle::{CircleLoss, CircleLossConfig};
+pub use fast_ap::{FastAPLoss, FastAPLossConfig};
+pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
 
 use crate::data::{
     GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,
