@@ -66,12 +66,17 @@ impl CircleLoss {
         let sd = s.detach();
         let alpha_p = sd.affine(-1.0, 1.0 + m)?.relu()?;
         let alpha_n = sd.affine(1.0, m)?.relu()?;
-        let logit_p = s.affine(1.0, -(1.0 - m))?.mul(&alpha_p)?.affine(-gamma, 0.0)?;
+        let logit_p = s
+            .affine(1.0, -(1.0 - m))?
+            .mul(&alpha_p)?
+            .affine(-gamma, 0.0)?;
         let logit_n = s.affine(1.0, -m)?.mul(&alpha_n)?.affine(gamma, 0.0)?;
         let flat = |t: &Tensor| t.flatten_all()?.unsqueeze(0);
         let lse_p = masked_logsumexp(&flat(&logit_p)?, &flat(pos)?)?;
         let lse_n = masked_logsumexp(&flat(&logit_n)?, &flat(neg)?)?;
-        softplus(&lse_p.add(&lse_n)?)?.squeeze(0).map_err(Into::into)
+        softplus(&lse_p.add(&lse_n)?)?
+            .squeeze(0)
+            .map_err(Into::into)
     }
 }
 
@@ -110,8 +115,11 @@ impl SimilarityLoss for CircleLoss {
         let n = embeddings.dim(0)?;
         let s = self.config.distance.similarity_matrix(embeddings, None)?;
         // Each unordered pair once: i < j.
-        let upper = Tensor::triu2(n, dtype, embeddings.device())?
-            .sub(&Tensor::eye(n, dtype, embeddings.device())?)?;
+        let upper = Tensor::triu2(n, dtype, embeddings.device())?.sub(&Tensor::eye(
+            n,
+            dtype,
+            embeddings.device(),
+        )?)?;
         let pos = positive_mask(&targets.groups, None, dtype)?.mul(&upper)?;
         let neg = negative_mask(&targets.groups, None, dtype)?.mul(&upper)?;
         self.loss(&s, &pos, &neg)
@@ -146,7 +154,7 @@ impl MemoryLoss for CircleLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
-        use crate::nn::Params;
+    use crate::nn::Params;
     use candle_core::{DType, Device};
 
     fn val(t: &Tensor) -> f64 {

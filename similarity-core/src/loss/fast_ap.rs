@@ -104,7 +104,10 @@ impl SimilarityLoss for FastAPLoss {
             .affine(-1.0 / delta, 1.0)?
             .relu()?;
         let hist = |mask: &Tensor| -> Result<Tensor> {
-            Ok(pulse.broadcast_mul(&mask.unsqueeze(0)?)?.sum(D::Minus1)?.t()?)
+            Ok(pulse
+                .broadcast_mul(&mask.unsqueeze(0)?)?
+                .sum(D::Minus1)?
+                .t()?)
         };
         let h_pos = hist(&pos)?; // (N, B + 1)
         let h_all = h_pos.add(&hist(&neg)?)?;
@@ -122,7 +125,7 @@ impl SimilarityLoss for FastAPLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
-        use crate::nn::Params;
+    use crate::nn::Params;
     use candle_core::{DType, Device};
 
     fn val(t: &Tensor) -> f64 {

@@ -12,24 +12,24 @@
 //! a scalar tensor. Losses with trainable parameters create them in the
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
 
-pub mod masks;
-mod multiple_negatives_ranking;
-mod triplet;
 mod circle;
 mod fast_ap;
+pub mod masks;
 mod multi_similarity;
+mod multiple_negatives_ranking;
+mod triplet;
 
 use candle_core::Tensor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use circle::{CircleLoss, CircleLossConfig};
+pub use fast_ap::{FastAPLoss, FastAPLossConfig};
+pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
 pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
 pub use triplet::{TripletLoss, TripletLossConfig, TripletMining, triplet_mask};
-pub use circle::{CircleLoss, CircleLossConfig};
-pub use fast_ap::{FastAPLoss, FastAPLossConfig};
-pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
 
 use crate::data::{
     GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,

@@ -67,7 +67,10 @@ fn log1p_sum_exp(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
     // Append a 0 logit that is always present (the "1 +").
     let zero = Tensor::zeros((x.dim(0)?, 1), x.dtype(), x.device())?;
     let one = Tensor::ones((x.dim(0)?, 1), x.dtype(), x.device())?;
-    masked_logsumexp(&Tensor::cat(&[x, &zero], 1)?, &Tensor::cat(&[mask, &one], 1)?)
+    masked_logsumexp(
+        &Tensor::cat(&[x, &zero], 1)?,
+        &Tensor::cat(&[mask, &one], 1)?,
+    )
 }
 
 impl MultiSimilarityLoss {
@@ -152,7 +155,11 @@ impl MemoryLoss for MultiSimilarityLoss {
         memory_groups: &Tensor,
     ) -> Result<Tensor> {
         check_groups("MultiSimilarityLoss", embeddings, groups)?;
-        check_groups("MultiSimilarityLoss memory", memory_embeddings, memory_groups)?;
+        check_groups(
+            "MultiSimilarityLoss memory",
+            memory_embeddings,
+            memory_groups,
+        )?;
         if memory_groups.dim(0)? == 0 {
             return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
         }
@@ -167,7 +174,7 @@ impl MemoryLoss for MultiSimilarityLoss {
 #[cfg(test)]
 mod tests {
     use super::*;
-        use crate::nn::Params;
+    use crate::nn::Params;
     use candle_core::{DType, Device};
 
     fn val(t: &Tensor) -> f64 {
@@ -192,14 +199,12 @@ mod tests {
         let neg1 = (1.0 + (b * (0.0 - l0)).exp()).ln() / b;
         let neg2 = (1.0 + 2.0 * (b * (0.0 - l0)).exp()).ln() / b;
         let expected = (2.0 * (pos + neg1) + neg2) / 3.0;
-        let got = val(
-            &loss(MultiSimilarityLossConfig {
-                epsilon: None,
-                ..Default::default()
-            })
-            .forward(&e, &t)
-            .unwrap(),
-        );
+        let got = val(&loss(MultiSimilarityLossConfig {
+            epsilon: None,
+            ..Default::default()
+        })
+        .forward(&e, &t)
+        .unwrap());
         assert!((got - expected).abs() < 1e-7, "{got} vs {expected}");
         // Mining ε = 0.1: anchor 0 keeps negative (0 > 1 − 0.1)? no; positive (1 < 0 + 0.1)?
         // no → 0. Anchor 2 has no positive → keeps nothing. The loss is 0.

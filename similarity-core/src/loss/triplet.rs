@@ -151,12 +151,7 @@ pub struct TripletLoss {
 impl TripletLoss {
     /// The loss of anchors `a` against candidates `b` (`b = None`: the batch itself, self
     /// excluded from the positives).
-    fn loss(
-        &self,
-        a: &Tensor,
-        groups_a: &Tensor,
-        b: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Tensor> {
+    fn loss(&self, a: &Tensor, groups_a: &Tensor, b: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let dtype = a.dtype();
         let d = self.config.distance.distance_matrix(a, b.map(|b| b.0))?;
         let pos = positive_mask(groups_a, b.map(|b| b.1), dtype)?;
@@ -184,10 +179,7 @@ impl TripletLoss {
         let big = big(d.dtype());
         let hardest_pos = d.mul(pos)?.add(&((pos - 1.0)? * big)?)?.max(1)?;
         let hardest_neg = d.mul(neg)?.add(&((1.0 - neg)? * big)?)?.min(1)?;
-        let valid = pos
-            .max(1)?
-            .mul(&neg.max(1)?)?
-            .detach();
+        let valid = pos.max(1)?.mul(&neg.max(1)?)?.detach();
         // Invalid anchors are zeroed before any arithmetic on their ±big values.
         let diff = hardest_pos.sub(&hardest_neg)?.mul(&valid)?;
         let per_anchor = if self.config.soft {
@@ -294,11 +286,7 @@ impl MemoryLoss for TripletLoss {
         if memory_groups.dim(0)? == 0 {
             return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
         }
-        self.loss(
-            embeddings,
-            groups,
-            Some((memory_embeddings, memory_groups)),
-        )
+        self.loss(embeddings, groups, Some((memory_embeddings, memory_groups)))
     }
 }
 
@@ -317,7 +305,7 @@ pub(super) fn check_groups(loss: &str, embeddings: &Tensor, groups: &Tensor) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-        use crate::nn::Params;
+    use crate::nn::Params;
     use candle_core::{DType, Device};
 
     fn val(t: &Tensor) -> f64 {
@@ -373,7 +361,11 @@ mod tests {
     #[test]
     fn no_usable_anchor_gives_zero() {
         let e = Tensor::new(&[[0.0f32, 1.0], [1.0, 0.0]], &Device::Cpu).unwrap();
-        for mining in [TripletMining::All, TripletMining::Hard, TripletMining::SemiHard] {
+        for mining in [
+            TripletMining::All,
+            TripletMining::Hard,
+            TripletMining::SemiHard,
+        ] {
             let l = loss(TripletLossConfig {
                 mining,
                 ..Default::default()
