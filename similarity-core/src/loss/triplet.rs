@@ -126,7 +126,8 @@ pub struct TripletLossConfig {
     /// Hard mining only: `softplus(d_ap − d_an)` instead of the margin hinge. Default false.
     pub soft: bool,
     /// Hard mining, not soft: divide `d_ap − d_an` by the batch mean of the hardest-negative
-    /// distances (against collapse). Default true, as in Quaterion.
+    /// distances (against collapse). Default true, as in Quaterion. That mean must be
+    /// positive: with dot-product distances (which can be ≤ 0) turn it off.
     pub scale_by_mean_negative: bool,
 }
 
@@ -373,6 +374,19 @@ mod tests {
             assert_eq!(val(&l.forward(&e, &targets(&[0, 1])).unwrap()), 0.0);
             assert_eq!(val(&l.forward(&e, &targets(&[0, 0])).unwrap()), 0.0);
         }
+    }
+
+    #[test]
+    fn config_serde_names() {
+        let cfg: TripletLossConfig = serde_json::from_str(
+            r#"{"margin": 1.0, "distance": "euclidean", "mining": "semi_hard",
+                "soft": false, "scale_by_mean_negative": false}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.mining, TripletMining::SemiHard);
+        assert!(
+            serde_json::from_str::<TripletLossConfig>(r#"{"margin": 1.0, "typo": 1}"#).is_err()
+        );
     }
 
     #[test]
