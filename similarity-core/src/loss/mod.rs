@@ -13,9 +13,13 @@
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
 
 mod contrastive;
+mod circle;
+mod fast_ap;
 pub mod masks;
+mod multi_similarity;
 mod multiple_negatives_ranking;
 mod online_contrastive;
+mod triplet;
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -26,6 +30,10 @@ pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
 pub use online_contrastive::{OnlineContrastiveLoss, OnlineContrastiveLossConfig, PairMining};
+pub use circle::{CircleLoss, CircleLossConfig};
+pub use fast_ap::{FastAPLoss, FastAPLossConfig};
+pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
+pub use triplet::{TripletLoss, TripletLossConfig, TripletMining, triplet_mask};
 
 use crate::data::{
     GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,

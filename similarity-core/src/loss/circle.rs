@@ -1,0 +1,192 @@
+//! `CircleLoss` (Sun et al. 2020, <https://arxiv.org/abs/2002.10857>).
+//!
+//! With `s = similarity_matrix(embeddings)`, the positive pairs `s_p` (same group, `i < j`)
+//! and negative pairs `s_n` (different groups, `i < j`) of the whole batch pooled:
+//!
+//! ```text
+//! α_p = [1 + m − s_p]_+ ,  α_n = [s_n + m]_+          (detached weights)
+//! L = softplus( logsumexp_n γ·α_n·(s_n − m) + logsumexp_p −γ·α_p·(s_p − (1 − m)) )
+//! ```
+//!
+//! Parameters and defaults (Quaterion's): `margin m = 0.25`, `scale_factor γ = 256`,
+//! `distance = cosine` (whose similarity is `cos`). A batch without a positive (or without
+//! a negative) pair gives `0`, as the empty log-sum-exp is `−∞` in the paper.
+//!
+//! **Differences from Quaterion** (0.1.35):
+//! * Quaterion's weights are `[1 + m + s_p]_+` and `[s_n − m]_+`: both signs flipped
+//!   against the paper (eq. 7, `α_p = [O_p − s_p]_+`, `α_n = [s_n − O_n]_+`, `O_p = 1 + m`,
+//!   `O_n = −m`). Here they are the paper's.
+//! * its cosine similarity matrix is `(1 + cos) / 2`; here `cos`, the paper's `s ∈ [−1, 1]`.
+//!
+//! As a [`MemoryLoss`], the pairs are every (batch, memory) pair instead of `i < j`.
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::masks::{negative_mask, positive_mask};
+use super::triplet::{check_groups, masked_logsumexp, softplus};
+use super::{GroupKind, MemoryLoss, SimilarityLoss};
+use crate::data::GroupTargets;
+use crate::distance::Distance;
+use crate::error::{Error, Result};
+use crate::nn::ParamScope;
+
+/// Options of [`CircleLoss`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircleLossConfig {
+    /// Relaxation margin `m`. Default 0.25.
+    pub margin: f64,
+    /// Scale `γ`. Default 256.
+    pub scale_factor: f64,
+    /// Distance whose similarity is used. Default cosine.
+    pub distance: Distance,
+}
+
+impl Default for CircleLossConfig {
+    fn default() -> Self {
+        CircleLossConfig {
+            margin: 0.25,
+            scale_factor: 256.0,
+            distance: Distance::Cosine,
+        }
+    }
+}
+
+/// Circle loss over the pooled pairs of a batch; see the module docs.
+#[derive(Debug, Clone)]
+pub struct CircleLoss {
+    config: CircleLossConfig,
+}
+
+impl CircleLoss {
+    /// The loss of similarities `s` with `{0, 1}` pair masks, all `(n, m)`.
+    fn loss(&self, s: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+        let (m, gamma) = (self.config.margin, self.config.scale_factor);
+        let sd = s.detach();
+        let alpha_p = sd.affine(-1.0, 1.0 + m)?.relu()?;
+        let alpha_n = sd.affine(1.0, m)?.relu()?;
+        let logit_p = s
+            .affine(1.0, -(1.0 - m))?
+            .mul(&alpha_p)?
+            .affine(-gamma, 0.0)?;
+        let logit_n = s.affine(1.0, -m)?.mul(&alpha_n)?.affine(gamma, 0.0)?;
+        let flat = |t: &Tensor| t.flatten_all()?.unsqueeze(0);
+        let lse_p = masked_logsumexp(&flat(&logit_p)?, &flat(pos)?)?;
+        let lse_n = masked_logsumexp(&flat(&logit_n)?, &flat(neg)?)?;
+        softplus(&lse_p.add(&lse_n)?)?
+            .squeeze(0)
+            .map_err(Into::into)
+    }
+}
+
+impl SimilarityLoss for CircleLoss {
+    type Kind = GroupKind;
+    type Config = CircleLossConfig;
+    const NAME: &'static str = "CircleLoss";
+
+    fn new(_embedding_size: usize, config: Self::Config, _params: &mut ParamScope) -> Result<Self> {
+        if !config.margin.is_finite() || config.margin < 0.0 {
+            return Err(Error::invalid(
+                "CircleLoss option `margin`",
+                format!("must be a finite number ≥ 0, got {}", config.margin),
+            ));
+        }
+        if !config.scale_factor.is_finite() || config.scale_factor <= 0.0 {
+            return Err(Error::invalid(
+                "CircleLoss option `scale_factor`",
+                format!("must be a positive number, got {}", config.scale_factor),
+            ));
+        }
+        Ok(CircleLoss { config })
+    }
+
+    fn config(&self) -> &Self::Config {
+        &self.config
+    }
+
+    fn distance(&self) -> Distance {
+        self.config.distance
+    }
+
+    fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
+        check_groups("CircleLoss", embeddings, &targets.groups)?;
+        let dtype = embeddings.dtype();
+        let n = embeddings.dim(0)?;
+        let s = self.config.distance.similarity_matrix(embeddings, None)?;
+        // Each unordered pair once: i < j.
+        let upper = Tensor::triu2(n, dtype, embeddings.device())?.sub(&Tensor::eye(
+            n,
+            dtype,
+            embeddings.device(),
+        )?)?;
+        let pos = positive_mask(&targets.groups, None, dtype)?.mul(&upper)?;
+        let neg = negative_mask(&targets.groups, None, dtype)?.mul(&upper)?;
+        self.loss(&s, &pos, &neg)
+    }
+}
+
+impl MemoryLoss for CircleLoss {
+    /// Every (batch, memory) pair. An empty memory gives 0.
+    fn forward_memory(
+        &self,
+        embeddings: &Tensor,
+        groups: &Tensor,
+        memory_embeddings: &Tensor,
+        memory_groups: &Tensor,
+    ) -> Result<Tensor> {
+        check_groups("CircleLoss", embeddings, groups)?;
+        check_groups("CircleLoss memory", memory_embeddings, memory_groups)?;
+        if memory_groups.dim(0)? == 0 {
+            return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
+        }
+        let dtype = embeddings.dtype();
+        let s = self
+            .config
+            .distance
+            .similarity_matrix(embeddings, Some(memory_embeddings))?;
+        let pos = positive_mask(groups, Some(memory_groups), dtype)?;
+        let neg = negative_mask(groups, Some(memory_groups), dtype)?;
+        self.loss(&s, &pos, &neg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Params;
+    use candle_core::{DType, Device};
+
+    fn val(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    fn loss(cfg: CircleLossConfig) -> CircleLoss {
+        CircleLoss::new(2, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+    }
+
+    #[test]
+    fn hand_computed_three_points() {
+        // e0 = e1 = (1, 0) (group 0), e2 = (0, 1) (group 1): one positive pair s_p = 1, two
+        // negatives s_n = 0. γ = 1, m = 0.25: α_p = 0.25, logit_p = −0.25·(1 − 0.75);
+        // α_n = 0.25, logit_n = 0.25·(0 − 0.25) twice.
+        let e = Tensor::new(&[[1.0f64, 0.0], [1.0, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let t = GroupTargets {
+            groups: Tensor::new(&[0i64, 0, 1], &Device::Cpu).unwrap(),
+        };
+        let l = loss(CircleLossConfig {
+            scale_factor: 1.0,
+            ..Default::default()
+        });
+        let lp = -0.25f64 * 0.25;
+        let ln = (2.0f64).ln() - 0.0625;
+        let expected = (1.0 + (lp + ln).exp()).ln();
+        let got = val(&l.forward(&e, &t).unwrap());
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+        // No positive pair at all → 0.
+        let t = GroupTargets {
+            groups: Tensor::new(&[0i64, 1, 2], &Device::Cpu).unwrap(),
+        };
+        assert_eq!(val(&l.forward(&e, &t).unwrap()), 0.0);
+    }
+}

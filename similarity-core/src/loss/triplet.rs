@@ -1,0 +1,407 @@
+//! `TripletLoss` (Schroff et al. 2015, FaceNet, <https://arxiv.org/abs/1503.03832>) with
+//! online triplet mining.
+//!
+//! With `d = distance_matrix(embeddings)`, anchors `a`, positives `p` (same group, not the
+//! anchor itself) and negatives `n` (another group):
+//!
+//! ```text
+//! all:        L = Σ_{valid (a,p,n)} [d_ap − d_an + m]_+  /  #{(a,p,n) : d_ap − d_an + m > 0}
+//! hard:       L = mean_a [ (d_a,p* − d_a,n*) / mean_a d_a,n* + m ]_+        (scale_by_mean_negative)
+//!             L = mean_a [ d_a,p* − d_a,n* + m ]_+                        (without it)
+//!             L = mean_a softplus(d_a,p* − d_a,n*)                        (soft; m unused)
+//!               with p* = argmax_p d_ap (hardest positive), n* = argmin_n d_an (hardest negative)
+//! semi_hard:  L = mean_{(a,p)} [ d_ap − d_a,n⁺(a,p) + m ]_+
+//!               with n⁺(a,p) = argmin { d_an : d_an > d_ap } (closest negative farther than
+//!               the positive), or the hardest negative of `a` when there is none
+//! ```
+//!
+//! Parameters and defaults (Quaterion's): `margin = 0.5`, `distance = cosine`,
+//! `mining = hard`, `soft = false`, and `scale_by_mean_negative = true` (Quaterion's trick
+//! against collapse: in non-soft hard mining the difference is divided by the batch mean of
+//! the hardest-negative distances, which makes that mode invariant to the distance scale).
+//!
+//! Anchors without a positive or without a negative are left out (of the means and of the
+//! mean hardest-negative distance); a batch with no usable anchor (or triplet) gives `0`.
+//!
+//! Memory: `hard` and `semi_hard` take `O(N²)` (`O(N·M)` against a memory); `all` builds the
+//! full `(N, N, N)` triplet tensor (`(N, M, M)` against a memory) and is the only mode that
+//! does. `semi_hard` sorts every row of the distance matrix (`arg_sort_last_dim`; on CUDA
+//! rows are limited to the kernel's block size).
+//!
+//! **Differences from Quaterion** (0.1.35):
+//! * cosine: Quaterion's cosine distance matrix is `(1 − cos) / 2`, ours `1 − cos`. So `all`
+//!   with margin `2m` here is exactly twice Quaterion's `all` with margin `m`; hard mining
+//!   with `scale_by_mean_negative` is scale-free and agrees directly; soft hard mining sees
+//!   twice the difference here.
+//! * `hard`: Quaterion counts anchors without a positive (as if their hardest positive were
+//!   at distance 0) and masks with `0` / the row maximum, which is wrong for dot-product
+//!   distances (they can be negative). Here masking is exact and such anchors are left out.
+//! * `semi_hard`: Quaterion compares every positive pair of the batch with every negative
+//!   pair of the batch (not per anchor, self-distances counted as positives) and clamps each
+//!   term to `[0, m]`. Here it is FaceNet's per-anchor semi-hard mining described above.
+//! * memory (XBM) with `all`: Quaterion returns the constant `0`; here it is the real
+//!   all-triplets loss with batch anchors and memory positives and negatives.
+
+use candle_core::{D, DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::masks::{negative_mask, positive_mask};
+use super::{GroupKind, MemoryLoss, SimilarityLoss};
+use crate::data::GroupTargets;
+use crate::distance::Distance;
+use crate::error::{Error, Result};
+use crate::nn::ParamScope;
+
+/// A large finite value used to push masked entries out of a `max`/`min` (never `inf`, so
+/// no NaN reaches a gradient).
+pub(super) fn big(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 6.0e4,
+        _ => 1.0e30,
+    }
+}
+
+/// `softplus(x) = ln(1 + eˣ)`, computed stably as `relu(x) + ln(1 + e^{−|x|})`.
+pub(super) fn softplus(x: &Tensor) -> Result<Tensor> {
+    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    Ok(x.relu()?.add(&tail)?)
+}
+
+/// Row-wise `ln(Σ_j mask_ij · exp(x_ij))` for a `{0, 1}` mask, `(n, m)` → `(n)`, stable and
+/// NaN-free: a row with an empty mask gives about `−big`, never `−inf`.
+pub(super) fn masked_logsumexp(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let big = big(x.dtype());
+    let masked = x.mul(mask)?.add(&((mask - 1.0)? * big)?)?;
+    let max = masked.max_keepdim(D::Minus1)?.detach();
+    let sum = masked
+        .broadcast_sub(&max)?
+        .exp()?
+        .mul(mask)?
+        .sum_keepdim(D::Minus1)?;
+    // An empty row sums to 0: add the smallest normal value instead of taking ln(0).
+    let tiny = match x.dtype() {
+        DType::F64 => f64::MIN_POSITIVE,
+        _ => f32::MIN_POSITIVE as f64,
+    };
+    Ok((sum + tiny)?.log()?.add(&max)?.squeeze(D::Minus1)?)
+}
+
+/// `Σ values / max(Σ weights, 1)`: a mean over the entries that count, `0` when none do.
+pub(super) fn weighted_mean(values: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let count = weights.sum_all()?.detach().clamp(1.0, f64::MAX)?;
+    Ok(values.mul(weights)?.sum_all()?.div(&count)?)
+}
+
+/// The valid-triplet mask of a batch, `(N, N, N)` in `dtype`:
+/// `mask[a, p, n] = [g_a = g_p] ∧ [a ≠ p] ∧ [g_a ≠ g_n]` (so `a`, `p`, `n` are distinct).
+pub fn triplet_mask(groups: &Tensor, dtype: DType) -> Result<Tensor> {
+    let pos = positive_mask(groups, None, dtype)?;
+    let neg = negative_mask(groups, None, dtype)?;
+    Ok(pos.unsqueeze(2)?.broadcast_mul(&neg.unsqueeze(1)?)?)
+}
+
+/// How triplets are chosen in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TripletMining {
+    /// Every valid triplet (batch-all); builds an `(N, N, N)` tensor.
+    All,
+    /// Hardest positive and hardest negative of every anchor (batch-hard).
+    #[default]
+    Hard,
+    /// FaceNet's semi-hard negatives, per anchor–positive pair.
+    SemiHard,
+}
+
+/// Options of [`TripletLoss`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TripletLossConfig {
+    /// Margin between positive and negative distances. Default 0.5.
+    pub margin: f64,
+    /// Distance between embeddings. Default cosine (`1 − cos`).
+    pub distance: Distance,
+    /// Mining strategy. Default `hard`.
+    pub mining: TripletMining,
+    /// Hard mining only: `softplus(d_ap − d_an)` instead of the margin hinge. Default false.
+    pub soft: bool,
+    /// Hard mining, not soft: divide `d_ap − d_an` by the batch mean of the hardest-negative
+    /// distances (against collapse). Default true, as in Quaterion. That mean must be
+    /// positive: with dot-product distances (which can be ≤ 0) turn it off.
+    pub scale_by_mean_negative: bool,
+}
+
+impl Default for TripletLossConfig {
+    fn default() -> Self {
+        TripletLossConfig {
+            margin: 0.5,
+            distance: Distance::Cosine,
+            mining: TripletMining::Hard,
+            soft: false,
+            scale_by_mean_negative: true,
+        }
+    }
+}
+
+/// Triplet loss with online mining; see the module docs.
+#[derive(Debug, Clone)]
+pub struct TripletLoss {
+    config: TripletLossConfig,
+}
+
+impl TripletLoss {
+    /// The loss of anchors `a` against candidates `b` (`b = None`: the batch itself, self
+    /// excluded from the positives).
+    fn loss(&self, a: &Tensor, groups_a: &Tensor, b: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let dtype = a.dtype();
+        let d = self.config.distance.distance_matrix(a, b.map(|b| b.0))?;
+        let pos = positive_mask(groups_a, b.map(|b| b.1), dtype)?;
+        let neg = negative_mask(groups_a, b.map(|b| b.1), dtype)?;
+        match self.config.mining {
+            TripletMining::All => self.all(&d, &pos, &neg),
+            TripletMining::Hard => self.hard(&d, &pos, &neg),
+            TripletMining::SemiHard => self.semi_hard(&d, &pos, &neg),
+        }
+    }
+
+    fn all(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+        let mask = pos.unsqueeze(2)?.broadcast_mul(&neg.unsqueeze(1)?)?;
+        let t = d
+            .unsqueeze(2)?
+            .broadcast_sub(&d.unsqueeze(1)?)?
+            .affine(1.0, self.config.margin)?
+            .relu()?
+            .mul(&mask)?;
+        let active = t.gt(0.0)?.to_dtype(d.dtype())?;
+        weighted_mean(&t, &active)
+    }
+
+    fn hard(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+        let big = big(d.dtype());
+        let hardest_pos = d.mul(pos)?.add(&((pos - 1.0)? * big)?)?.max(1)?;
+        let hardest_neg = d.mul(neg)?.add(&((1.0 - neg)? * big)?)?.min(1)?;
+        let valid = pos.max(1)?.mul(&neg.max(1)?)?.detach();
+        // Invalid anchors are zeroed before any arithmetic on their ±big values.
+        let diff = hardest_pos.sub(&hardest_neg)?.mul(&valid)?;
+        let per_anchor = if self.config.soft {
+            softplus(&diff)?
+        } else if self.config.scale_by_mean_negative {
+            let mean_neg = weighted_mean(&hardest_neg.mul(&valid)?, &valid)?;
+            diff.broadcast_div(&mean_neg)?
+                .affine(1.0, self.config.margin)?
+                .relu()?
+        } else {
+            diff.affine(1.0, self.config.margin)?.relu()?
+        };
+        weighted_mean(&per_anchor, &valid)
+    }
+
+    fn semi_hard(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
+        let dtype = d.dtype();
+        let m = d.dim(1)?;
+        let big = big(dtype);
+        // Negatives of each row in ascending order (non-negatives pushed to the end).
+        let neg_d = d.mul(neg)?.add(&((1.0 - neg)? * big)?)?;
+        let order = neg_d.detach().arg_sort_last_dim(true)?;
+        let sorted_neg = neg_d.gather(&order, 1)?;
+        let n_neg = neg.sum_keepdim(1)?;
+        // c[a, j] = how many negatives of `a` come before column j in distance order.
+        let order_all = d.detach().arg_sort_last_dim(true)?;
+        let neg_in_order = neg.gather(&order_all, 1)?;
+        let before = neg_in_order.cumsum(1)?.sub(&neg_in_order)?;
+        let inverse = order_all.arg_sort_last_dim(true)?;
+        let c = before.gather(&inverse, 1)?;
+        // The first negative farther than the positive is the c-th in order, if c < n_neg.
+        let has_farther = c.broadcast_lt(&n_neg)?.to_dtype(dtype)?;
+        let last = (&n_neg - 1.0)?.clamp(0.0, (m.max(1) - 1) as f64)?;
+        let index = c
+            .broadcast_minimum(&last)?
+            .to_dtype(DType::U32)?
+            .contiguous()?;
+        let farther = sorted_neg.gather(&index, 1)?;
+        let hardest = sorted_neg.narrow(1, 0, 1)?;
+        let semi = farther
+            .mul(&has_farther)?
+            .broadcast_add(&hardest.broadcast_mul(&(1.0 - &has_farther)?)?)?;
+        let has_neg = n_neg.gt(0.0)?.to_dtype(dtype)?;
+        let valid = pos.broadcast_mul(&has_neg)?.detach();
+        let t = d
+            .sub(&semi)?
+            .mul(&valid)?
+            .affine(1.0, self.config.margin)?
+            .relu()?;
+        weighted_mean(&t, &valid)
+    }
+}
+
+impl SimilarityLoss for TripletLoss {
+    type Kind = GroupKind;
+    type Config = TripletLossConfig;
+    const NAME: &'static str = "TripletLoss";
+
+    fn new(_embedding_size: usize, config: Self::Config, _params: &mut ParamScope) -> Result<Self> {
+        if !config.margin.is_finite() || config.margin < 0.0 {
+            return Err(Error::invalid(
+                "TripletLoss option `margin`",
+                format!("must be a finite number ≥ 0, got {}", config.margin),
+            ));
+        }
+        if config.soft && config.mining != TripletMining::Hard {
+            return Err(Error::invalid(
+                "TripletLoss option `soft`",
+                format!(
+                    "only applies to mining `hard`, but mining is {:?}",
+                    config.mining
+                ),
+            ));
+        }
+        Ok(TripletLoss { config })
+    }
+
+    fn config(&self) -> &Self::Config {
+        &self.config
+    }
+
+    fn distance(&self) -> Distance {
+        self.config.distance
+    }
+
+    fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
+        check_groups("TripletLoss", embeddings, &targets.groups)?;
+        self.loss(embeddings, &targets.groups, None)
+    }
+}
+
+impl MemoryLoss for TripletLoss {
+    /// Batch anchors against memory positives and negatives, with the configured mining
+    /// (`all`: the real all-triplets loss, an `(N, M, M)` tensor). An empty memory gives 0.
+    fn forward_memory(
+        &self,
+        embeddings: &Tensor,
+        groups: &Tensor,
+        memory_embeddings: &Tensor,
+        memory_groups: &Tensor,
+    ) -> Result<Tensor> {
+        check_groups("TripletLoss", embeddings, groups)?;
+        check_groups("TripletLoss memory", memory_embeddings, memory_groups)?;
+        if memory_groups.dim(0)? == 0 {
+            return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
+        }
+        self.loss(embeddings, groups, Some((memory_embeddings, memory_groups)))
+    }
+}
+
+/// Checks `embeddings: (N, d)` against `groups: (N)`.
+pub(super) fn check_groups(loss: &str, embeddings: &Tensor, groups: &Tensor) -> Result<()> {
+    if embeddings.rank() != 2 || groups.rank() != 1 || embeddings.dim(0)? != groups.dim(0)? {
+        return Err(Error::shape(
+            format!("{loss}: embeddings (N, d) and groups (N)"),
+            format!("groups of shape {:?}", groups.dims()),
+            embeddings.dims(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Params;
+    use candle_core::{DType, Device};
+
+    fn val(t: &Tensor) -> f64 {
+        t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    fn loss(cfg: TripletLossConfig) -> TripletLoss {
+        TripletLoss::new(2, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+    }
+
+    fn targets(g: &[i64]) -> GroupTargets {
+        GroupTargets {
+            groups: Tensor::new(g, &Device::Cpu).unwrap(),
+        }
+    }
+
+    #[test]
+    fn hand_computed_one_dimension() {
+        // Points on a line, Euclidean: x = [0, 1, 3, 4], groups [0, 0, 1, 1].
+        // d = |xi − xj|. Anchor 0: p = 1 (d 1), negatives at 3, 4.
+        let e = Tensor::new(&[[0.0f64], [1.0], [3.0], [4.0]], &Device::Cpu).unwrap();
+        let t = targets(&[0, 0, 1, 1]);
+        let cfg = |mining, margin| TripletLossConfig {
+            margin,
+            mining,
+            distance: Distance::Euclidean,
+            scale_by_mean_negative: false,
+            ..Default::default()
+        };
+        // Hard, margin 2.5: anchors 0..3 have (d_p, d_n) = (1,3), (1,2), (1,2), (1,3):
+        // hinge 0.5, 1.5, 1.5, 0.5 → mean 1.
+        let l = loss(cfg(TripletMining::Hard, 2.5));
+        assert!((val(&l.forward(&e, &t).unwrap()) - 1.0).abs() < 1e-6);
+        // Semi-hard: every negative is farther than the positive and the closest one is
+        // the hard one → the same value.
+        let l = loss(cfg(TripletMining::SemiHard, 2.5));
+        assert!((val(&l.forward(&e, &t).unwrap()) - 1.0).abs() < 1e-6);
+        // All: anchor 0: 1−3+2.5 = 0.5, 1−4+2.5 < 0; anchor 1: 1.5, 0.5; anchor 2: 0.5,
+        // 1.5; anchor 3: 0.5 → sum 5 over 6 active triplets.
+        let l = loss(cfg(TripletMining::All, 2.5));
+        assert!((val(&l.forward(&e, &t).unwrap()) - 5.0 / 6.0).abs() < 1e-6);
+        // Semi-hard where the hard negative is closer than the positive: x = [0, 2, 1, 5],
+        // groups [0, 0, 1, 1], margin 0.5. Anchor 0: p at 2, negatives at 1 and 5 → the
+        // semi-hard one is 5: [2 − 5 + 0.5]_+ = 0 (hard mining would give 1.5).
+        let e2 = Tensor::new(&[[0.0f64], [2.0], [1.0], [5.0]], &Device::Cpu).unwrap();
+        let l = loss(cfg(TripletMining::SemiHard, 0.5));
+        // Anchor 1: p at 2, negatives at 1, 3 → 3: 2 − 3 + 0.5 = −0.5 → 0. Anchor 2: p at
+        // 4, negatives at 1, 1 → none farther, hardest 1: 4 − 1 + 0.5 = 3.5. Anchor 3: p at
+        // 4, negatives at 5, 3 → 5: 4 − 5 + 0.5 → 0. Mean over 4 pairs: 0.875.
+        assert!((val(&l.forward(&e2, &t).unwrap()) - 0.875).abs() < 1e-6);
+    }
+
+    #[test]
+    fn no_usable_anchor_gives_zero() {
+        let e = Tensor::new(&[[0.0f32, 1.0], [1.0, 0.0]], &Device::Cpu).unwrap();
+        for mining in [
+            TripletMining::All,
+            TripletMining::Hard,
+            TripletMining::SemiHard,
+        ] {
+            let l = loss(TripletLossConfig {
+                mining,
+                ..Default::default()
+            });
+            assert_eq!(val(&l.forward(&e, &targets(&[0, 1])).unwrap()), 0.0);
+            assert_eq!(val(&l.forward(&e, &targets(&[0, 0])).unwrap()), 0.0);
+        }
+    }
+
+    #[test]
+    fn config_serde_names() {
+        let cfg: TripletLossConfig = serde_json::from_str(
+            r#"{"margin": 1.0, "distance": "euclidean", "mining": "semi_hard",
+                "soft": false, "scale_by_mean_negative": false}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.mining, TripletMining::SemiHard);
+        assert!(
+            serde_json::from_str::<TripletLossConfig>(r#"{"margin": 1.0, "typo": 1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn soft_needs_hard_mining() {
+        let err = TripletLoss::new(
+            2,
+            TripletLossConfig {
+                soft: true,
+                mining: TripletMining::All,
+                ..Default::default()
+            },
+            &mut Params::new(&Device::Cpu, 0).scope("loss"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("soft"), "{err}");
+    }
+}
