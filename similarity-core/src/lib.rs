@@ -72,7 +72,10 @@ pub mod prelude {
         Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
     };
     pub use crate::head::{Head, SkipConnectionHead};
-    pub use crate::loss::{MemoryLoss, MultipleNegativesRankingLoss, SimilarityLoss};
+    pub use crate::loss::{
+        ArcFaceLoss, CenterLoss, CombinedLoss, CosFaceLoss, MemoryLoss,
+        MultipleNegativesRankingLoss, SimilarityLoss, SoftmaxLoss, SupConLoss,
+    };
     pub use crate::train::{ModelOptions, OptimizerConfig, TrainableModel, Trainer, TrainerConfig};
     pub use crate::trainable_model;
     pub use crate::{Device, Tensor};

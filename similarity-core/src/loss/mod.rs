@@ -12,16 +12,28 @@
 //! a scalar tensor. Losses with trainable parameters create them in the
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
 
+mod arcface;
+mod center;
+mod combined;
+mod cos_face;
 pub mod masks;
 mod multiple_negatives_ranking;
+mod softmax;
+mod supcon;
 
 use candle_core::Tensor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use arcface::{ArcFaceLoss, ArcFaceLossConfig};
+pub use center::{CenterLoss, CenterLossConfig};
+pub use combined::{CombinedLoss, CombinedLossConfig};
+pub use cos_face::{CosFaceLoss, CosFaceLossConfig};
 pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
+pub use softmax::{SoftmaxLoss, SoftmaxLossConfig};
+pub use supcon::{SupConLoss, SupConLossConfig};
 
 use crate::data::{
     GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,
