@@ -511,9 +511,81 @@ fn supcon_memory_gradient_matches_finite_differences() {
 }
 
 #[test]
-fn parity_values_helper_is_used() {
-    // The parity files' groups are valid class indices for the class losses.
+fn arcface_parity_group_ids_are_class_indices() {
+    // The edge set has 22 groups so that its ids are valid ArcFace class indices.
     let file = load("loss_arcface.json");
     let (g, _) = values(lookup(&file, "edge.groups"));
     assert!(g.iter().all(|&v| (0.0..22.0).contains(&v)));
+}
+
+// ---- in a model: the trainer optimises the losses' parameters -----------------------
+
+mod in_a_model {
+    use similarity_core::loss::{CenterLossConfig, SoftmaxLossConfig};
+    use similarity_core::prelude::*;
+
+    #[trainable_model]
+    struct TopicModel {
+        #[encoder(cache = "auto")]
+        text: HashedNgramEncoder,
+        #[head]
+        head: SkipConnectionHead,
+        #[loss(
+            first = SoftmaxLossConfig { num_groups: 3, ..Default::default() },
+            second = CenterLossConfig { num_groups: 3, ..Default::default() },
+            weights = (1.0, 0.5)
+        )]
+        loss: CombinedLoss<SoftmaxLoss, CenterLoss>,
+    }
+
+    #[test]
+    fn combined_class_loss_parameters_are_trained() {
+        let topics = [
+            [
+                "disk resize volume",
+                "disk snapshot backup",
+                "volume storage size",
+            ],
+            [
+                "price billing invoice",
+                "cost per month",
+                "billing plan price",
+            ],
+            [
+                "login password reset",
+                "account access token",
+                "password change login",
+            ],
+        ];
+        let samples: Vec<SimilarityGroupSample<String>> = topics
+            .iter()
+            .enumerate()
+            .flat_map(|(g, texts)| {
+                texts
+                    .iter()
+                    .map(move |t| SimilarityGroupSample::new(t.to_string(), g as i64))
+            })
+            .collect();
+        let mut model =
+            TopicModel::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+        let vars = model.state().params().named_vars();
+        let before: Vec<Vec<f32>> = ["loss.0.kernel", "loss.1.centers"]
+            .iter()
+            .map(|n| vars[*n].flatten_all().unwrap().to_vec1().unwrap())
+            .collect();
+        let config = TrainerConfig {
+            epochs: 2,
+            batch_size: 9,
+            progress: false,
+            ..Default::default()
+        };
+        Trainer::new(config)
+            .fit(&mut model, &samples, None)
+            .unwrap();
+        let vars = model.state().params().named_vars();
+        for (name, old) in ["loss.0.kernel", "loss.1.centers"].iter().zip(before) {
+            let new: Vec<f32> = vars[*name].flatten_all().unwrap().to_vec1().unwrap();
+            assert_ne!(new, old, "{name} was not updated by the optimiser");
+        }
+    }
 }
