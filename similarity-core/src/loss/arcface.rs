@@ -22,6 +22,11 @@
 //! grows again towards `θ = π` (the "easy margin"/threshold fallbacks of some other
 //! implementations are not applied), so the values match Quaterion's.
 //!
+//! **Difference from Quaterion** (gradients only): Quaterion differentiates `acos`, whose
+//! derivative `−1/√(1 − cos²)` is infinite when an embedding is exactly parallel or
+//! anti-parallel to a class column (`|cos θ| = 1`), giving non-finite gradients; here the
+//! floor on `sin² θ` keeps them finite there. Elsewhere values and gradients agree.
+//!
 //! The kernel is the trainable variable `kernel: (d, C)`, drawn from `N(0, 0.01²)` like
 //! Quaterion's. Group ids must be valid class indices: an id outside `[0, C)` is an error
 //! naming the id and `num_groups`. Retrieval metrics use the cosine distance.
