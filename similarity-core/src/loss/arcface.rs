@@ -198,4 +198,30 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn gradient_is_finite_when_parallel_to_a_class() {
+        let mut params = Params::new(&Device::Cpu, 0);
+        let cfg = ArcFaceLossConfig {
+            num_groups: 2,
+            ..Default::default()
+        };
+        let loss = ArcFaceLoss::new(2, cfg, &mut params.scope("loss")).unwrap();
+        params.named_vars()["loss.kernel"]
+            .set(&Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap())
+            .unwrap();
+        let x = candle_core::Var::new(&[[2.0f32, 0.0], [0.0, -1.0]], &Device::Cpu).unwrap();
+        let groups = Tensor::new(&[0i64, 0], &Device::Cpu).unwrap();
+        let out = loss
+            .forward(x.as_tensor(), &GroupTargets { groups })
+            .unwrap();
+        let grads = out.backward().unwrap();
+        for g in [
+            grads.get(&x).unwrap(),
+            grads.get(&params.named_vars()["loss.kernel"]).unwrap(),
+        ] {
+            let v = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|e| e.is_finite()), "{v:?}");
+        }
+    }
 }
