@@ -12,27 +12,39 @@
 //! a scalar tensor. Losses with trainable parameters create them in the
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
 
-mod contrastive;
+mod arcface;
+mod center;
 mod circle;
+mod combined;
+mod contrastive;
+mod cos_face;
 mod fast_ap;
 pub mod masks;
 mod multi_similarity;
 mod multiple_negatives_ranking;
 mod online_contrastive;
+mod softmax;
+mod supcon;
 mod triplet;
 
 use candle_core::Tensor;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use arcface::{ArcFaceLoss, ArcFaceLossConfig};
+pub use center::{CenterLoss, CenterLossConfig};
+pub use circle::{CircleLoss, CircleLossConfig};
+pub use combined::{CombinedLoss, CombinedLossConfig};
 pub use contrastive::{ContrastiveLoss, ContrastiveLossConfig};
+pub use cos_face::{CosFaceLoss, CosFaceLossConfig};
+pub use fast_ap::{FastAPLoss, FastAPLossConfig};
+pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
 pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
 };
 pub use online_contrastive::{OnlineContrastiveLoss, OnlineContrastiveLossConfig, PairMining};
-pub use circle::{CircleLoss, CircleLossConfig};
-pub use fast_ap::{FastAPLoss, FastAPLossConfig};
-pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
+pub use softmax::{SoftmaxLoss, SoftmaxLossConfig};
+pub use supcon::{SupConLoss, SupConLossConfig};
 pub use triplet::{TripletLoss, TripletLossConfig, TripletMining, triplet_mask};
 
 use crate::data::{
