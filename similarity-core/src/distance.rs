@@ -74,6 +74,11 @@ impl Distance {
             Distance::Cosine => (1.0 - self.similarity_matrix(x, Some(y))?)?,
             Distance::DotProduct => x.matmul(&y.t()?)?.neg()?,
             Distance::Euclidean => {
+                // Distances are translation invariant; centring on y's mean keeps |x|² and
+                // |y|² (and so the round-off floor below) at the scale of the spread of
+                // the points, not of their distance from the origin.
+                let mean = y.mean_keepdim(0)?.detach();
+                let (x, y) = (&x.broadcast_sub(&mean)?, &y.broadcast_sub(&mean)?);
                 let xx = x.sqr()?.sum_keepdim(1)?;
                 let yy = y.sqr()?.sum_keepdim(1)?.t()?;
                 let xy = x.matmul(&y.t()?)?;
