@@ -261,3 +261,127 @@ fn damaged_checkpoints_are_named() {
         .to_string();
     assert!(e.contains("no/checkpoint/state.json"), "{e}");
 }
+
+/// MNRL that turns NaN from its `nan_at`-th call on (a diverging run, on cue).
+#[derive(Debug)]
+struct NanAfter {
+    inner: similarity_core::loss::MultipleNegativesRankingLoss,
+    calls: std::sync::atomic::AtomicUsize,
+    nan_at: usize,
+}
+
+impl SimilarityLoss for NanAfter {
+    type Kind = similarity_core::loss::PairKind;
+    type Config = usize;
+    const NAME: &'static str = "NanAfter";
+
+    fn new(
+        d: usize,
+        nan_at: usize,
+        params: &mut similarity_core::nn::ParamScope,
+    ) -> similarity_core::Result<Self> {
+        let inner = SimilarityLoss::new(d, Default::default(), params)?;
+        Ok(NanAfter {
+            inner,
+            calls: Default::default(),
+            nan_at,
+        })
+    }
+    fn config(&self) -> &usize {
+        &self.nan_at
+    }
+    fn distance(&self) -> similarity_core::distance::Distance {
+        self.inner.distance()
+    }
+    fn forward(
+        &self,
+        e: &Tensor,
+        t: &similarity_core::data::PairTargets,
+    ) -> similarity_core::Result<Tensor> {
+        let loss = self.inner.forward(e, t)?;
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(if call >= self.nan_at {
+            (loss * f64::NAN)?
+        } else {
+            loss
+        })
+    }
+}
+
+#[trainable_model]
+struct Diverging {
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: NanAfter,
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let train = common::faq_pairs("train", 80); // 2 steps per epoch at batch 40
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(5);
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().to_path_buf(),
+        every_n_epochs: 0,
+        save_best: false,
+    });
+    // Training calls only (no validation): calls 0-1 are epoch 0, call 3 is epoch 1 step 1.
+    let mut m = Diverging::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    m.loss.nan_at = 3;
+    let e = Trainer::new(cfg).fit(&mut m, &train, None).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            similarity_core::Error::NonFinite {
+                epoch: 1,
+                step: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("non-finite training loss at epoch 1, step 1: NaN"),
+        "{e}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("last/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        state["trainer"]["history"].as_array().unwrap().len(),
+        1,
+        "the checkpoint of epoch 0 is intact"
+    );
+}
+
+#[test]
+fn attached_metrics_are_computed_per_batch_and_over_the_validation_set() {
+    let train = common::faq_pairs("train", 80);
+    let val = common::faq_pairs("val", 50);
+    let trainer = Trainer::new(config(2)).with_metrics(vec![
+        Box::new(RetrievalPrecision { k: 1 }),
+        Box::new(MapAtR),
+    ]);
+    let report = trainer.fit(&mut model(), &train, Some(&val)).unwrap();
+    let last = report.epochs.last().unwrap();
+    let names: Vec<&str> = last.train_metrics.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["train_retrieval_precision@1", "train_map@r"]);
+    assert!(
+        last.train_metrics
+            .iter()
+            .all(|(_, v)| (0.0..=1.0).contains(v))
+    );
+    let val_eval = last.validation.as_ref().unwrap();
+    // Over all 100 validation objects, each with its one partner relevant: P@1 here counts
+    // answers retrieving their question too, so it differs from the question→answer one.
+    let p1 = val_eval.metric("retrieval_precision@1").unwrap();
+    assert!((0.0..=1.0).contains(&p1) && val_eval.metric("map@r").is_some());
+    assert!(
+        val_eval.metric("precision@1").is_some(),
+        "the kind's own metrics stay"
+    );
+}
