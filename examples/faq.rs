@@ -12,6 +12,8 @@
 //!    ranked against all 2,159 answers; precision@1 and mean reciprocal rank.
 //! 4. Trains (batch 1024, Adam, lr 3e-3, 50 epochs), validating after each epoch, then
 //!    scores again.
+//!    Per-epoch metrics go to `target/faq-logs/` (`metrics.csv`, `metrics.jsonl`,
+//!    `curves.svg`).
 //! 5. Saves the servable model, loads it back, checks that it embeds exactly as before,
 //!    and answers three validation questions with their nearest answers.
 //!
@@ -90,6 +92,7 @@ fn main() -> Result<()> {
         epochs,
         batch_size: 1024,
         optimizer: OptimizerConfig::adam(lr),
+        logs_dir: Some(PathBuf::from("target/faq-logs")),
         ..Default::default()
     });
 

@@ -95,9 +95,12 @@ pub mod __private {
     pub use crate::encoder::{Encoder, FrozenEncoder};
     pub use crate::head::Head;
     pub use crate::loss::{LossKind, MemoryLoss, SimilarityLoss};
+    pub use crate::metric::Metric;
     pub use crate::model::{ServableReader, ServableWriter};
     pub use crate::nn::{Mode, Params};
-    pub use crate::train::{CachedRows, EncoderBatch, ModelOptions, ModelState, TrainableModel};
+    pub use crate::train::{
+        CachedRows, EncoderBatch, ModelOptions, ModelState, OptimizerConfig, TrainableModel,
+    };
     pub use crate::xbm::{Xbm, XbmConfig};
     pub use crate::{Device, Result, Tensor};
     pub use ::core::default::Default;

@@ -9,6 +9,7 @@ use crate::ctxt::Ctxt;
 /// The annotated struct.
 pub struct Model {
     pub item: ItemStruct,
+    pub options: attr::ModelOptions,
     pub fields: Vec<Field>,
 }
 
@@ -33,7 +34,7 @@ impl Field {
 
 impl Model {
     /// Parses the struct; fields that are not named are reported.
-    pub fn from_item(cx: &Ctxt, item: ItemStruct) -> Model {
+    pub fn from_item(cx: &Ctxt, item: ItemStruct, options: attr::ModelOptions) -> Model {
         let mut fields = Vec::new();
         match &item.fields {
             Fields::Named(named) => {
@@ -66,7 +67,11 @@ impl Model {
                 "#[trainable_model] needs a struct with named fields, one per encoder, head and loss",
             ),
         }
-        Model { item, fields }
+        Model {
+            item,
+            options,
+            fields,
+        }
     }
 
     pub fn encoders(&self) -> impl Iterator<Item = &Field> {
@@ -79,6 +84,12 @@ impl Model {
         self.fields
             .iter()
             .find(|f| matches!(f.role(), Some(Role::Head(_))))
+    }
+
+    pub fn metrics(&self) -> impl Iterator<Item = &Field> {
+        self.fields
+            .iter()
+            .filter(|f| matches!(f.role(), Some(Role::Metric(..))))
     }
 
     pub fn xbm(&self) -> Option<&Field> {

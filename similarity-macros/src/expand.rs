@@ -35,10 +35,8 @@ pub fn trainable_model(args: TokenStream, input: TokenStream) -> TokenStream {
         }
     };
     let cx = Ctxt::default();
-    if !args.is_empty() {
-        cx.error_spanned_by(&args, "#[trainable_model] takes no arguments");
-    }
-    let model = Model::from_item(&cx, item);
+    let options = crate::attr::parse_model_options(&cx, args);
+    let model = Model::from_item(&cx, item, options);
     validate::check(&cx, &model);
     match cx.check() {
         Ok(()) => expand(&model),
@@ -110,7 +108,10 @@ fn expand(model: &Model) -> TokenStream {
 
     // The record type, and how each encoder's input is reached from a record.
     let record_ident = format_ident!("{}Record", name);
-    let (record_ty, record_def) = if single {
+    let user_record = model.options.record.as_ref();
+    let (record_ty, record_def) = if let Some(ty) = user_record {
+        (quote!(#ty), None)
+    } else if single {
         let ty = enc_tys[0];
         (quote!(<#ty as #p::Encoder>::Input), None)
     } else {
@@ -130,15 +131,25 @@ fn expand(model: &Model) -> TokenStream {
             }),
         )
     };
-    let accessors: Vec<TokenStream> = enc_idents
+    // How each encoder's input is read from a record, as a closure and as an expression
+    // of `r`.
+    let inputs: Vec<TokenStream> = encoders
         .iter()
-        .map(|ident| {
-            if single {
-                quote!(|r: &Self::Record| r)
-            } else {
-                quote!(|r: &Self::Record| &r.#ident)
+        .map(|f| {
+            let ident = &f.ident;
+            match f.role() {
+                Some(Role::Encoder(e)) if e.input.is_some() => {
+                    let path = e.input.as_ref().expect("checked");
+                    quote_spanned!(path.span()=> #path(r))
+                }
+                _ if single && user_record.is_none() => quote!(r),
+                _ => quote!(&r.#ident),
             }
         })
+        .collect();
+    let accessors: Vec<TokenStream> = inputs
+        .iter()
+        .map(|input| quote!(|r: &Self::Record| #input))
         .collect();
 
     let cache_types: Vec<TokenStream> = encoders
@@ -159,15 +170,14 @@ fn expand(model: &Model) -> TokenStream {
     // Only cached encoders are filled; their inputs must be hashable (or have a key).
     let fills: Vec<TokenStream> = encoders
         .iter()
-        .zip(&accessors)
+        .zip(accessors.iter().zip(&inputs))
         .enumerate()
-        .filter_map(|(slot, (f, access))| {
+        .filter_map(|(slot, (f, (access, input)))| {
             let Some(Role::Encoder(e)) = f.role() else { unreachable!() };
             if e.cache.as_ref().is_none_or(|c| c.value() == "none") {
                 return None;
             }
             let ident = &f.ident;
-            let input = if single { quote!(r) } else { quote!(&r.#ident) };
             let key = match &e.key {
                 Some(path) => quote_spanned!(path.span()=> |r: &Self::Record| #p::cache_key(&#path(#input))),
                 None => quote_spanned!(f.ty.span()=> |r: &Self::Record| #p::cache_key(#input)),
@@ -225,6 +235,32 @@ fn expand(model: &Model) -> TokenStream {
             }
         }
     });
+    let metric_fields: Vec<&Field> = model.metrics().collect();
+    let metric_builds = metric_fields.iter().map(|f| {
+        let (ident, ty) = (&f.ident, &f.ty);
+        let value = config_literal(f, quote!(#ty));
+        quote!(let #ident: #ty = #value;)
+    });
+    let metric_idents: Vec<&Ident> = metric_fields.iter().map(|f| &f.ident).collect();
+    let metric_list = metric_fields.iter().map(|f| {
+        let ident = &f.ident;
+        let prog_bar = matches!(f.role(), Some(Role::Metric(_, true)));
+        quote!((&self.#ident as &dyn #p::Metric, #prog_bar))
+    });
+    let metrics_method = (!metric_fields.is_empty()).then(|| {
+        quote! {
+            fn metrics(&self) -> ::std::vec::Vec<(&dyn #p::Metric, bool)> {
+                ::std::vec![#(#metric_list),*]
+            }
+        }
+    });
+    let optimizer_method = model.options.optimizer.as_ref().map(|expr| {
+        quote! {
+            fn optimizer() -> ::core::option::Option<#p::OptimizerConfig> {
+                ::core::option::Option::Some(#expr)
+            }
+        }
+    });
     let head_config = config_literal(head, quote!(<#head_ty as #p::Head>::Config));
     let loss_config = config_literal(loss, quote!(<#loss_ty as #p::SimilarityLoss>::Config));
     let slots: Vec<usize> = (0..n_encoders).collect();
@@ -278,6 +314,7 @@ fn expand(model: &Model) -> TokenStream {
                     &mut params.scope("loss"),
                 )?;
                 #xbm_build
+                #(#metric_builds)*
                 let mut state = #p::ModelState::new(params);
                 #(state.add_encoder(#enc_names, &#enc_idents, #cache_types)?;)*
                 ::core::result::Result::Ok(Self {
@@ -285,6 +322,7 @@ fn expand(model: &Model) -> TokenStream {
                     #head_ident,
                     #loss_ident,
                     #xbm_field
+                    #(#metric_idents,)*
                     __similarity: state,
                 })
             }
@@ -350,6 +388,8 @@ fn expand(model: &Model) -> TokenStream {
             }
 
             #xbm_methods
+            #metrics_method
+            #optimizer_method
         }
     }
 }
@@ -362,7 +402,8 @@ fn config_literal(field: &Field, config_ty: TokenStream) -> TokenStream {
     let options = match field.role() {
         Some(Role::Head(ComponentAttr { options }))
         | Some(Role::Loss(ComponentAttr { options }))
-        | Some(Role::Xbm(ComponentAttr { options })) => &options[..],
+        | Some(Role::Xbm(ComponentAttr { options }))
+        | Some(Role::Metric(ComponentAttr { options }, _)) => &options[..],
         _ => &[],
     };
     if options.is_empty() {
@@ -396,9 +437,17 @@ mod tests {
             let syn::Item::Struct(mut s) = item else {
                 continue;
             };
-            s.attrs.retain(|a| !a.path().is_ident("trainable_model"));
+            let at = s
+                .attrs
+                .iter()
+                .position(|a| a.path().is_ident("trainable_model"))
+                .unwrap();
+            let args = match &s.attrs.remove(at).meta {
+                syn::Meta::List(list) => list.tokens.clone(),
+                _ => proc_macro2::TokenStream::new(),
+            };
             out.extend(super::trainable_model(
-                proc_macro2::TokenStream::new(),
+                args,
                 quote::ToTokens::to_token_stream(&s),
             ));
         }
@@ -420,5 +469,15 @@ mod tests {
     #[test]
     fn mixed_model() {
         check("mixed_model");
+    }
+
+    #[test]
+    fn group_xbm_model() {
+        check("group_xbm_model");
+    }
+
+    #[test]
+    fn custom_record() {
+        check("custom_record");
     }
 }

@@ -12,6 +12,8 @@ pub fn check(cx: &Ctxt, model: &Model) {
     check_roles(cx, model);
     check_counts(cx, model);
     check_xbm(cx, model);
+    check_sizes(cx, model);
+    check_record(cx, model);
     check_cache_types(cx, model);
     check_cfg(cx, model);
 }
@@ -33,7 +35,7 @@ fn check_roles(cx: &Ctxt, model: &Model) {
             cx.error_spanned_by(
                 &f.ident,
                 format!(
-                    "field `{}` has no role: annotate it with #[encoder], #[head], #[loss] or #[xbm]",
+                    "field `{}` has no role: annotate it with #[encoder], #[head], #[loss], #[xbm] or #[metric]",
                     f.ident
                 ),
             );
@@ -110,6 +112,51 @@ fn check_xbm(cx: &Ctxt, model: &Model) {
                     "a model has at most one #[xbm] memory; `{}` is already it",
                     first.ident
                 ),
+            );
+        }
+    }
+}
+
+/// Options whose literal value must be at least 1.
+fn check_sizes(cx: &Ctxt, model: &Model) {
+    for f in &model.fields {
+        let options = match f.role() {
+            Some(Role::Xbm(c)) => &c.options,
+            Some(Role::Metric(c, _)) => &c.options,
+            _ => continue,
+        };
+        for (name, value) in options {
+            let positive = ["size", "k"].contains(&name.to_string().as_str());
+            if let syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Int(i),
+                ..
+            }) = value
+                && positive
+                && i.base10_parse::<u64>().is_ok_and(|v| v == 0)
+            {
+                cx.error_spanned_by(
+                    value,
+                    format!(
+                        "`{name}` must be at least 1: a {} of 0 cannot hold anything",
+                        if name == "size" { "memory" } else { "cut-off" }
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// `input = ...` on encoders belongs with a user record type, and only there.
+fn check_record(cx: &Ctxt, model: &Model) {
+    for f in model.encoders() {
+        let Some(Role::Encoder(e)) = f.role() else {
+            continue;
+        };
+        if let (Some(input), None) = (&e.input, &model.options.record) {
+            cx.error_spanned_by(
+                input,
+                "`input` reads an encoder's input from your own record type; declare that type \
+                 with #[trainable_model(record = YourRecord)], or remove `input`",
             );
         }
     }

@@ -31,6 +31,13 @@ pub struct Ndcg {
     pub k: usize,
 }
 
+impl Default for Ndcg {
+    /// `k = 10`.
+    fn default() -> Self {
+        Ndcg { k: 10 }
+    }
+}
+
 impl Metric for Ndcg {
     fn name(&self) -> String {
         format!("ndcg@{}", self.k)

@@ -32,6 +32,13 @@ pub struct RetrievalPrecision {
     pub k: usize,
 }
 
+impl Default for RetrievalPrecision {
+    /// `k = 1`.
+    fn default() -> Self {
+        RetrievalPrecision { k: 1 }
+    }
+}
+
 impl Metric for RetrievalPrecision {
     fn name(&self) -> String {
         format!("retrieval_precision@{}", self.k)

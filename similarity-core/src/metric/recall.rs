@@ -28,6 +28,13 @@ pub struct RecallAtK {
     pub k: usize,
 }
 
+impl Default for RecallAtK {
+    /// `k = 1`.
+    fn default() -> Self {
+        RecallAtK { k: 1 }
+    }
+}
+
 impl Metric for RecallAtK {
     fn name(&self) -> String {
         format!("recall@{}", self.k)

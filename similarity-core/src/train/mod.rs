@@ -285,17 +285,25 @@ impl Trainer {
         model: &M,
         embeddings: &Tensor,
         metas: &[<<M::Loss as SimilarityLoss>::Kind as LossKind>::Meta],
-    ) -> Result<Vec<(String, f64)>> {
-        if self.metrics.is_empty() {
+    ) -> Result<Vec<(String, f64, bool)>> {
+        // The model's #[metric]s (on the bar when flagged `prog_bar`), then the trainer's.
+        let mut metrics: Vec<(&dyn Metric, bool)> = model.metrics();
+        metrics.extend(self.metrics.iter().map(|m| (m.as_ref(), true)));
+        if metrics.is_empty() {
             return Ok(Vec::new());
         }
         let relevance = <<M::Loss as SimilarityLoss>::Kind as LossKind>::relevance(metas);
-        let metrics: Vec<&dyn Metric> = self.metrics.iter().map(|m| m.as_ref()).collect();
-        Evaluator::new(model.loss().distance()).evaluate(
+        let list: Vec<&dyn Metric> = metrics.iter().map(|(m, _)| *m).collect();
+        let values = Evaluator::new(model.loss().distance()).evaluate(
             &embeddings.detach(),
             &relevance.as_relevance(),
-            &metrics,
-        )
+            &list,
+        )?;
+        Ok(values
+            .into_iter()
+            .zip(&metrics)
+            .map(|((name, v), (_, show))| (name, v, *show))
+            .collect())
     }
 
     /// The configuration.
@@ -376,8 +384,10 @@ impl Trainer {
             drop_last: c.drop_last,
             seed: c.seed,
         };
+        // The model's own optimiser (#[trainable_model(optimizer = ...)]) wins.
+        let optimizer_config = M::optimizer().unwrap_or(c.optimizer);
         let mut optimizer = Optimizer::new(
-            c.optimizer,
+            optimizer_config,
             model.state().named_trainable_vars(),
             &c.param_groups,
         )?;
@@ -420,8 +430,8 @@ impl Trainer {
                 "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
             );
             bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
-            let (mut sum, mut count, mut lr) = (0.0, 0usize, c.optimizer.lr());
-            let mut metric_sums: Vec<(String, f64)> = Vec::new();
+            let (mut sum, mut count, mut lr) = (0.0, 0usize, optimizer_config.lr());
+            let mut metric_sums: Vec<(String, f64, bool)> = Vec::new();
             for (step, samples) in loader.batches(train.len(), epoch)?.iter().enumerate() {
                 let ids = Prepared::<M>::object_ids(samples);
                 let batch = train_data.batch(model, &ids, &mut scratch)?;
@@ -459,7 +469,7 @@ impl Trainer {
                     None => 1.0,
                 };
                 let factor = c.schedule.factor(optimizer.steps(), epoch, total_steps);
-                lr = c.optimizer.lr() * factor;
+                lr = optimizer_config.lr() * factor;
                 optimizer.step(&grads, factor, scale)?;
                 model.memory_enqueue(&embeddings.detach(), &targets)?;
                 hook(&StepOutput {
@@ -472,20 +482,22 @@ impl Trainer {
                 sum += value;
                 count += 1;
                 let mut live = format!("loss {:.4}", sum / count as f64);
-                for (i, (name, v)) in self
+                for (i, (name, v, show)) in self
                     .batch_metrics(model, &embeddings, &batch_metas)?
                     .into_iter()
                     .enumerate()
                 {
                     match metric_sums.get_mut(i) {
-                        Some((_, total)) => *total += v,
-                        None => metric_sums.push((name, v)),
+                        Some((_, total, _)) => *total += v,
+                        None => metric_sums.push((name, v, show)),
                     }
-                    live.push_str(&format!(
-                        " {} {:.4}",
-                        metric_sums[i].0,
-                        metric_sums[i].1 / count as f64
-                    ));
+                    if show {
+                        live.push_str(&format!(
+                            " {} {:.4}",
+                            metric_sums[i].0,
+                            metric_sums[i].1 / count as f64
+                        ));
+                    }
                 }
                 bar.inc(1);
                 bar.set_message(format!("{live}{last_val}"));
@@ -493,7 +505,7 @@ impl Trainer {
             let train_loss = sum / count as f64;
             let train_metrics: Vec<(String, f64)> = metric_sums
                 .into_iter()
-                .map(|(name, total)| (format!("train_{name}"), total / count as f64))
+                .map(|(name, total, _)| (format!("train_{name}"), total / count as f64))
                 .collect();
             let validation = match &val_data {
                 Some(v) => Some(self.evaluate_prepared(model, v)?),
@@ -616,7 +628,11 @@ impl Trainer {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
-        metrics.extend(self.batch_metrics(model, &embeddings, &data.metas)?);
+        metrics.extend(
+            self.batch_metrics(model, &embeddings, &data.metas)?
+                .into_iter()
+                .map(|(name, v, _)| (name, v)),
+        );
         Ok(Evaluation {
             loss: sum / count as f64,
             metrics,

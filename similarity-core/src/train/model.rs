@@ -94,6 +94,17 @@ pub trait TrainableModel: Sized + Send + Sync {
         Ok(())
     }
 
+    /// Metrics declared on the model with `#[metric]`, each with its `prog_bar` flag.
+    fn metrics(&self) -> Vec<(&dyn crate::metric::Metric, bool)> {
+        Vec::new()
+    }
+
+    /// The optimiser declared with `#[trainable_model(optimizer = ...)]`; it takes
+    /// precedence over [`TrainerConfig::optimizer`](super::TrainerConfig::optimizer).
+    fn optimizer() -> Option<super::OptimizerConfig> {
+        None
+    }
+
     /// Embeds `records` without caches (the serving path), `batch_size` at a time:
     /// `(records.len(), output_size)`.
     fn encode(&self, records: &[Self::Record], batch_size: usize) -> Result<Tensor> {

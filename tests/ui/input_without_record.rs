@@ -1,0 +1,13 @@
+use similarity_core::prelude::*;
+
+#[trainable_model(recrod = String)]
+struct Model {
+    #[encoder(cache = "auto", input = String::as_str)]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: TripletLoss,
+}
+
+fn main() {}
