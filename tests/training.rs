@@ -298,3 +298,55 @@ fn bad_inputs_are_named() {
         .to_string();
     assert!(err.contains("5 features, expected 6"), "{err}");
 }
+
+#[test]
+fn non_finite_inputs_and_bad_pairs_are_named() {
+    let trainer = Trainer::new(quiet(1, 8, 1e-3));
+    // A NaN feature in sample 1's obj_b (object 3) of the cached encoder.
+    let mut data = mixed_pairs(4);
+    data[1].obj_b.frozen[2] = f32::NAN;
+    let mut mixed = MixedModel::new(
+        Frozen(Mlp::new(6, 4, 1, Arc::default())),
+        Mlp::new(6, 3, 2, Arc::default()),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let err = trainer
+        .fit(&mut mixed, &data, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("encoder `frozen`") && err.contains("object 3") && err.contains("NaN"),
+        "{err}"
+    );
+    // The same in the trainable (uncached) encoder is caught at the batch.
+    let mut data = mixed_pairs(4);
+    data[0].obj_a.trainable[0] = f32::NAN;
+    let err = trainer
+        .fit(&mut mixed, &data, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("encoder `trainable`") && err.contains("record") && err.contains("NaN"),
+        "{err}"
+    );
+
+    // Pair indices out of range for the batch, straight into a loss.
+    let loss = MultipleNegativesRankingLoss::new(
+        2,
+        Default::default(),
+        &mut Params::new(&Device::Cpu, 0).scope("l"),
+    )
+    .unwrap();
+    let targets = similarity_core::data::PairTargets {
+        pairs: Tensor::new(&[[0u32, 1], [1, 9]], &Device::Cpu).unwrap(),
+        labels: Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap(),
+        subgroups: Tensor::new(&[0i64, 0, 0, 0], &Device::Cpu).unwrap(),
+    };
+    let e = Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap();
+    let err = loss.forward(&e, &targets).unwrap_err().to_string();
+    assert!(
+        err.contains("pair 1") && err.contains("[1, 9]") && err.contains("4 embeddings"),
+        "{err}"
+    );
+}

@@ -186,3 +186,18 @@ fn resume_restores_the_memory() {
     let groups_of = |m: &Digits| m.memory.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap();
     assert_eq!(groups_of(&full), groups_of(&resumed));
 }
+
+#[test]
+fn a_group_data_set_of_single_item_groups_is_an_error() {
+    let data: Vec<SimilarityGroupSample<String>> = (0..6)
+        .map(|i| SimilarityGroupSample::new(format!("text {i}"), i))
+        .collect();
+    let err = Trainer::new(config(1))
+        .fit(&mut model(), &data, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("training set") && err.contains("single item"),
+        "{err}"
+    );
+}

@@ -123,17 +123,19 @@ impl EncoderCache {
         mut encode: impl FnMut(&[usize]) -> Result<Tensor>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Vec<u32>> {
+        // New keys get rows after the existing ones; nothing is committed to the index
+        // until every new row is encoded, so a failed fill leaves the cache as it was.
+        let mut pending: HashMap<CacheKey, u32> = HashMap::new();
         let mut missing: Vec<usize> = Vec::new();
-        let mut next = self.index.len() as u32;
+        let base = self.index.len() as u32;
         for (pos, key) in keys.iter().enumerate() {
-            self.index.entry(*key).or_insert_with(|| {
+            if !self.index.contains_key(key) && !pending.contains_key(key) {
+                pending.insert(*key, base + missing.len() as u32);
                 missing.push(pos);
-                next += 1;
-                next - 1
-            });
+            }
         }
         if !missing.is_empty() {
-            let mut parts: Vec<Tensor> = self.rows.take().into_iter().collect();
+            let mut parts: Vec<Tensor> = self.rows.iter().cloned().collect();
             for chunk in missing.chunks(batch_size.max(1)) {
                 let emb = encode(chunk)?;
                 if emb.dims().first() != Some(&chunk.len()) || emb.rank() != 2 {
@@ -147,6 +149,7 @@ impl EncoderCache {
                 progress(chunk.len(), missing.len());
             }
             self.rows = Some(Tensor::cat(&parts, 0)?);
+            self.index.extend(pending);
         }
         Ok(keys.iter().map(|k| self.index[k]).collect())
     }

@@ -97,6 +97,7 @@ impl SimilarityLoss for ContrastiveLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &PairTargets) -> Result<Tensor> {
+        super::check_pairs(Self::NAME, embeddings, targets)?;
         let margin = self.config.margin;
         let distance = self.config.distance;
         let dtype = embeddings.dtype();

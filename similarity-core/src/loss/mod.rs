@@ -66,6 +66,11 @@ pub trait LossKind: 'static {
     /// The sample type for records of type `R`.
     type Sample<R: Send + Sync>: SimilaritySample<Record = R, Meta = Self::Meta, Targets = Self::Targets>;
 
+    /// Checks a whole data set before training (`what` names it in errors). Default: ok.
+    fn check(_metas: &[Self::Meta], _what: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Who is relevant to whom among the objects of `metas`' samples, laid out
     /// slot-major (as a batch is): the partner of a pair, the members of a group.
     fn relevance(metas: &[Self::Meta]) -> metric::OwnedRelevance;
@@ -131,6 +136,42 @@ impl LossKind for GroupKind {
         metric::OwnedRelevance::Groups(metas.iter().map(|m| m.group).collect())
     }
 
+    /// A group loss learns from pairs of items of one group: a data set where every group
+    /// has a single item teaches nothing and is an error; single-item groups next to
+    /// larger ones only serve as negatives, and are reported with `tracing::warn!`.
+    fn check(metas: &[GroupMeta], what: &str) -> Result<()> {
+        let mut sizes = std::collections::HashMap::<i64, usize>::new();
+        for m in metas {
+            *sizes.entry(m.group).or_default() += 1;
+        }
+        let singletons: Vec<i64> = sizes
+            .iter()
+            .filter(|(_, n)| **n == 1)
+            .map(|(g, _)| *g)
+            .collect();
+        if singletons.len() == sizes.len() {
+            return Err(crate::error::Error::invalid(
+                what,
+                format!(
+                    "every one of its {} groups has a single item, so no item has a positive; \
+                     a group loss needs groups of at least two items",
+                    sizes.len()
+                ),
+            ));
+        }
+        if !singletons.is_empty() {
+            let mut some = singletons.clone();
+            some.sort_unstable();
+            some.truncate(5);
+            tracing::warn!(
+                "{what}: {} of {} groups have a single item (e.g. groups {some:?}); they only serve as negatives",
+                singletons.len(),
+                sizes.len()
+            );
+        }
+        Ok(())
+    }
+
     /// Every object is a query against all the others (itself excluded); the objects of
     /// its group are relevant. Reports `precision@1` and `r_precision` over the objects
     /// whose group has at least two members.
@@ -192,6 +233,46 @@ pub trait SimilarityLoss: Sized + Send + Sync {
         embeddings: &Tensor,
         targets: &<Self::Kind as LossKind>::Targets,
     ) -> Result<Tensor>;
+}
+
+/// Checks a pair batch before a loss indexes into it: `embeddings: (n, d)`,
+/// `pairs: (P, 2)` with every index below `n`, `labels: (P)`. An error names the loss and
+/// the offending pair, instead of an index error deep inside a kernel.
+pub(crate) fn check_pairs(loss: &str, embeddings: &Tensor, targets: &PairTargets) -> Result<()> {
+    let n = embeddings.dims().first().copied().unwrap_or(0);
+    if embeddings.rank() != 2 {
+        return Err(crate::error::Error::shape(
+            format!("{loss} embeddings"),
+            "(n, d)",
+            embeddings.dims(),
+        ));
+    }
+    let p = targets.pairs.dims().first().copied().unwrap_or(0);
+    if targets.pairs.dims() != [p, 2] || targets.labels.dims() != [p] {
+        return Err(crate::error::Error::shape(
+            format!("{loss} targets"),
+            format!(
+                "pairs (P, 2) and labels (P), labels are {:?}",
+                targets.labels.dims()
+            ),
+            targets.pairs.dims(),
+        ));
+    }
+    let pairs = targets
+        .pairs
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec2::<u32>()?;
+    if let Some((i, pair)) = pairs
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.iter().any(|&j| j as usize >= n))
+    {
+        return Err(crate::error::Error::invalid(
+            format!("{loss}, pair {i}"),
+            format!("indices {pair:?} are out of range for a batch of {n} embeddings"),
+        ));
+    }
+    Ok(())
 }
 
 /// `mean_i(logsumexp(logits_i) − logits_i[target_i])` with `target_i = i`, for a square

@@ -78,6 +78,7 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &PairTargets) -> Result<Tensor> {
+        super::check_pairs(Self::NAME, embeddings, targets)?;
         let labels = targets.labels.to_vec1::<f32>()?;
         if let Some(i) = labels.iter().position(|&l| l != 1.0) {
             return Err(Error::invalid(

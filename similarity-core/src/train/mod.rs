@@ -654,6 +654,7 @@ impl Trainer {
             }
             other => other,
         })?;
+        <<M::Loss as SimilarityLoss>::Kind as LossKind>::check(&metas, what)?;
         let k = <SampleOf<M> as SimilaritySample>::OBJECTS;
         let records: Vec<&M::Record> = samples
             .iter()

@@ -266,6 +266,9 @@ impl ModelState {
         })?;
         let inputs: Vec<&E::Input> = records.iter().map(|r| input(r)).collect();
         let out = encoder.forward(&encoder.collate(&inputs, self.device())?, mode)?;
+        check_finite(&out, self.encoders[slot].name, |row| {
+            format!("record {row} of the batch")
+        })?;
         let d = encoder.embedding_size();
         if out.dims() != [inputs.len(), d] {
             return Err(Error::shape(
@@ -303,7 +306,15 @@ impl ModelState {
             batch_size,
             |positions| {
                 let inputs: Vec<&E::Input> = positions.iter().map(|&p| input(records[p])).collect();
-                encoder.forward(&encoder.collate(&inputs, &device)?, &mut Mode::Eval)
+                let out = encoder.forward(&encoder.collate(&inputs, &device)?, &mut Mode::Eval)?;
+                check_finite(&out, name, |row| {
+                    format!(
+                        "object {} of the data set (objects are in sample order: for pairs, \
+                         sample i holds objects 2i and 2i + 1)",
+                        positions[row]
+                    )
+                })?;
+                Ok(out)
             },
             |n, total| {
                 done += n;
@@ -312,6 +323,28 @@ impl ModelState {
         )?;
         rows.set(slot, out);
         Ok(())
+    }
+}
+
+/// An error naming the encoder and the object when its output holds NaN or ±∞ (every
+/// later loss would be NaN, and a cache would keep the bad rows). `object(row)` maps an
+/// output row to the object index the user knows.
+fn check_finite(out: &Tensor, encoder: &str, object: impl Fn(usize) -> String) -> Result<()> {
+    let total = out
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    if total.is_finite() {
+        return Ok(());
+    }
+    // Only on this path: find the row (a finite sum can overflow, so confirm one exists).
+    let rows = out.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+    match rows.iter().position(|r| r.iter().any(|v| !v.is_finite())) {
+        Some(row) => Err(Error::invalid(
+            format!("encoder `{encoder}`, {}", object(row)),
+            "produced NaN or infinite embeddings; check that record's input for NaN/Inf values",
+        )),
+        None => Ok(()),
     }
 }
 
