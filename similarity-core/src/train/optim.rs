@@ -308,7 +308,9 @@ impl Optimizer {
                     } else {
                         theta.clone()
                     };
-                    s.state = Some((m, v));
+                    // Detached: otherwise each step's moments keep the previous step's alive
+                    // through the op graph, and memory grows with every step.
+                    s.state = Some((m.detach(), v.detach()));
                     (base - ((m_hat / (v_hat.sqrt()? + EPS)?)? * lr)?)?
                 }
                 OptimizerConfig::Sgd {
@@ -324,7 +326,7 @@ impl Optimizer {
                             Some((b, _)) => ((b * momentum)? + &g)?,
                             None => g.clone(),
                         };
-                        s.state = Some((buf.clone(), buf.zeros_like()?));
+                        s.state = Some((buf.detach(), buf.zeros_like()?));
                         buf
                     } else {
                         g
