@@ -75,7 +75,11 @@ impl Encoder for ListingEncoder {
         inputs: &[&Listing],
         device: &Device,
     ) -> similarity_core::Result<ListingBatch> {
-        if let Some((i, l)) = inputs.iter().enumerate().find(|(_, l)| !(l.price > 0.0)) {
+        if let Some((i, l)) = inputs
+            .iter()
+            .enumerate()
+            .find(|(_, l)| l.price.is_nan() || l.price <= 0.0)
+        {
             return Err(similarity_core::Error::invalid(
                 format!("record {i} (listing {}), field `price`", l.id),
                 format!("must be a positive number of euros, got {}", l.price),
