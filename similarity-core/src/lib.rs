@@ -72,7 +72,11 @@ pub mod prelude {
     pub use crate::encoder::{
         Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
     };
-    pub use crate::head::{Head, SkipConnectionHead};
+    pub use crate::head::{
+        Activation, EmptyHead, GatedHead, Head, Layer, LinearHead, SequentialHead,
+        SkipConnectionHead, SoftmaxEmbeddingsHead, StackedProjectionHead, SwitchHead, SwitchOption,
+        WideningHead,
+    };
     pub use crate::loss::{
         ArcFaceLoss, CenterLoss, CircleLoss, CombinedLoss, ContrastiveLoss, CosFaceLoss,
         FastAPLoss, MemoryLoss, MultiSimilarityLoss, MultipleNegativesRankingLoss,

@@ -108,7 +108,14 @@ impl Head for SkipConnectionHead {
 
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         check_input(x, self.size, Self::NAME)?;
-        let mut x = dropout(x, self.config.dropout, mode)?;
+        self.transform(&dropout(x, self.config.dropout, mode)?, mode)
+    }
+}
+
+impl SkipConnectionHead {
+    /// The blocks without the input dropout (Quaterion's `transform`).
+    pub(crate) fn transform(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
+        let mut x = x.clone();
         for (fc, gates) in &self.layers {
             let branch = fc.forward(&dropout(&x, self.config.skip_dropout, mode)?)?;
             x = branch.broadcast_mul(&sigmoid(gates)?)?.add(&x)?;
