@@ -107,19 +107,37 @@ pub trait TrainableModel: Sized + Send + Sync {
 
     /// Embeds `records` without caches (the serving path), `batch_size` at a time:
     /// `(records.len(), output_size)`.
+    ///
+    /// Inputs of more than [`ENCODE_PROGRESS_MIN`] records show a progress bar on a terminal.
     fn encode(&self, records: &[Self::Record], batch_size: usize) -> Result<Tensor> {
         let refs: Vec<&Self::Record> = records.iter().collect();
+        let bar = if records.len() > ENCODE_PROGRESS_MIN {
+            let bar = indicatif::ProgressBar::new(records.len() as u64);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("encoding [{bar:30}] {pos}/{len} ({eta})")
+            {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
         let mut parts = Vec::new();
         for chunk in refs.chunks(batch_size.max(1)) {
             let batch = EncoderBatch::records(chunk, self.state().encoders());
             parts.push(self.embed(&batch, &mut Mode::Eval)?.detach());
+            bar.inc(chunk.len() as u64);
         }
+        bar.finish_and_clear();
         if parts.is_empty() {
             return Err(Error::invalid("encode", "no records to encode"));
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
 }
+
+/// [`TrainableModel::encode`] shows a progress bar above this many records.
+pub const ENCODE_PROGRESS_MIN: usize = 10_000;
 
 /// What the model needs to know about each declared encoder.
 #[derive(Debug, Clone)]
