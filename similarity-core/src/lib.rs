@@ -72,6 +72,8 @@ pub mod prelude {
     pub use crate::encoder::{
         Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
     };
+    #[cfg(feature = "transformers")]
+    pub use crate::encoder::SentenceTransformer;
     pub use crate::head::{Head, SkipConnectionHead};
     pub use crate::loss::{
         ArcFaceLoss, CenterLoss, CircleLoss, CombinedLoss, ContrastiveLoss, CosFaceLoss,
