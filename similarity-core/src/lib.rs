@@ -69,11 +69,11 @@ pub mod prelude {
     pub use crate::cache::CacheType;
     pub use crate::data::{SimilarityGroupSample, SimilarityPairSample};
     pub use crate::distance::Distance;
+    #[cfg(feature = "transformers")]
+    pub use crate::encoder::SentenceTransformer;
     pub use crate::encoder::{
         Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
     };
-    #[cfg(feature = "transformers")]
-    pub use crate::encoder::SentenceTransformer;
     pub use crate::head::{Head, SkipConnectionHead};
     pub use crate::loss::{
         ArcFaceLoss, CenterLoss, CircleLoss, CombinedLoss, ContrastiveLoss, CosFaceLoss,

@@ -238,7 +238,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result
 fn expected_weights(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
     let h = c.hidden_size;
     let mut out = vec![
-        ("embeddings.word_embeddings.weight".into(), vec![c.vocab_size, h]),
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![c.vocab_size, h],
+        ),
         (
             "embeddings.position_embeddings.weight".into(),
             vec![c.max_position_embeddings, h],
@@ -300,6 +303,7 @@ impl SentenceTransformer {
     /// An error when it is 0 or exceeds the position embeddings.
     pub fn with_max_seq_length(mut self, max_seq_length: usize) -> Result<Self> {
         check_max_len(max_seq_length, &self.config, Path::new(SBERT_CONFIG))?;
+        set_truncation(&mut self.tokenizer, max_seq_length, Path::new(TOKENIZER))?;
         self.max_seq_length = max_seq_length;
         Ok(self)
     }
@@ -500,7 +504,9 @@ impl SentenceTransformer {
                 self.tokenizer
                     .encode(*t, true)
                     .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| Error::invalid(format!("record {i}"), format!("cannot tokenize: {e}")))
+                    .map_err(|e| {
+                        Error::invalid(format!("record {i}"), format!("cannot tokenize: {e}"))
+                    })
             })
             .collect()
     }
@@ -616,6 +622,12 @@ fn build_tokenizer(json: &str, max_len: usize, path: &Path) -> Result<(Tokenizer
         .or_else(|| tok.token_to_id("[PAD]"))
         .unwrap_or(0);
     tok.with_padding(None);
+    set_truncation(&mut tok, max_len, path)?;
+    Ok((tok, pad_id))
+}
+
+/// Truncates every text to `max_len` tokens, special tokens included.
+fn set_truncation(tok: &mut Tokenizer, max_len: usize, path: &Path) -> Result<()> {
     tok.with_truncation(Some(TruncationParams {
         max_length: max_len,
         strategy: TruncationStrategy::LongestFirst,
@@ -623,7 +635,7 @@ fn build_tokenizer(json: &str, max_len: usize, path: &Path) -> Result<(Tokenizer
         direction: TruncationDirection::Right,
     }))
     .map_err(|e| Error::format(path, format!("cannot set truncation: {e}")))?;
-    Ok((tok, pad_id))
+    Ok(())
 }
 
 impl Encoder for SentenceTransformer {
@@ -733,8 +745,10 @@ impl Encoder for SentenceTransformer {
                 "type": "sentence_transformers.models.Pooling"}),
         ];
         if self.normalize {
-            modules.push(serde_json::json!({"idx": 2, "name": "2", "path": "2_Normalize",
-                "type": "sentence_transformers.models.Normalize"}));
+            modules.push(
+                serde_json::json!({"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}),
+            );
         }
         write_json(&dir.join(MODULES), &modules)?;
         write_json(
