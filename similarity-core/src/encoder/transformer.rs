@@ -353,7 +353,9 @@ impl SentenceTransformer {
         let config: BertConfig = parse_json(&path, &text)?;
         if config.hidden_size == 0
             || config.num_attention_heads == 0
-            || config.hidden_size % config.num_attention_heads != 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
         {
             return Err(Error::format(
                 &path,

@@ -201,7 +201,7 @@ mod tests {
         assert!(!fortran);
         assert_eq!(shape, vec![3, 4]);
         assert_eq!(data, values);
-        assert_eq!(bytes.len() % 64, (12 * 4) % 64);
+        assert_eq!(bytes.len() % 64, 48, "64-byte aligned header, then 12 f32");
 
         // A 1-D tensor gets numpy's one-element tuple; a transposed one is written in C
         // order of its logical layout.
