@@ -11,12 +11,16 @@
 //! directory) and load back from it with [`Encoder::load`].
 
 mod hashed;
+#[cfg(feature = "transformers")]
+pub mod transformer;
 
 use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
 pub use hashed::{HashedNgramConfig, HashedNgramEncoder};
+#[cfg(feature = "transformers")]
+pub use transformer::{SentenceTransformer, TransformerBatch};
 
 use crate::error::Result;
 use crate::nn::Mode;

@@ -15,6 +15,8 @@
 //! version, the model type and each encoder's name, type and embedding size, and names
 //! the file at fault.
 
+pub mod export;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +29,8 @@ use crate::error::{Error, Result};
 use crate::head::Head;
 use crate::loss::SimilarityLoss;
 use crate::train::ModelState;
+
+pub use export::{write_npy, write_points_jsonl};
 
 /// The version of the directory layout this library writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

