@@ -72,7 +72,7 @@ pub mod prelude {
     #[cfg(feature = "transformers")]
     pub use crate::encoder::SentenceTransformer;
     pub use crate::encoder::{
-        Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder,
+        Encoder, Frozen, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder, Route, SwitchEncoder,
     };
     pub use crate::head::{
         Activation, EmptyHead, GatedHead, Head, Layer, LinearHead, SequentialHead,

@@ -11,6 +11,7 @@
 //! directory) and load back from it with [`Encoder::load`].
 
 mod hashed;
+mod switch;
 #[cfg(feature = "transformers")]
 pub mod transformer;
 
@@ -19,6 +20,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 
 pub use hashed::{HashedNgramConfig, HashedNgramEncoder};
+pub use switch::{Route, SwitchBatch, SwitchEncoder};
 #[cfg(feature = "transformers")]
 pub use transformer::{SentenceTransformer, TransformerBatch};
 
