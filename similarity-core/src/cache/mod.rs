@@ -188,7 +188,11 @@ impl EncoderCache {
                 rows.dims(),
             ));
         }
-        self.index = keys.iter().enumerate().map(|(i, k)| (*k, i as u32)).collect();
+        self.index = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (*k, i as u32))
+            .collect();
         self.rows = Some(rows.to_device(&self.device)?);
         Ok(())
     }
@@ -313,18 +317,30 @@ mod tests {
     #[test]
     fn filled_cache_costs_at_most_1_1_of_its_rows() {
         let (u, d) = (20_000usize, 384usize);
-        let mut c = EncoderCache::new(CacheType::Cpu, &Device::Cpu).unwrap().unwrap();
+        let mut c = EncoderCache::new(CacheType::Cpu, &Device::Cpu)
+            .unwrap()
+            .unwrap();
         let keys: Vec<CacheKey> = (0..u as u64).map(|i| cache_key(&i)).collect();
         c.fill(
             &keys,
             4096,
-            |pos| Ok(Tensor::zeros((pos.len(), d), candle_core::DType::F32, &Device::Cpu)?),
+            |pos| {
+                Ok(Tensor::zeros(
+                    (pos.len(), d),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?)
+            },
             |_, _| {},
         )
         .unwrap();
         let rows = u * d * 4;
         assert_eq!(c.bytes(), rows);
-        assert!(c.memory_bytes() as f64 <= 1.1 * rows as f64, "{}", c.memory_bytes());
+        assert!(
+            c.memory_bytes() as f64 <= 1.1 * rows as f64,
+            "{}",
+            c.memory_bytes()
+        );
     }
 
     #[test]

@@ -162,7 +162,12 @@ pub fn hash_dir(dir: &Path) -> Result<u128> {
 }
 
 /// Writes `keys` (strictly increasing) and their `rows` `(u, d)` to `dir` atomically.
-pub fn save(dir: &Path, encoder: &EncoderFingerprint, keys: &[CacheKey], rows: &Tensor) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    encoder: &EncoderFingerprint,
+    keys: &[CacheKey],
+    rows: &Tensor,
+) -> Result<()> {
     let (u, d) = rows.dims2()?;
     if u != keys.len() || d != encoder.embedding_size {
         return Err(Error::shape(
@@ -193,8 +198,10 @@ pub fn save(dir: &Path, encoder: &EncoderFingerprint, keys: &[CacheKey], rows: &
     write_dir_atomically(dir, |tmp| {
         let path = tmp.join(ROWS);
         let mut f = fs::File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?;
-        std::io::Write::write_all(&mut f, &bytes).map_err(|e| Error::io("cannot write", &path, e))?;
-        f.sync_all().map_err(|e| Error::io("cannot sync", &path, e))?;
+        std::io::Write::write_all(&mut f, &bytes)
+            .map_err(|e| Error::io("cannot write", &path, e))?;
+        f.sync_all()
+            .map_err(|e| Error::io("cannot sync", &path, e))?;
         write_json(&tmp.join(FINGERPRINT), &header)
     })
 }
@@ -206,14 +213,20 @@ pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result
         return Ok(Loaded::Missing);
     }
     let raw: serde_json::Value = read_json(&header_path)?;
-    let version = raw.get("format_version").and_then(serde_json::Value::as_u64);
+    let version = raw
+        .get("format_version")
+        .and_then(serde_json::Value::as_u64);
     if version != Some(u64::from(CACHE_FORMAT_VERSION)) {
         return Ok(Loaded::Stale(format!(
             "layout version {version:?}, this library writes {CACHE_FORMAT_VERSION}"
         )));
     }
-    let header: CacheHeader = serde_json::from_value(raw)
-        .map_err(|e| Error::format(&header_path, format!("{e}; delete `{}` to rebuild", dir.display())))?;
+    let header: CacheHeader = serde_json::from_value(raw).map_err(|e| {
+        Error::format(
+            &header_path,
+            format!("{e}; delete `{}` to rebuild", dir.display()),
+        )
+    })?;
     if header.encoder != *encoder {
         return Ok(Loaded::Stale(format!(
             "written for {:?}, the model's encoder is {:?}",
@@ -221,14 +234,23 @@ pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result
         )));
     }
     let path = dir.join(ROWS);
-    let bad = |msg: String| Error::format(&path, format!("{msg}; delete `{}` to rebuild", dir.display()));
+    let bad = |msg: String| {
+        Error::format(
+            &path,
+            format!("{msg}; delete `{}` to rebuild", dir.display()),
+        )
+    };
     let (u, d) = (header.items, encoder.embedding_size);
     let expected = u
         .checked_mul(d)
         .and_then(|x| x.checked_mul(4))
         .and_then(|x| x.checked_add(u.checked_mul(16)?))
         .and_then(|x| x.checked_add(MAGIC.len()))
-        .ok_or_else(|| bad(format!("{u} items of dimension {d} overflow the address space")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "{u} items of dimension {d} overflow the address space"
+            ))
+        })?;
     let file = fs::File::open(&path).map_err(|e| Error::io("cannot open", &path, e))?;
     let actual = file
         .metadata()
@@ -245,7 +267,10 @@ pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result
         .read_to_end(&mut bytes)
         .map_err(|e| Error::io("cannot read", &path, e))?;
     if bytes.len() != expected {
-        return Err(bad(format!("changed size while being read ({} bytes)", bytes.len())));
+        return Err(bad(format!(
+            "changed size while being read ({} bytes)",
+            bytes.len()
+        )));
     }
     if format!("{:032x}", xxh3_128(&bytes)) != header.checksum {
         return Err(bad("checksum mismatch: the file is damaged".into()));
@@ -267,7 +292,10 @@ pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result
         .collect();
     drop(bytes);
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(bad(format!("row {} holds a non-finite value", i / d.max(1))));
+        return Err(bad(format!(
+            "row {} holds a non-finite value",
+            i / d.max(1)
+        )));
     }
     let rows = Tensor::from_vec(values, (u, d), &Device::Cpu)?.to_device(device)?;
     Ok(Loaded::Hit(LoadedCache { keys, rows }))
@@ -308,8 +336,14 @@ mod tests {
     fn round_trip_and_damage() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("enc");
-        assert!(matches!(load(&dir, &fp(), &Device::Cpu).unwrap(), Loaded::Missing));
-        let rows = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        assert!(matches!(
+            load(&dir, &fp(), &Device::Cpu).unwrap(),
+            Loaded::Missing
+        ));
+        let rows = Tensor::arange(0f32, 6.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         save(&dir, &fp(), &[3, 9], &rows).unwrap();
         let Loaded::Hit(c) = load(&dir, &fp(), &Device::Cpu).unwrap() else {
             panic!("hit expected")
@@ -320,7 +354,10 @@ mod tests {
             embedding_size: 4,
             ..fp()
         };
-        assert!(matches!(load(&dir, &other, &Device::Cpu).unwrap(), Loaded::Stale(_)));
+        assert!(matches!(
+            load(&dir, &other, &Device::Cpu).unwrap(),
+            Loaded::Stale(_)
+        ));
 
         // A header claiming a huge count is rejected before any allocation.
         let header_path = dir.join(FINGERPRINT);

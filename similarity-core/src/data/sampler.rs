@@ -207,7 +207,11 @@ mod tests {
     fn small_classes_are_filled_with_replacement() {
         let cls = classes(&[1, 2, 2]);
         let s = ClassBalancedSampler::new(&cls, 6, 3, 0).unwrap();
-        assert_eq!(s.steps_per_epoch(), 1, "n < batch_size still gives one batch");
+        assert_eq!(
+            s.steps_per_epoch(),
+            1,
+            "n < batch_size still gives one batch"
+        );
         let b = &s.batches(0)[0];
         assert_eq!(b.len(), 6);
         for chunk in b.chunks(3) {
@@ -233,6 +237,9 @@ mod tests {
         let one = e(4, 2, &classes(&[5]));
         assert!(one.contains("at least 2"), "{one}");
         let few = e(16, 4, &cls);
-        assert!(few.contains("4 distinct classes") && few.contains("only 3"), "{few}");
+        assert!(
+            few.contains("4 distinct classes") && few.contains("only 3"),
+            "{few}"
+        );
     }
 }

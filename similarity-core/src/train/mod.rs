@@ -383,7 +383,13 @@ impl Trainer {
         train: &[SampleOf<M>],
         val: Option<&[SampleOf<M>]>,
     ) -> Result<FitReport> {
-        self.run(model, TrainSource::Slice(train), val, Some(checkpoint), &mut |_| {})
+        self.run(
+            model,
+            TrainSource::Slice(train),
+            val,
+            Some(checkpoint),
+            &mut |_| {},
+        )
     }
 
     fn run<M: TrainableModel>(
@@ -750,12 +756,12 @@ impl Trainer {
                 .take(chunk_size)
                 .collect::<Result<_>>()
                 .map_err(|e| match e {
-                    Error::InvalidInput { location, message } => Error::invalid(
-                        format!("{what}, after sample {}: {location}", metas.len()),
-                        message,
-                    ),
-                    other => other,
-                })?;
+                Error::InvalidInput { location, message } => Error::invalid(
+                    format!("{what}, after sample {}: {location}", metas.len()),
+                    message,
+                ),
+                other => other,
+            })?;
             if chunk.is_empty() {
                 break;
             }
@@ -772,11 +778,8 @@ impl Trainer {
                 .iter()
                 .flat_map(|s| (0..k).map(move |slot| s.object(slot)))
                 .collect();
-            let chunk_rows = model.fill_caches(
-                &records,
-                chunk_size,
-                &mut |name, _, _| bar.set_prefix(name),
-            )?;
+            let chunk_rows =
+                model.fill_caches(&records, chunk_size, &mut |name, _, _| bar.set_prefix(name))?;
             bar.inc(records.len() as u64);
             let keep_records = *keep.get_or_insert(chunk_rows.needs_records());
             rows.append(chunk_rows);

@@ -169,7 +169,10 @@ impl ModelState {
     /// matches, and the keys every fill asks for are recorded. See
     /// [`cache::store`](crate::cache::store) for the rules.
     pub fn begin_cache_store(&self, dir: &Path) {
-        *self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Session {
+        *self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Session {
             dir: dir.to_path_buf(),
             slots: Vec::new(),
         });
