@@ -78,7 +78,7 @@ impl ClassBalancedSampler {
         if m == 0 {
             return Err(Error::invalid(WHERE, "m must be at least 1"));
         }
-        if batch_size == 0 || batch_size % m != 0 {
+        if batch_size == 0 || !batch_size.is_multiple_of(m) {
             return Err(Error::invalid(
                 WHERE,
                 format!(
