@@ -218,54 +218,74 @@ impl EncoderCache {
             });
         }
         if !missing.is_empty() {
-            let check = |emb: &Tensor, n: usize, d: Option<usize>| -> Result<()> {
-                if emb.rank() != 2 || emb.dims()[0] != n || d.is_some_and(|d| emb.dims()[1] != d) {
-                    return Err(Error::shape(
-                        "encoder output while filling the cache",
-                        format!("({n}, {})", d.map_or("d".into(), |d| d.to_string())),
-                        emb.dims(),
-                    ));
-                }
-                Ok(())
-            };
-            let mut d = self.dim();
-            if self.device.is_cpu() {
-                // One buffer for every row: it becomes the tensor without a copy.
-                let mut buf: Vec<f32> = match self.rows.take() {
-                    Some(old) => old.flatten_all()?.to_vec1::<f32>()?,
-                    None => Vec::new(),
-                };
-                for chunk in missing.chunks(batch_size.max(1)) {
-                    let emb = encode(chunk)?;
-                    check(&emb, chunk.len(), d)?;
-                    if d.is_none() {
-                        d = Some(emb.dims()[1]);
-                        buf.reserve_exact(missing.len() * emb.dims()[1]);
+            match self.encode_rows(&missing, batch_size, &mut encode, &mut progress) {
+                Ok(rows) => self.rows = Some(rows),
+                Err(e) => {
+                    // Leave the cache as it was: drop the keys that never got rows.
+                    for &pos in &missing {
+                        self.index.remove(&keys[pos]);
                     }
-                    buf.extend(
-                        emb.detach()
-                            .to_dtype(candle_core::DType::F32)?
-                            .flatten_all()?
-                            .to_vec1::<f32>()?,
-                    );
-                    progress(chunk.len(), missing.len());
+                    return Err(e);
                 }
-                let d = d.unwrap_or(0);
-                let n = buf.len().checked_div(d).unwrap_or(0);
-                self.rows = Some(Tensor::from_vec(buf, (n, d), &self.device)?);
-            } else {
-                let mut parts: Vec<Tensor> = self.rows.take().into_iter().collect();
-                for chunk in missing.chunks(batch_size.max(1)) {
-                    let emb = encode(chunk)?;
-                    check(&emb, chunk.len(), d)?;
-                    d = Some(emb.dims()[1]);
-                    parts.push(emb.detach().to_device(&self.device)?);
-                    progress(chunk.len(), missing.len());
-                }
-                self.rows = Some(Tensor::cat(&parts, 0)?);
             }
         }
         Ok(keys.iter().map(|k| self.index[k]).collect())
+    }
+
+    /// The current rows followed by the embeddings of `missing`, `(len + missing, d)`.
+    fn encode_rows(
+        &self,
+        missing: &[usize],
+        batch_size: usize,
+        encode: &mut impl FnMut(&[usize]) -> Result<Tensor>,
+        progress: &mut impl FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let check = |emb: &Tensor, n: usize, d: Option<usize>| -> Result<()> {
+            if emb.rank() != 2 || emb.dims()[0] != n || d.is_some_and(|d| emb.dims()[1] != d) {
+                return Err(Error::shape(
+                    "encoder output while filling the cache",
+                    format!("({n}, {})", d.map_or("d".into(), |d| d.to_string())),
+                    emb.dims(),
+                ));
+            }
+            Ok(())
+        };
+        let mut d = self.dim();
+        if self.device.is_cpu() {
+            // One buffer for every row: it becomes the tensor without a copy.
+            let mut buf: Vec<f32> = match &self.rows {
+                Some(old) => old.flatten_all()?.to_vec1::<f32>()?,
+                None => Vec::new(),
+            };
+            for chunk in missing.chunks(batch_size.max(1)) {
+                let emb = encode(chunk)?;
+                check(&emb, chunk.len(), d)?;
+                if d.is_none() {
+                    d = Some(emb.dims()[1]);
+                    buf.reserve_exact(missing.len() * emb.dims()[1]);
+                }
+                buf.extend(
+                    emb.detach()
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+                progress(chunk.len(), missing.len());
+            }
+            let d = d.unwrap_or(0);
+            let n = buf.len().checked_div(d).unwrap_or(0);
+            Ok(Tensor::from_vec(buf, (n, d), &self.device)?)
+        } else {
+            let mut parts: Vec<Tensor> = self.rows.iter().cloned().collect();
+            for chunk in missing.chunks(batch_size.max(1)) {
+                let emb = encode(chunk)?;
+                check(&emb, chunk.len(), d)?;
+                d = Some(emb.dims()[1]);
+                parts.push(emb.detach().to_device(&self.device)?);
+                progress(chunk.len(), missing.len());
+            }
+            Ok(Tensor::cat(&parts, 0)?)
+        }
     }
 
     /// The embeddings of `rows` (`u32` row ids on any device), on `device`: `(len, d)`.
@@ -391,6 +411,39 @@ mod tests {
             )
             .unwrap();
         assert_eq!((rows, calls, c.len()), (vec![2, 3], 1, 4));
+    }
+
+    #[test]
+    fn a_failed_fill_leaves_the_cache_unchanged() {
+        let mut c = EncoderCache::new(CacheType::Cpu, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let one = |pos: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::ones(
+                (pos.len(), 2),
+                candle_core::DType::F32,
+                &Device::Cpu,
+            )?)
+        };
+        c.fill(&[1, 2], 8, one, |_, _| {}).unwrap();
+        let mut calls = 0;
+        let e = c.fill(
+            &[2, 3, 4],
+            1,
+            |pos| {
+                calls += 1;
+                if calls == 2 {
+                    Err(Error::invalid("record 4", "cannot collate"))
+                } else {
+                    one(pos)
+                }
+            },
+            |_, _| {},
+        );
+        assert!(e.unwrap_err().to_string().contains("record 4"));
+        assert_eq!((c.len(), c.bytes()), (2, 16));
+        assert!(!c.contains(&3) && c.contains(&2));
+        assert_eq!(c.fill(&[3], 8, one, |_, _| {}).unwrap(), vec![2]);
     }
 
     #[test]

@@ -430,9 +430,11 @@ impl Trainer {
                 .transpose()?;
             Ok::<_, Error>((train_data, val_data))
         })();
-        let stored = model.state().finish_cache_store();
+        if prepared.is_err() {
+            model.state().cancel_cache_store();
+        }
         let (train_data, val_data) = prepared?;
-        for (encoder, encoded) in stored? {
+        for (encoder, encoded) in model.state().finish_cache_store()? {
             tracing::info!(encoder, encoded, "embedding cache prepared");
         }
         let cache_seconds = started.elapsed().as_secs_f64();

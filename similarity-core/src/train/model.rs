@@ -178,6 +178,14 @@ impl ModelState {
         });
     }
 
+    /// Closes the session without writing anything (preparation failed).
+    pub fn cancel_cache_store(&self) {
+        *self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
     /// Closes the session and writes back each cache the session touched whose content
     /// differs from its file (something was encoded, or the run's key set is not the
     /// file's): exactly the keys the run asked for, atomically. Returns, per encoder
