@@ -16,8 +16,8 @@
 //!
 //! A row is a pure function of (encoder, object key). A file is used only when its
 //! *encoder fingerprint* matches exactly: same type name, same embedding size and same
-//! [`Encoder::fingerprint`](crate::encoder::Encoder::fingerprint) (by default a hash of
-//! everything [`Encoder::save`](crate::encoder::Encoder::save) writes: config and
+//! [`Encoder::fingerprint`] (by default a hash of
+//! everything [`Encoder::save`] writes: config and
 //! weights). Otherwise the file is *stale*: a warning is logged and every object is
 //! encoded again.
 //!

@@ -1,36 +1,4 @@
-//! Class-balanced batches for group losses (P×M sampling).
-//!
-//! Group losses (triplet, multi-similarity, SupCon, …) only learn from anchors that have
-//! a positive in the batch. A uniformly shuffled batch of `B` items drawn from `C`
-//! classes holds, for large `C`, mostly singletons. A [`ClassBalancedSampler`] instead
-//! builds every batch from `P = batch_size / m` distinct classes with `m` items each, so
-//! every anchor has `m − 1` positives and `(P − 1)·m` negatives.
-//!
-//! # What an epoch is
-//!
-//! An epoch has `max(1, ⌊n / batch_size⌋)` batches, all of exactly `batch_size` items,
-//! so it sees about as many items as one pass of the plain loader with `drop_last`
-//! (`drop_last` has no meaning here: there is never a partial batch).
-//!
-//! * **Classes** are visited in a shuffled cyclic order: the class list is shuffled,
-//!   consumed `P` at a time, and reshuffled when fewer than `P` remain. The classes of
-//!   one batch are therefore distinct, and over an epoch every class is drawn about
-//!   `steps · P / C` times.
-//! * **Items of a class with at least `m` items** come from a shuffled per-class queue,
-//!   `m` at a time, without replacement; when fewer than `m` remain the class is
-//!   reshuffled (the leftover items wait for the next cycle). The `m` items of a batch
-//!   are distinct.
-//! * **Items of a class with fewer than `m` items** (`k < m`): all `k` are taken, and
-//!   the other `m − k` slots are drawn uniformly *with replacement* from the same `k`.
-//!   The batch then holds an object twice; a duplicate is a positive at distance 0,
-//!   which contributes no gradient to margin losses and is harmless to the others. A
-//!   class of one item thus gives an anchor whose only positive is itself.
-//!
-//! # Determinism
-//!
-//! Epoch `e`'s batches come from a generator seeded with `(seed, e)` and fresh queues,
-//! so they depend only on `(seed, e)` and the classes: a resumed run sees the same
-//! batches as an uninterrupted one, as with the [`DataLoader`](super::DataLoader).
+//! Class-balanced batches for group losses (P×M sampling): see [`ClassBalancedSampler`].
 
 use std::collections::BTreeMap;
 
@@ -57,9 +25,39 @@ pub enum Sampler {
     },
 }
 
-/// Builds class-balanced batches over samples with known classes; see the
-/// [module docs](self) for the exact sampling rules.
-#[derive(Debug, Clone)]
+/// Builds class-balanced batches for group losses (P×M sampling).
+///
+/// Group losses (triplet, multi-similarity, SupCon, …) only learn from anchors that have
+/// a positive in the batch. A uniformly shuffled batch of `B` items drawn from `C`
+/// classes holds, for large `C`, mostly singletons. A [`ClassBalancedSampler`] instead
+/// builds every batch from `P = batch_size / m` distinct classes with `m` items each, so
+/// every anchor has `m − 1` positives and `(P − 1)·m` negatives.
+///
+/// # What an epoch is
+///
+/// An epoch has `max(1, ⌊n / batch_size⌋)` batches, all of exactly `batch_size` items,
+/// so it sees about as many items as one pass of the plain loader with `drop_last`
+/// (`drop_last` has no meaning here: there is never a partial batch).
+///
+/// * **Classes** are visited in a shuffled cyclic order: the class list is shuffled,
+///   consumed `P` at a time, and reshuffled when fewer than `P` remain. The classes of
+///   one batch are therefore distinct, and over an epoch every class is drawn about
+///   `steps · P / C` times.
+/// * **Items of a class with at least `m` items** come from a shuffled per-class queue,
+///   `m` at a time, without replacement; when fewer than `m` remain the class is
+///   reshuffled (the leftover items wait for the next cycle). The `m` items of a batch
+///   are distinct.
+/// * **Items of a class with fewer than `m` items** (`k < m`): all `k` are taken, and
+///   the other `m − k` slots are drawn uniformly *with replacement* from the same `k`.
+///   The batch then holds an object twice; a duplicate is a positive at distance 0,
+///   which contributes no gradient to margin losses and is harmless to the others. A
+///   class of one item thus gives an anchor whose only positive is itself.
+///
+/// # Determinism
+///
+/// Epoch `e`'s batches come from a generator seeded with `(seed, e)` and fresh queues,
+/// so they depend only on `(seed, e)` and the classes: a resumed run sees the same
+/// batches as an uninterrupted one, as with the [`DataLoader`](super::DataLoader).#[derive(Debug, Clone)]
 pub struct ClassBalancedSampler {
     batch_size: usize,
     m: usize,
