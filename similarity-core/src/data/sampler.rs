@@ -57,7 +57,8 @@ pub enum Sampler {
 ///
 /// Epoch `e`'s batches come from a generator seeded with `(seed, e)` and fresh queues,
 /// so they depend only on `(seed, e)` and the classes: a resumed run sees the same
-/// batches as an uninterrupted one, as with the [`DataLoader`](super::DataLoader).#[derive(Debug, Clone)]
+/// batches as an uninterrupted one, as with the [`DataLoader`](super::DataLoader).
+#[derive(Debug, Clone)]
 pub struct ClassBalancedSampler {
     batch_size: usize,
     m: usize,
