@@ -14,13 +14,19 @@
 //!
 //! A sample's targets are copied out once into a small [`SimilaritySample::Meta`] value,
 //! so that a cached epoch builds targets without touching user records.
+//!
+//! Which samples form a training batch is decided by a [`DataLoader`] (uniform shuffle)
+//! or, for group samples, a [`ClassBalancedSampler`] (`P` classes × `m` items per batch,
+//! using [`SimilaritySample::class`]); [`Sampler`] picks one in the trainer's config.
 
 mod loader;
+mod sampler;
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use loader::DataLoader;
+pub use sampler::{ClassBalancedSampler, Sampler};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +50,18 @@ pub trait SimilaritySample: Send + Sync {
 
     /// The targets of a batch of samples whose objects are laid out slot-major.
     fn targets(batch: &[Self::Meta], device: &Device) -> Result<Self::Targets>;
+
+    /// The sample's class, for class-balanced sampling: the group of a group sample,
+    /// `None` for samples without one (pairs).
+    fn class(_meta: &Self::Meta) -> Option<i64> {
+        None
+    }
+
+    /// Moves the sample's objects into `out`, in slot order (`OBJECTS` records); used to
+    /// keep the records of a streamed dataset without cloning them.
+    fn into_objects(self, out: &mut Vec<Self::Record>)
+    where
+        Self: Sized;
 }
 
 /// Two objects and how similar they are (Quaterion's `SimilarityPairSample`).
@@ -100,6 +118,11 @@ impl<R: Send + Sync> SimilaritySample for SimilarityPairSample<R> {
 
     fn object(&self, slot: usize) -> &R {
         if slot == 0 { &self.obj_a } else { &self.obj_b }
+    }
+
+    fn into_objects(self, out: &mut Vec<R>) {
+        out.push(self.obj_a);
+        out.push(self.obj_b);
     }
 
     fn meta(&self) -> Result<PairMeta> {
@@ -166,6 +189,14 @@ impl<R: Send + Sync> SimilaritySample for SimilarityGroupSample<R> {
 
     fn object(&self, _slot: usize) -> &R {
         &self.obj
+    }
+
+    fn into_objects(self, out: &mut Vec<R>) {
+        out.push(self.obj);
+    }
+
+    fn class(meta: &GroupMeta) -> Option<i64> {
+        Some(meta.group)
     }
 
     fn meta(&self) -> Result<GroupMeta> {

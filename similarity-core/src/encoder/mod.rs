@@ -56,6 +56,16 @@ pub trait Encoder: Sized + Send + Sync {
 
     /// Reads an encoder written by [`save`](Encoder::save), placing tensors on `device`.
     fn load(dir: &Path, device: &Device) -> Result<Self>;
+
+    /// A 128-bit hash of everything that determines this encoder's output (config and
+    /// weights), used to tell whether a persisted embedding cache belongs to it. The
+    /// default saves the encoder into a temporary directory and hashes the files
+    /// ([`fingerprint_by_saving`](crate::cache::store::fingerprint_by_saving)); an
+    /// encoder with large weights may override it with something cheaper that still
+    /// changes whenever its output would.
+    fn fingerprint(&self) -> Result<u128> {
+        crate::cache::store::fingerprint_by_saving(self)
+    }
 }
 
 /// Marker for encoders whose output never changes during training, so it can be cached.
@@ -108,6 +118,10 @@ impl<E: Encoder> Encoder for Frozen<E> {
 
     fn load(dir: &Path, device: &Device) -> Result<Self> {
         E::load(dir, device).map(Frozen)
+    }
+
+    fn fingerprint(&self) -> Result<u128> {
+        self.0.fingerprint()
     }
 }
 

@@ -38,7 +38,7 @@ pub use model::{
 };
 pub use optim::{LrSchedule, Optimizer, OptimizerConfig, ParamGroup};
 
-use crate::data::{DataLoader, SimilaritySample, metas};
+use crate::data::{ClassBalancedSampler, DataLoader, Sampler, SimilaritySample, metas};
 use crate::error::{Error, Result};
 use crate::loss::{LossKind, SimilarityLoss};
 use crate::metric::{Evaluator, Metric};
@@ -73,6 +73,15 @@ pub struct TrainerConfig {
     pub seed: u64,
     /// Draw progress bars on the terminal. Default true.
     pub progress: bool,
+    /// How training batches are formed. Default [`Sampler::Shuffle`];
+    /// [`Sampler::ClassBalanced`] needs group samples and ignores `drop_last`.
+    #[serde(default)]
+    pub sampler: Sampler,
+    /// Directory of persisted embedding caches (`<cache_dir>/<encoder field>/`): `fit`
+    /// loads a cache whose encoder fingerprint matches before preparing the data and
+    /// writes it back after; see [`cache::store`](crate::cache::store). Default none.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for TrainerConfig {
@@ -91,6 +100,8 @@ impl Default for TrainerConfig {
             drop_last: false,
             seed: 0,
             progress: true,
+            sampler: Sampler::Shuffle,
+            cache_dir: None,
         }
     }
 }
@@ -217,8 +228,16 @@ pub struct Trainer {
 struct Prepared<'a, M: TrainableModel> {
     metas: Vec<<<M::Loss as SimilarityLoss>::Kind as LossKind>::Meta>,
     /// Object `i · OBJECTS + s` is object `s` of sample `i`.
-    records: Vec<&'a M::Record>,
+    records: Records<'a, M::Record>,
     rows: CachedRows,
+}
+
+/// The objects of a prepared set: borrowed from a slice, owned (streamed, with an
+/// uncached encoder), or not kept (streamed, every encoder cached).
+enum Records<'a, R> {
+    Borrowed(Vec<&'a R>),
+    Owned(Vec<R>),
+    Dropped,
 }
 
 impl<'a, M: TrainableModel> Prepared<'a, M> {
@@ -231,19 +250,28 @@ impl<'a, M: TrainableModel> Prepared<'a, M> {
             .collect()
     }
 
-    fn batch<'b>(
-        &self,
+    fn batch<'b, 'r>(
+        &'r self,
         model: &M,
         ids: &[usize],
-        scratch: &'b mut Vec<&'a M::Record>,
+        scratch: &'b mut Vec<&'r M::Record>,
     ) -> Result<EncoderBatch<'b, M::Record>>
     where
-        'a: 'b,
+        'r: 'b,
     {
         let rows = self.rows.select(model.state(), ids)?;
         scratch.clear();
         if self.rows.needs_records() {
-            scratch.extend(ids.iter().map(|&i| self.records[i]));
+            match &self.records {
+                Records::Borrowed(r) => scratch.extend(ids.iter().map(|&i| r[i])),
+                Records::Owned(r) => scratch.extend(ids.iter().map(|&i| &r[i])),
+                Records::Dropped => {
+                    return Err(Error::invalid(
+                        "prepared data",
+                        "an uncached encoder needs records that were not kept",
+                    ));
+                }
+            }
         }
         Ok(EncoderBatch {
             records: self.rows.needs_records().then_some(&scratch[..]),
@@ -318,7 +346,26 @@ impl Trainer {
         train: &[SampleOf<M>],
         val: Option<&[SampleOf<M>]>,
     ) -> Result<FitReport> {
-        self.run(model, train, val, None, &mut |_| {})
+        self.run(model, TrainSource::Slice(train), val, None, &mut |_| {})
+    }
+
+    /// [`fit`](Self::fit) on training samples streamed from an iterator (e.g. parsed
+    /// line by line from a large JSONL file; an `Err` item stops the fit with that
+    /// error, so a reader can report the line at fault). The iterator is consumed once,
+    /// before the first epoch, `cache_batch_size` samples at a time: each chunk's
+    /// objects are encoded into the caches and only the samples' targets and cache rows
+    /// are kept. When every encoder is cached the records themselves are dropped as they
+    /// stream, so memory holds the caches, not the data; a model with an uncached
+    /// (trainable) encoder must run it on the records every epoch, so their objects are
+    /// kept (moved, not cloned) for the whole fit.
+    pub fn fit_iter<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        train: impl IntoIterator<Item = Result<SampleOf<M>>>,
+        val: Option<&[SampleOf<M>]>,
+    ) -> Result<FitReport> {
+        let mut iter = train.into_iter();
+        self.run(model, TrainSource::Iter(&mut iter), val, None, &mut |_| {})
     }
 
     /// [`fit`](Self::fit), calling `hook` after every training step with the batch's
@@ -330,7 +377,7 @@ impl Trainer {
         val: Option<&[SampleOf<M>]>,
         hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
     ) -> Result<FitReport> {
-        self.run(model, train, val, None, hook)
+        self.run(model, TrainSource::Slice(train), val, None, hook)
     }
 
     /// Continues a run from a checkpoint directory written by this trainer (see
@@ -344,13 +391,19 @@ impl Trainer {
         train: &[SampleOf<M>],
         val: Option<&[SampleOf<M>]>,
     ) -> Result<FitReport> {
-        self.run(model, train, val, Some(checkpoint), &mut |_| {})
+        self.run(
+            model,
+            TrainSource::Slice(train),
+            val,
+            Some(checkpoint),
+            &mut |_| {},
+        )
     }
 
     fn run<M: TrainableModel>(
         &self,
         model: &mut M,
-        train: &[SampleOf<M>],
+        train: TrainSource<'_, SampleOf<M>>,
         val: Option<&[SampleOf<M>]>,
         resume: Option<&Path>,
         hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
@@ -372,11 +425,32 @@ impl Trainer {
             ));
         }
         let started = Instant::now();
-        let train_data = self.prepare(model, train, "training set")?;
-        let val_data = val
-            .map(|v| self.prepare(model, v, "validation set"))
-            .transpose()?;
+        if let Some(dir) = &c.cache_dir {
+            model.state().begin_cache_store(dir);
+        }
+        let prepared = (|| {
+            let train_data = match train {
+                TrainSource::Slice(t) => self.prepare(model, t, "training set")?,
+                TrainSource::Iter(it) => self.prepare_iter(model, it, "training set")?,
+            };
+            let val_data = val
+                .map(|v| self.prepare(model, v, "validation set"))
+                .transpose()?;
+            Ok::<_, Error>((train_data, val_data))
+        })();
+        if prepared.is_err() {
+            model.state().cancel_cache_store();
+        }
+        let (train_data, val_data) = prepared?;
+        for (encoder, encoded) in model.state().finish_cache_store()? {
+            tracing::info!(encoder, encoded, "embedding cache prepared");
+        }
         let cache_seconds = started.elapsed().as_secs_f64();
+        let n_train = train_data.metas.len();
+        let balanced = match c.sampler {
+            Sampler::Shuffle => None,
+            Sampler::ClassBalanced { m } => Some(class_balanced::<M>(&train_data.metas, c, m)?),
+        };
 
         let loader = DataLoader {
             batch_size: c.batch_size,
@@ -391,7 +465,11 @@ impl Trainer {
             model.state().named_trainable_vars(),
             &c.param_groups,
         )?;
-        let steps_per_epoch = loader.batches(train.len(), 0)?.len();
+        let epoch_batches = |epoch: usize| match &balanced {
+            Some(s) => Ok(s.batches(epoch)),
+            None => loader.batches(n_train, epoch),
+        };
+        let steps_per_epoch = epoch_batches(0)?.len();
         let total_steps = c.epochs * steps_per_epoch;
         let mut report = FitReport {
             cache_seconds,
@@ -432,7 +510,7 @@ impl Trainer {
             bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
             let (mut sum, mut count, mut lr) = (0.0, 0usize, optimizer_config.lr());
             let mut metric_sums: Vec<(String, f64, bool)> = Vec::new();
-            for (step, samples) in loader.batches(train.len(), epoch)?.iter().enumerate() {
+            for (step, samples) in epoch_batches(epoch)?.iter().enumerate() {
                 let ids = Prepared::<M>::object_ids(samples);
                 let batch = train_data.batch(model, &ids, &mut scratch)?;
                 let batch_metas: Vec<_> = samples.iter().map(|&i| train_data.metas[i]).collect();
@@ -676,7 +754,71 @@ impl Trainer {
         bar.finish_and_clear();
         Ok(Prepared {
             metas,
-            records,
+            records: Records::Borrowed(records),
+            rows,
+        })
+    }
+
+    /// [`prepare`](Self::prepare) for a stream: `cache_batch_size` samples at a time.
+    fn prepare_iter<'a, M: TrainableModel>(
+        &self,
+        model: &mut M,
+        samples: &mut dyn Iterator<Item = Result<SampleOf<M>>>,
+        what: &str,
+    ) -> Result<Prepared<'a, M>> {
+        let chunk_size = self.config.cache_batch_size.max(1);
+        let (mut metas, mut kept, mut rows) = (Vec::new(), Vec::new(), CachedRows::default());
+        let mut keep: Option<bool> = None;
+        let bar = self.bar(0, "{spinner} caching {prefix} {pos} objects ({elapsed})");
+        loop {
+            let chunk: Vec<SampleOf<M>> = (&mut *samples)
+                .take(chunk_size)
+                .collect::<Result<_>>()
+                .map_err(|e| match e {
+                Error::InvalidInput { location, message } => Error::invalid(
+                    format!("{what}, after sample {}: {location}", metas.len()),
+                    message,
+                ),
+                other => other,
+            })?;
+            if chunk.is_empty() {
+                break;
+            }
+            let offset = metas.len();
+            metas.extend(crate::data::metas(&chunk).map_err(|e| match e {
+                Error::InvalidInput { location, message } => Error::invalid(
+                    format!("{what}, {location} of the chunk starting at sample {offset}"),
+                    message,
+                ),
+                other => other,
+            })?);
+            let k = <SampleOf<M> as SimilaritySample>::OBJECTS;
+            let records: Vec<&M::Record> = chunk
+                .iter()
+                .flat_map(|s| (0..k).map(move |slot| s.object(slot)))
+                .collect();
+            let chunk_rows =
+                model.fill_caches(&records, chunk_size, &mut |name, _, _| bar.set_prefix(name))?;
+            bar.inc(records.len() as u64);
+            let keep_records = *keep.get_or_insert(chunk_rows.needs_records());
+            rows.append(chunk_rows);
+            if keep_records {
+                for s in chunk {
+                    s.into_objects(&mut kept);
+                }
+            }
+        }
+        bar.finish_and_clear();
+        if metas.is_empty() {
+            return Err(Error::invalid(what, "is empty"));
+        }
+        Ok(Prepared {
+            metas,
+            records: if keep == Some(true) {
+                Records::Owned(kept)
+            } else {
+                Records::Dropped
+            },
             rows,
         })
     }
@@ -691,6 +833,30 @@ impl Trainer {
         }
         bar
     }
+}
+
+/// Where `run` takes the training samples from.
+enum TrainSource<'a, S> {
+    Slice(&'a [S]),
+    Iter(&'a mut dyn Iterator<Item = Result<S>>),
+}
+
+/// The class-balanced sampler over prepared training samples; an error when a sample
+/// has no class (pairs).
+fn class_balanced<M: TrainableModel>(
+    metas: &[<<M::Loss as SimilarityLoss>::Kind as LossKind>::Meta],
+    c: &TrainerConfig,
+    m: usize,
+) -> Result<ClassBalancedSampler> {
+    let classes: Option<Vec<i64>> = metas.iter().map(<SampleOf<M>>::class).collect();
+    let classes = classes.ok_or_else(|| {
+        Error::invalid(
+            "TrainerConfig.sampler (ClassBalanced { m })",
+            "class-balanced batches need samples with a class (group samples); this \
+             model's loss trains on samples without one (pairs): use Sampler::Shuffle",
+        )
+    })?;
+    ClassBalancedSampler::new(&classes, c.batch_size, m, c.seed)
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {

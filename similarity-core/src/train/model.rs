@@ -16,6 +16,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
 
+use crate::cache::store::{self, EncoderFingerprint, Loaded, Session, SlotSession};
 use crate::cache::{CacheKey, CacheType, EncoderCache};
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
@@ -175,6 +176,8 @@ pub struct ModelState {
     encoders: Vec<EncoderSlot>,
     encoder_vars: Vec<(String, Var)>,
     caches: Vec<Option<EncoderCache>>,
+    /// The open cache-persistence session, if any (see `begin_cache_store`).
+    store: std::sync::Mutex<Option<Session>>,
 }
 
 impl ModelState {
@@ -185,7 +188,62 @@ impl ModelState {
             encoders: Vec::new(),
             encoder_vars: Vec::new(),
             caches: Vec::new(),
+            store: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Opens a cache-persistence session on `dir`: until
+    /// [`finish_cache_store`](Self::finish_cache_store), the first fill of each cached
+    /// encoder loads `dir/<field>/` into its (empty) cache when the encoder fingerprint
+    /// matches, and the keys every fill asks for are recorded. See
+    /// [`cache::store`](crate::cache::store) for the rules.
+    pub fn begin_cache_store(&self, dir: &Path) {
+        *self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Session {
+            dir: dir.to_path_buf(),
+            slots: Vec::new(),
+        });
+    }
+
+    /// Closes the session without writing anything (preparation failed).
+    pub fn cancel_cache_store(&self) {
+        *self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Closes the session and writes back each cache the session touched whose content
+    /// differs from its file (something was encoded, or the run's key set is not the
+    /// file's): exactly the keys the run asked for, atomically. Returns, per encoder
+    /// field touched, how many objects were encoded during the session.
+    pub fn finish_cache_store(&self) -> Result<Vec<(&'static str, usize)>> {
+        let session = self
+            .store
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(session) = session else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (slot, s) in session.slots.into_iter().enumerate() {
+            let (Some(s), Some(cache)) = (s, self.cache(slot)) else {
+                continue;
+            };
+            let name = self.encoders[slot].name;
+            out.push((name, s.encoded));
+            if s.encoded == 0 && s.file_items == Some(s.seen.len()) {
+                continue;
+            }
+            let mut keys: Vec<CacheKey> = s.seen.into_iter().collect();
+            keys.sort_unstable();
+            let rows = cache.rows_of(&keys)?;
+            store::save(&session.dir.join(name), &s.fingerprint, &keys, &rows)?;
+        }
+        Ok(out)
     }
 
     /// Registers the next encoder (in declaration order): its trainable variables and
@@ -318,6 +376,25 @@ impl ModelState {
             return Ok(());
         };
         let keys: Vec<CacheKey> = records.iter().map(|r| key(r)).collect();
+        let session = self
+            .store
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_mut();
+        let before = cache.len();
+        let mut tracked = None;
+        if let Some(session) = session {
+            if session.slots.len() <= slot {
+                session.slots.resize_with(slot + 1, || None);
+            }
+            if session.slots[slot].is_none() {
+                session.slots[slot] = Some(open_slot(&session.dir, name, encoder, cache, &device)?);
+            }
+            tracked = session.slots[slot].as_mut();
+        }
+        if let Some(t) = tracked.as_mut() {
+            t.seen.extend(keys.iter().copied());
+        }
         let mut done = 0;
         let out = cache.fill(
             &keys,
@@ -339,6 +416,9 @@ impl ModelState {
                 progress(name, done, total);
             },
         )?;
+        if let Some(t) = tracked {
+            t.encoded += cache.len() - before;
+        }
         rows.set(slot, out);
         Ok(())
     }
@@ -366,6 +446,40 @@ fn check_finite(out: &Tensor, encoder: &str, object: impl Fn(usize) -> String) -
     }
 }
 
+/// The first touch of a cached encoder in a persistence session: loads its file into the
+/// cache when the cache is empty and the file was written for this encoder.
+fn open_slot<E: Encoder>(
+    dir: &Path,
+    name: &str,
+    encoder: &E,
+    cache: &mut EncoderCache,
+    device: &Device,
+) -> Result<SlotSession> {
+    let fingerprint = EncoderFingerprint::of(encoder)?;
+    let mut file_items = None;
+    if cache.is_empty() {
+        let path = dir.join(name);
+        match store::load(&path, &fingerprint, device)? {
+            Loaded::Missing => {}
+            Loaded::Stale(reason) => tracing::warn!(
+                cache = %path.display(),
+                %reason,
+                "stale embedding cache: encoding everything again"
+            ),
+            Loaded::Hit(c) => {
+                file_items = Some(c.keys.len());
+                cache.load(&c.keys, c.rows)?;
+            }
+        }
+    }
+    Ok(SlotSession {
+        fingerprint,
+        file_items,
+        seen: Default::default(),
+        encoded: 0,
+    })
+}
+
 /// Per encoder, the cache row of every prepared object (`None` for uncached encoders).
 #[derive(Debug, Clone, Default)]
 pub struct CachedRows {
@@ -382,6 +496,19 @@ impl CachedRows {
 
     fn set(&mut self, slot: usize, rows: Vec<u32>) {
         self.per_encoder[slot] = Some(rows);
+    }
+
+    /// Appends `other`'s rows (objects prepared after this one's), encoder by encoder.
+    pub fn append(&mut self, other: CachedRows) {
+        if self.per_encoder.is_empty() {
+            *self = other;
+            return;
+        }
+        for (mine, theirs) in self.per_encoder.iter_mut().zip(other.per_encoder) {
+            if let (Some(m), Some(t)) = (mine.as_mut(), theirs) {
+                m.extend(t);
+            }
+        }
     }
 
     /// True when some encoder runs on records (it is not cached).
