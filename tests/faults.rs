@@ -64,6 +64,21 @@ fn fault_child() {
             };
             let _ = Trainer::new(cfg).fit(&mut model(0), &common::faq_pairs("train", 40), None);
         }
+        "cache" => {
+            for run in 0usize.. {
+                let cfg = TrainerConfig {
+                    epochs: 1,
+                    batch_size: 20,
+                    progress: false,
+                    cache_dir: Some(dir.join("cache")),
+                    ..Default::default()
+                };
+                // A different key set every run, so the cache file is rewritten each time.
+                let data = common::faq_pairs("train", 40 + run % 40);
+                Trainer::new(cfg).fit(&mut model(0), &data, None).unwrap();
+                std::fs::write(dir.join("saved"), run.to_string()).unwrap();
+            }
+        }
         other => panic!("unknown mode {other}"),
     }
 }
@@ -156,5 +171,26 @@ fn a_killed_training_run_leaves_a_checkpoint_it_can_resume_from() {
             .resume(&mut model(0), &last, &common::faq_pairs("train", 40), None)
             .unwrap();
         assert_eq!(report.epochs.len(), epochs_done + 1);
+    }
+}
+
+#[test]
+fn a_killed_cache_write_leaves_a_usable_cache() {
+    for delay in [5u64, 19, 43] {
+        let dir = tempfile::tempdir().unwrap();
+        run_and_kill("cache", dir.path(), Duration::from_millis(delay), || {
+            dir.path().join("saved").exists()
+        });
+        // The next run reads the cache (or finds it stale and re-encodes): never an error.
+        let cfg = TrainerConfig {
+            epochs: 1,
+            batch_size: 20,
+            progress: false,
+            cache_dir: Some(dir.path().join("cache")),
+            ..Default::default()
+        };
+        Trainer::new(cfg)
+            .fit(&mut model(0), &common::faq_pairs("train", 60), None)
+            .unwrap();
     }
 }
