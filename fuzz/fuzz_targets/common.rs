@@ -13,7 +13,11 @@ pub struct Tiny {
 }
 
 pub fn tiny() -> Tiny {
-    let encoder = HashedNgramEncoder::new(HashedNgramConfig { dim: 8, ..Default::default() }).unwrap();
+    let encoder = HashedNgramEncoder::new(HashedNgramConfig {
+        dim: 8,
+        ..Default::default()
+    })
+    .unwrap();
     Tiny::new(encoder, &ModelOptions::default()).unwrap()
 }
 
@@ -23,8 +27,15 @@ pub fn split(data: &[u8], n: usize) -> Vec<&[u8]> {
     let (lens, mut rest) = data.split_at(n.min(data.len()));
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let len = lens.get(i).map_or(0, |&b| (b as usize) * 16).min(rest.len());
-        let (part, tail) = if i + 1 == n { (rest, &rest[rest.len()..]) } else { rest.split_at(len) };
+        let len = lens
+            .get(i)
+            .map_or(0, |&b| (b as usize) * 16)
+            .min(rest.len());
+        let (part, tail) = if i + 1 == n {
+            (rest, &rest[rest.len()..])
+        } else {
+            rest.split_at(len)
+        };
         out.push(part);
         rest = tail;
     }

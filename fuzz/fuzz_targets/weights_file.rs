@@ -15,7 +15,14 @@ fuzz_target!(|data: &[u8]| {
     let model = common::tiny();
     let _ = model.state().params().load_safetensors(&path);
     if let Ok(tensors) = similarity_core::candle_core::safetensors::load(&path, &Device::Cpu) {
-        let mut memory = Xbm::new(XbmConfig { size: 4, ..Default::default() }, &Device::Cpu).unwrap();
+        let mut memory = Xbm::new(
+            XbmConfig {
+                size: 4,
+                ..Default::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
         let _ = memory.load_state(&tensors);
     }
 });
