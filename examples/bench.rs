@@ -123,9 +123,7 @@ impl FrozenMlp {
         let mut uniform = |shape: &[usize], fan_in: usize| -> Result<Tensor> {
             let bound = 1.0 / (fan_in as f32).sqrt();
             let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n)
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
             Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
         };
         Ok(FrozenMlp {
@@ -295,6 +293,12 @@ impl Load {
     }
 }
 
+/// `CANDLE_NUM_THREADS` as set for this run (see BENCHMARKS.md: on a small shared machine
+/// `CANDLE_NUM_THREADS=1` avoids Candle's spin-waiting element-wise thread pool).
+fn candle_threads_env() -> Value {
+    std::env::var("CANDLE_NUM_THREADS").map_or(Value::Null, Value::String)
+}
+
 fn vm_hwm_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -353,6 +357,7 @@ fn matmul_gflops() -> Result<Value> {
         "best_gflops": round(flops / times.iter().cloned().fold(f64::INFINITY, f64::min) / 1e9, 2),
         "runs": times.len(),
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "candle_num_threads_env": candle_threads_env(),
         "machine_load": load.finish(),
     }))
 }
@@ -378,7 +383,11 @@ fn epoch_flops(workload: &str) -> f64 {
     let mut total = 0.0;
     for samples in step_rows(N_TRAIN, BATCH) {
         // W2: a batch of P pairs is 2P embeddings.
-        let b = if workload == "w2" { 2 * samples } else { samples } as f64;
+        let b = if workload == "w2" {
+            2 * samples
+        } else {
+            samples
+        } as f64;
         total += 2.0 * b * d * d * 3.0; // head
         total += b * b * d * 2.0 * 3.0; // distance matrix
         if workload == "w3" {
@@ -486,6 +495,7 @@ fn run_workload(name: &str, epochs: usize) -> Result<Value> {
     };
     out["peak_rss_mb"] = json!(round(vm_hwm_mb(), 1));
     out["epochs"] = json!(epochs);
+    out["candle_num_threads_env"] = candle_threads_env();
     out["machine_load"] = load.finish();
     Ok(out)
 }
@@ -574,7 +584,11 @@ fn w2(matrix: Arc<Tensor>, classes: &[i64], epochs: usize) -> Result<Value> {
 fn embeddings(n: usize, seed: u64) -> Result<Var> {
     let mut rng = StdRng::seed_from_u64(seed);
     let v: Vec<f32> = (0..n * DIM).map(|_| normal(&mut rng)).collect();
-    Ok(Var::from_tensor(&Tensor::from_vec(v, (n, DIM), &Device::Cpu)?)?)
+    Ok(Var::from_tensor(&Tensor::from_vec(
+        v,
+        (n, DIM),
+        &Device::Cpu,
+    )?)?)
 }
 
 fn group_targets(n: usize, seed: u64) -> Result<GroupTargets> {
@@ -626,11 +640,7 @@ fn time_loss<L: SimilarityLoss>(
         Ok((t.elapsed().as_secs_f64() * 1e3, value))
     };
     let (first_ms, value) = call()?;
-    let (warmup, iters) = if first_ms > 1000.0 {
-        (1, 3)
-    } else {
-        (5, 50)
-    };
+    let (warmup, iters) = if first_ms > 1000.0 { (1, 3) } else { (5, 50) };
     for _ in 1..warmup {
         call()?;
     }
@@ -650,6 +660,7 @@ fn time_loss<L: SimilarityLoss>(
         "warmup": warmup,
         "first_call_ms": round(first_ms, 3),
         "loss_value": value,
+        "candle_num_threads_env": candle_threads_env(),
         "machine_load": load.finish(),
     });
     print(&out);
@@ -795,7 +806,10 @@ fn print(v: &Value) {
 
 fn summary(name: &str, runs: &[Value], gflops: f64) -> Value {
     let med = |key: &str| median(runs.iter().filter_map(|r| r[key].as_f64()).collect());
-    let epochs = runs.first().and_then(|r| r["epochs"].as_u64()).unwrap_or(10) as f64;
+    let epochs = runs
+        .first()
+        .and_then(|r| r["epochs"].as_u64())
+        .unwrap_or(10) as f64;
     let floor = |flops: f64| flops / (gflops * 1e9);
     let cache_floor = floor(cache_flops(name));
     let epoch_floor = floor(epoch_flops(name));
