@@ -296,7 +296,11 @@ fn bad_inputs_are_named() {
         .fit(&mut mixed, &data, None)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("5 features, expected 6"), "{err}");
+    assert!(
+        err.contains("encoder `trainable`, a batch, record")
+            && err.contains("5 features, expected 6"),
+        "{err}"
+    );
 }
 
 #[test]

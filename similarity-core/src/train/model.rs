@@ -341,7 +341,11 @@ impl ModelState {
             )
         })?;
         let inputs: Vec<&E::Input> = records.iter().map(|r| input(r)).collect();
-        let out = encoder.forward(&encoder.collate(&inputs, self.device())?, mode)?;
+        let name = self.encoders[slot].name;
+        let collated = encoder
+            .collate(&inputs, self.device())
+            .map_err(|e| in_context(e, format!("encoder `{name}`, a batch")))?;
+        let out = encoder.forward(&collated, mode)?;
         check_finite(&out, self.encoders[slot].name, |row| {
             format!("record {row} of the batch")
         })?;
@@ -401,7 +405,17 @@ impl ModelState {
             batch_size,
             |positions| {
                 let inputs: Vec<&E::Input> = positions.iter().map(|&p| input(records[p])).collect();
-                let out = encoder.forward(&encoder.collate(&inputs, &device)?, &mut Mode::Eval)?;
+                // The encoder names the record within this chunk; say where the chunk starts.
+                let collated = encoder.collate(&inputs, &device).map_err(|e| {
+                    in_context(
+                        e,
+                        format!(
+                            "encoder `{name}`, cache fill from object {} of the data set",
+                            positions[0]
+                        ),
+                    )
+                })?;
+                let out = encoder.forward(&collated, &mut Mode::Eval)?;
                 check_finite(&out, name, |row| {
                     format!(
                         "object {} of the data set (objects are in sample order: for pairs, \
@@ -421,6 +435,16 @@ impl ModelState {
         }
         rows.set(slot, out);
         Ok(())
+    }
+}
+
+/// Prefixes the location of an invalid-input error with `context`.
+fn in_context(error: Error, context: String) -> Error {
+    match error {
+        Error::InvalidInput { location, message } => {
+            Error::invalid(format!("{context}, {location}"), message)
+        }
+        other => other,
     }
 }
 
