@@ -1,4 +1,4 @@
-//! Benchmark of the workloads W1 to W4 of `shared/bench/README.md` (the same work that
+//! Benchmark of the workloads W1 to W4 (the same work that
 //! Quaterion's `bench.py` measured), printing one JSON line per measurement.
 //!
 //! ```text
