@@ -3,6 +3,14 @@
 //!
 //! ```text
 //! cargo run --release --example faq [-- --epochs 50 --lr 3e-3 --out target/faq-model]
+//! bash scripts/fetch-minilm.sh && cargo run --release --features transformers --example faq \
+//!     -- --minilm target/models/all-MiniLM-L6-v2      # Quaterion's tutorial recipe
+//! ```
+//!
+//! With `--minilm DIR` the encoder is all-MiniLM-L6-v2 (frozen, cached, raw embeddings)
+//! and the defaults become the tutorial's: Adam 1e-4, 500 epochs of batch 1024.
+//!
+//! ```text
 //! ```
 //!
 //! 1. Reads 6,476 training and 2,159 validation pairs from `data/cloud-faq`.
@@ -26,6 +34,18 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use similarity_core::distance::Distance;
 use similarity_core::prelude::*;
+
+/// The tutorial's model: all-MiniLM-L6-v2, frozen and cached, under the same head and loss.
+#[cfg(feature = "transformers")]
+#[trainable_model]
+pub struct FaqMiniLm {
+    #[encoder(cache = "auto")]
+    text: Frozen<SentenceTransformer>,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss(scale = 20.0, symmetric = true)]
+    loss: MultipleNegativesRankingLoss,
+}
 
 /// Question → answer retrieval model.
 #[trainable_model]
@@ -70,7 +90,6 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn main() -> Result<()> {
-    let started = Instant::now();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cloud-faq");
     let train = read_pairs(&data.join("train_cloud_faq_dataset.jsonl.gz"))?;
     let val = read_pairs(&data.join("val_cloud_faq_dataset.jsonl.gz"))?;
@@ -79,15 +98,48 @@ fn main() -> Result<()> {
         train.len(),
         val.len()
     );
+    let out = PathBuf::from(arg("--out").unwrap_or_else(|| "target/faq-model".into()));
+    match arg("--minilm") {
+        None => {
+            let model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())?;
+            run(model, &train, &val, &out, 50, 3e-3)
+        }
+        #[cfg(feature = "transformers")]
+        Some(dir) => {
+            // The tutorial's recipe: the sentence encoder frozen and cached, raw (not
+            // L2-normalised) embeddings, Adam 1e-4, 500 epochs of batch 1024.
+            let encoder =
+                SentenceTransformer::from_pretrained(&dir, &Device::Cpu)?.with_normalize(false);
+            let model = FaqMiniLm::new(Frozen(encoder), &ModelOptions::default())?;
+            run(model, &train, &val, &out, 500, 1e-4)
+        }
+        #[cfg(not(feature = "transformers"))]
+        Some(_) => anyhow::bail!(
+            "--minilm needs the transformer encoder: cargo run --release --features transformers --example faq -- --minilm DIR"
+        ),
+    }
+}
 
+fn run<M>(
+    mut model: M,
+    train: &[SimilarityPairSample<String>],
+    val: &[SimilarityPairSample<String>],
+    out: &Path,
+    default_epochs: usize,
+    default_lr: f64,
+) -> Result<()>
+where
+    M: TrainableModel<Record = String, Loss = MultipleNegativesRankingLoss>,
+{
+    let started = Instant::now();
     let epochs: usize = arg("--epochs")
         .map(|e| e.parse())
         .transpose()?
-        .unwrap_or(50);
-    let lr: f64 = arg("--lr").map(|e| e.parse()).transpose()?.unwrap_or(3e-3);
-    let out = PathBuf::from(arg("--out").unwrap_or_else(|| "target/faq-model".into()));
-
-    let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())?;
+        .unwrap_or(default_epochs);
+    let lr: f64 = arg("--lr")
+        .map(|e| e.parse())
+        .transpose()?
+        .unwrap_or(default_lr);
     let trainer = Trainer::new(TrainerConfig {
         epochs,
         batch_size: 1024,
@@ -96,7 +148,7 @@ fn main() -> Result<()> {
         ..Default::default()
     });
 
-    let before = trainer.evaluate(&mut model, &val)?;
+    let before = trainer.evaluate(&mut model, val)?;
     let p1 = |e: &similarity_core::train::Evaluation| e.metric("precision@1").unwrap_or(f64::NAN);
     let rr =
         |e: &similarity_core::train::Evaluation| e.metric("reciprocal_rank").unwrap_or(f64::NAN);
@@ -108,9 +160,9 @@ fn main() -> Result<()> {
         val.len()
     );
 
-    let report = trainer.fit(&mut model, &train, Some(&val))?;
+    let report = trainer.fit(&mut model, train, Some(val))?;
     let train_seconds: f64 = report.epochs.iter().map(|e| e.seconds).sum();
-    let after = trainer.evaluate(&mut model, &val)?;
+    let after = trainer.evaluate(&mut model, val)?;
     println!(
         "after {epochs} epochs:  precision@1 {:.4}  MRR {:.4}  (train loss {:.4}, val loss {:.4})",
         p1(&after),
@@ -124,8 +176,8 @@ fn main() -> Result<()> {
         train_seconds / epochs as f64
     );
 
-    model.save(&out)?;
-    let served = FaqModel::load(&out, &Device::Cpu)?;
+    model.save(out)?;
+    let served = M::load(out, &Device::Cpu)?;
     let answers: Vec<String> = val.iter().map(|p| p.obj_b.clone()).collect();
     let original = model.encode(&answers, 1024)?;
     let reloaded = served.encode(&answers, 1024)?;
