@@ -8,7 +8,12 @@
 //! ```
 //!
 //! With `--minilm DIR` the encoder is all-MiniLM-L6-v2 (frozen, cached, raw embeddings)
-//! and the defaults become the tutorial's: Adam 1e-4, 500 epochs of batch 1024.
+//! and the defaults become the tutorial's: Adam 1e-4, 500 epochs of batch 1024. Measured
+//! (release, 2-core machine, 2026-11-28), over the full validation set: precision@1
+//! 0.6498 → 0.6920, MRR 0.7349 → 0.7729; 0.66 s per epoch with validation. Quaterion's
+//! tutorial reports 0.700 / 0.777 from its validation loop, not from this full-set
+//! ranking. Filling the cache took 446 s for the training texts: cache batches of 1,024
+//! are padded to their longest text, which a length-sorted fill would avoid.
 //!
 //! ```text
 //! ```
