@@ -19,7 +19,10 @@
 //!
 //! Gradients stay finite where a distance is zero (the diagonal of a self-distance matrix):
 //! the Euclidean norm is `sqrt(‖x − y‖² + ε)` with `ε = 1e-12`, and cosine normalises by
-//! `max(‖x‖, 1e-8)`.
+//! `max(‖x‖, 1e-8)`. The Euclidean matrix form uses `|x|² + |y|² − 2x·y` on points centred
+//! on y's mean; squared distances below its round-off floor (a few ulps of `|x|² + |y|²`)
+//! are taken as exactly 0 with a zero gradient, as `torch.cdist` gives, and the Manhattan
+//! forms use a zero subgradient of `|·|` at 0.
 
 use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
