@@ -48,6 +48,17 @@ pub enum Error {
         message: String,
     },
 
+    /// A model repository could not be fetched from the Hugging Face Hub (feature
+    /// `hf-hub`).
+    #[error("cannot fetch `{file}` of `{repo}` from the Hugging Face Hub: {message}")]
+    Hub {
+        /// `owner/name@revision`.
+        repo: String,
+        /// The file being fetched (`-` when the failure concerns the whole repository).
+        file: String,
+        /// What went wrong, and how to fix it when that is known.
+        message: String,
+    },
     // ---- input ---------------------------------------------------------------------
     /// A record, sample, option or argument is invalid.
     #[error("invalid input in {location}: {message}")]

@@ -69,6 +69,8 @@ pub mod prelude {
     pub use crate::cache::CacheType;
     pub use crate::data::{SimilarityGroupSample, SimilarityPairSample};
     pub use crate::distance::Distance;
+    #[cfg(feature = "hf-hub")]
+    pub use crate::encoder::HubModel;
     #[cfg(feature = "transformers")]
     pub use crate::encoder::SentenceTransformer;
     pub use crate::encoder::{

@@ -11,6 +11,8 @@
 //! directory) and load back from it with [`Encoder::load`].
 
 mod hashed;
+#[cfg(feature = "hf-hub")]
+pub mod hub;
 mod switch;
 #[cfg(feature = "transformers")]
 pub mod transformer;
@@ -20,6 +22,8 @@ use std::path::Path;
 use candle_core::{Device, Tensor, Var};
 
 pub use hashed::{HashedNgramConfig, HashedNgramEncoder};
+#[cfg(feature = "hf-hub")]
+pub use hub::HubModel;
 pub use switch::{Route, SwitchBatch, SwitchEncoder};
 #[cfg(feature = "transformers")]
 pub use transformer::{SentenceTransformer, TransformerBatch};

