@@ -210,3 +210,75 @@ fn damaged_directories_give_errors_that_name_the_file() {
 
     assert!(load_err(Path::new("no/such/model")).contains("no/such/model/config.json"));
 }
+
+/// The hashed encoder with a cost hint (the text's length), so `encode` reorders.
+struct LengthCosted(HashedNgramEncoder);
+
+impl Encoder for LengthCosted {
+    type Input = String;
+    type Batch = <HashedNgramEncoder as Encoder>::Batch;
+    const NAME: &'static str = "LengthCosted";
+    fn embedding_size(&self) -> usize {
+        self.0.embedding_size()
+    }
+    fn cost_hint(&self, input: &String) -> Option<usize> {
+        Some(input.len())
+    }
+    fn collate(
+        &self,
+        inputs: &[&String],
+        device: &Device,
+    ) -> similarity_core::Result<Self::Batch> {
+        self.0.collate(inputs, device)
+    }
+    fn forward(
+        &self,
+        batch: &Self::Batch,
+        mode: &mut similarity_core::nn::Mode,
+    ) -> similarity_core::Result<Tensor> {
+        self.0.forward(batch, mode)
+    }
+    fn save(&self, dir: &Path) -> similarity_core::Result<()> {
+        self.0.save(dir)
+    }
+    fn load(dir: &Path, device: &Device) -> similarity_core::Result<Self> {
+        HashedNgramEncoder::load(dir, device).map(LengthCosted)
+    }
+}
+
+#[trainable_model]
+struct CostedModel {
+    #[encoder]
+    text: LengthCosted,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: MultipleNegativesRankingLoss,
+}
+
+#[test]
+fn encode_batches_by_cost_and_returns_rows_in_record_order() {
+    let model = CostedModel::new(
+        LengthCosted(HashedNgramEncoder::default()),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let texts = texts();
+    assert_eq!(model.record_cost(&texts[0]), Some(texts[0].len()));
+    let lengths: Vec<usize> = texts.iter().map(String::len).collect();
+    assert!(
+        lengths.windows(2).any(|w| w[0] < w[1]),
+        "the texts must not already be in decreasing length order"
+    );
+    let all = model.encode(&texts, 7).unwrap().to_vec2::<f32>().unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let one = model
+            .encode(std::slice::from_ref(text), 1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (a, b) in all[i].iter().zip(&one[0]) {
+            assert!((a - b).abs() < 1e-6, "record {i}: {a} vs {b}");
+        }
+    }
+}

@@ -351,6 +351,14 @@ fn expand(model: &Model) -> TokenStream {
                 <#head_ty as #p::Head>::forward(&self.#head_ident, &#concat, mode)
             }
 
+            fn record_cost(&self, r: &Self::Record) -> ::core::option::Option<usize> {
+                let costs = [#(#p::Encoder::cost_hint(&self.#enc_idents, #inputs)),*];
+                costs
+                    .iter()
+                    .any(::core::option::Option::is_some)
+                    .then(|| costs.iter().flatten().sum())
+            }
+
             fn fill_caches(
                 &mut self,
                 records: &[&Self::Record],

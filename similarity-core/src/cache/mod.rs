@@ -39,7 +39,7 @@
 
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 
 use candle_core::{Device, Tensor};
@@ -205,17 +205,37 @@ impl EncoderCache {
         &mut self,
         keys: &[CacheKey],
         batch_size: usize,
+        encode: impl FnMut(&[usize]) -> Result<Tensor>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<u32>> {
+        self.fill_by_cost(keys, batch_size, |_| None, encode, progress)
+    }
+
+    /// [`fill`](Self::fill), encoding the missing objects in decreasing `cost(position)`
+    /// order (stable; `None` costs least), so that each batch holds objects of similar
+    /// cost: texts of similar length pad little. Rows are assigned in encoding order;
+    /// the returned row of each key is what counts.
+    pub fn fill_by_cost(
+        &mut self,
+        keys: &[CacheKey],
+        batch_size: usize,
+        cost: impl Fn(usize) -> Option<usize>,
         mut encode: impl FnMut(&[usize]) -> Result<Tensor>,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Vec<u32>> {
-        let mut missing: Vec<usize> = Vec::new();
-        let mut next = self.index.len() as u32;
-        for (pos, key) in keys.iter().enumerate() {
-            self.index.entry(*key).or_insert_with(|| {
-                missing.push(pos);
-                next += 1;
-                next - 1
-            });
+        let mut fresh: HashSet<CacheKey> = HashSet::new();
+        let mut missing: Vec<usize> = keys
+            .iter()
+            .enumerate()
+            .filter(|(_, key)| !self.index.contains_key(*key) && fresh.insert(**key))
+            .map(|(pos, _)| pos)
+            .collect();
+        if let Some(order) = crate::encoder::cost_order(missing.len(), |i| cost(missing[i])) {
+            missing = order.into_iter().map(|i| missing[i]).collect();
+        }
+        let first = self.index.len() as u32;
+        for (i, &pos) in missing.iter().enumerate() {
+            self.index.insert(keys[pos], first + i as u32);
         }
         if !missing.is_empty() {
             match self.encode_rows(&missing, batch_size, &mut encode, &mut progress) {
@@ -411,6 +431,52 @@ mod tests {
             )
             .unwrap();
         assert_eq!((rows, calls, c.len()), (vec![2, 3], 1, 4));
+    }
+
+    #[test]
+    fn fill_by_cost_batches_costly_objects_first_and_keeps_each_keys_row() {
+        let mut c = EncoderCache::new(CacheType::Auto, &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        // Already cached: never re-encoded, keeps row 0.
+        c.fill(
+            &[cache_key("zz")],
+            4,
+            |pos| Ok(Tensor::full(-1f32, (pos.len(), 1), &Device::Cpu)?),
+            |_, _| {},
+        )
+        .unwrap();
+        let texts = ["bb", "a", "dddd", "zz", "ccc", "a", "ee"];
+        let keys: Vec<CacheKey> = texts.iter().map(cache_key).collect();
+        let mut batches: Vec<Vec<&str>> = Vec::new();
+        let rows = c
+            .fill_by_cost(
+                &keys,
+                2,
+                |p| Some(texts[p].len()),
+                |pos| {
+                    batches.push(pos.iter().map(|&p| texts[p]).collect());
+                    let v: Vec<f32> = pos.iter().map(|&p| texts[p].len() as f32).collect();
+                    Ok(Tensor::from_vec(v, (pos.len(), 1), &Device::Cpu)?)
+                },
+                |_, _| {},
+            )
+            .unwrap();
+        // Decreasing length, ties in data order, each distinct object once.
+        assert_eq!(
+            batches,
+            vec![vec!["dddd", "ccc"], vec!["bb", "ee"], vec!["a"]]
+        );
+        let got: Vec<f32> = c
+            .lookup(&c.row_tensor(rows.clone()).unwrap(), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, vec![2.0, 1.0, 4.0, -1.0, 3.0, 1.0, 2.0]);
+        assert_eq!(rows[3], 0);
+        assert_eq!(rows[1], rows[5]);
     }
 
     #[test]

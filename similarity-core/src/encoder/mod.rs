@@ -55,6 +55,17 @@ pub trait Encoder: Sized + Send + Sync {
         Vec::new()
     }
 
+    /// How costly `input` is to embed next to other inputs, e.g. a text's length, or
+    /// `None` (the default) when all inputs cost the same.
+    ///
+    /// Batched inference (the cache fill, [`encode_all`]) embeds inputs in decreasing
+    /// cost order so that inputs padded into one batch have similar sizes (a transformer
+    /// pads every text to the batch's longest); results keep the input order.
+    fn cost_hint(&self, input: &Self::Input) -> Option<usize> {
+        let _ = input;
+        None
+    }
+
     /// Writes the encoder (config and weights) into `dir`, which exists and is empty.
     fn save(&self, dir: &Path) -> Result<()>;
 
@@ -116,6 +127,10 @@ impl<E: Encoder> Encoder for Frozen<E> {
         Ok(self.0.forward(batch, &mut Mode::Eval)?.detach())
     }
 
+    fn cost_hint(&self, input: &Self::Input) -> Option<usize> {
+        self.0.cost_hint(input)
+    }
+
     fn save(&self, dir: &Path) -> Result<()> {
         self.0.save(dir)
     }
@@ -132,7 +147,9 @@ impl<E: Encoder> Encoder for Frozen<E> {
 impl<E: Encoder> FrozenEncoder for Frozen<E> {}
 
 /// Collates and embeds `inputs` in batches of `batch_size`, concatenating the results:
-/// `(inputs.len(), embedding_size)`. Runs in evaluation mode.
+/// `(inputs.len(), embedding_size)`, row `i` for `inputs[i]`. Runs in evaluation mode.
+/// Batches are formed in decreasing [`cost_hint`](Encoder::cost_hint) order when the
+/// encoder gives one.
 pub fn encode_all<E: Encoder>(
     encoder: &E,
     inputs: &[&E::Input],
@@ -140,10 +157,22 @@ pub fn encode_all<E: Encoder>(
     device: &Device,
 ) -> Result<Tensor> {
     let batch_size = batch_size.max(1);
+    let order = cost_order(inputs.len(), |i| encoder.cost_hint(inputs[i]));
     let mut parts = Vec::with_capacity(inputs.len().div_ceil(batch_size));
-    for chunk in inputs.chunks(batch_size) {
-        let batch = encoder.collate(chunk, device)?;
-        parts.push(encoder.forward(&batch, &mut Mode::Eval)?.detach());
+    match &order {
+        None => {
+            for chunk in inputs.chunks(batch_size) {
+                let batch = encoder.collate(chunk, device)?;
+                parts.push(encoder.forward(&batch, &mut Mode::Eval)?.detach());
+            }
+        }
+        Some(order) => {
+            for chunk in order.chunks(batch_size) {
+                let chunk: Vec<&E::Input> = chunk.iter().map(|&i| inputs[i]).collect();
+                let batch = encoder.collate(&chunk, device)?;
+                parts.push(encoder.forward(&batch, &mut Mode::Eval)?.detach());
+            }
+        }
     }
     if parts.is_empty() {
         return Ok(Tensor::zeros(
@@ -152,5 +181,95 @@ pub fn encode_all<E: Encoder>(
             device,
         )?);
     }
-    Ok(Tensor::cat(&parts, 0)?)
+    restore_order(Tensor::cat(&parts, 0)?, order.as_deref())
+}
+
+/// Rows embedded in `order` (row `k` belongs to input `order[k]`) put back in input order.
+pub(crate) fn restore_order(rows: Tensor, order: Option<&[usize]>) -> Result<Tensor> {
+    let Some(order) = order else {
+        return Ok(rows);
+    };
+    let mut back = vec![0u32; order.len()];
+    for (k, &i) in order.iter().enumerate() {
+        back[i] = k as u32;
+    }
+    let back = Tensor::from_vec(back, order.len(), rows.device())?;
+    Ok(rows.index_select(&back, 0)?)
+}
+
+/// Positions `0..n` sorted by decreasing `cost` (stable), or `None` when no position has
+/// a cost or the order would not change.
+pub(crate) fn cost_order(n: usize, cost: impl Fn(usize) -> Option<usize>) -> Option<Vec<usize>> {
+    let costs: Vec<Option<usize>> = (0..n).map(cost).collect();
+    if costs.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(costs[i]));
+    (order.iter().enumerate().any(|(k, &i)| k != i)).then_some(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Embeds a string as `[len, first byte]`; its cost is its length.
+    struct ByLength;
+
+    impl Encoder for ByLength {
+        type Input = String;
+        type Batch = Vec<String>;
+        const NAME: &'static str = "ByLength";
+        fn embedding_size(&self) -> usize {
+            2
+        }
+        fn cost_hint(&self, input: &String) -> Option<usize> {
+            Some(input.len())
+        }
+        fn collate(&self, inputs: &[&String], _device: &Device) -> Result<Vec<String>> {
+            Ok(inputs.iter().map(|s| (*s).clone()).collect())
+        }
+        fn forward(&self, batch: &Vec<String>, _mode: &mut Mode) -> Result<Tensor> {
+            // Every row of a batch must be as long as the batch's longest: a stand-in for
+            // padding, so a mixed batch shows up in the output.
+            let longest = batch.iter().map(String::len).max().unwrap_or(0);
+            let v: Vec<f32> = batch
+                .iter()
+                .flat_map(|s| [longest as f32, s.as_bytes()[0] as f32])
+                .collect();
+            Ok(Tensor::from_vec(v, (batch.len(), 2), &Device::Cpu)?)
+        }
+        fn save(&self, _dir: &Path) -> Result<()> {
+            Ok(())
+        }
+        fn load(_dir: &Path, _device: &Device) -> Result<Self> {
+            Ok(ByLength)
+        }
+    }
+
+    #[test]
+    fn encode_all_batches_by_cost_and_returns_rows_in_input_order() {
+        let texts: Vec<String> = ["bb", "a", "dddd", "ccc", "e"].map(String::from).to_vec();
+        let refs: Vec<&String> = texts.iter().collect();
+        let out = encode_all(&ByLength, &refs, 2, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // Batches: [dddd, ccc], [bb, a], [e]: each row padded to its batch's longest.
+        let want: Vec<Vec<f32>> = [(2, b'b'), (2, b'a'), (4, b'd'), (4, b'c'), (1, b'e')]
+            .iter()
+            .map(|&(len, first)| vec![len as f32, first as f32])
+            .collect();
+        assert_eq!(out, want);
+    }
+
+    #[test]
+    fn cost_order_is_stable_and_none_when_nothing_changes() {
+        assert_eq!(cost_order(3, |_| None), None);
+        assert_eq!(cost_order(3, |i| Some(3 - i)), None);
+        assert_eq!(
+            cost_order(4, |i| Some([1, 5, 1, 7][i])),
+            Some(vec![3, 1, 0, 2])
+        );
+    }
 }

@@ -81,6 +81,14 @@ where
         self.a.embedding_size()
     }
 
+    fn cost_hint(&self, input: &Self::Input) -> Option<usize> {
+        match R::route(input) {
+            0 => self.a.cost_hint(input),
+            1 => self.b.cost_hint(input),
+            _ => None,
+        }
+    }
+
     fn collate(&self, inputs: &[&Self::Input], device: &Device) -> Result<Self::Batch> {
         let (mut to_a, mut to_b) = (Vec::new(), Vec::new());
         let mut routes = Vec::with_capacity(inputs.len());

@@ -649,6 +649,12 @@ impl Encoder for SentenceTransformer {
         self.config.hidden_size
     }
 
+    /// The text's length in bytes: texts of similar length are batched together, so
+    /// little of a batch is padding.
+    fn cost_hint(&self, input: &String) -> Option<usize> {
+        Some(input.len())
+    }
+
     fn collate(&self, inputs: &[&String], device: &Device) -> Result<TransformerBatch> {
         let mut encodings = Vec::with_capacity(inputs.len());
         for (i, text) in inputs.iter().enumerate() {
