@@ -145,9 +145,14 @@ where
         .map(|e| e.parse())
         .transpose()?
         .unwrap_or(default_lr);
+    let cache_batch_size: usize = arg("--cache-batch")
+        .map(|e| e.parse())
+        .transpose()?
+        .unwrap_or(TrainerConfig::default().cache_batch_size);
     let trainer = Trainer::new(TrainerConfig {
         epochs,
         batch_size: 1024,
+        cache_batch_size,
         optimizer: OptimizerConfig::adam(lr),
         logs_dir: Some(PathBuf::from("target/faq-logs")),
         ..Default::default()

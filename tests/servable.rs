@@ -224,11 +224,7 @@ impl Encoder for LengthCosted {
     fn cost_hint(&self, input: &String) -> Option<usize> {
         Some(input.len())
     }
-    fn collate(
-        &self,
-        inputs: &[&String],
-        device: &Device,
-    ) -> similarity_core::Result<Self::Batch> {
+    fn collate(&self, inputs: &[&String], device: &Device) -> similarity_core::Result<Self::Batch> {
         self.0.collate(inputs, device)
     }
     fn forward(

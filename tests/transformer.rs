@@ -350,3 +350,38 @@ fn a_bert_prefix_on_weight_names_is_accepted() {
     let texts = vec!["how do i create a new virtual machine?".to_string()];
     assert_eq!(embed(&enc, &texts), embed(frozen(), &texts));
 }
+
+#[test]
+fn a_large_mixed_length_batch_equals_texts_embedded_one_at_a_time() {
+    // 300 texts of 3 to 60 words: one collated batch is run in several chunks, each
+    // trimmed to its own longest text; every row must match the text embedded alone.
+    let words = "the quick brown fox jumps over a lazy dog while clouds drift";
+    let words: Vec<&str> = words.split(' ').collect();
+    let texts: Vec<String> = (0..300)
+        .map(|i| {
+            let n = 3 + (i * 37) % 58;
+            (0..n)
+                .map(|j| words[(i + j) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let enc = frozen();
+    let refs: Vec<&String> = texts.iter().collect();
+    let batch = enc.collate(&refs, &Device::Cpu).unwrap();
+    let (b, l) = batch.input_ids().dims2().unwrap();
+    assert!(
+        b * l > 8192,
+        "the batch must span several chunks ({b} x {l})"
+    );
+    let all = enc
+        .forward(&batch, &mut Mode::Eval)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for i in [0, 1, 57, 150, 299] {
+        let one = embed(enc, std::slice::from_ref(&texts[i]));
+        let d = max_abs_diff(&all[i..=i], &one);
+        assert!(d < 1e-5, "text {i}: max |diff| {d}");
+    }
+}

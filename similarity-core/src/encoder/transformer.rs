@@ -78,6 +78,8 @@ const POOLING: &str = "1_Pooling/config.json";
 const SBERT_CONFIG: &str = "sentence_bert_config.json";
 const MODULES: &str = "modules.json";
 const OWN_CONFIG: &str = "similarity_encoder.json";
+/// Token positions (rows × padded length) per forward chunk; see `Encoder::forward`.
+const TOKENS_PER_CHUNK: usize = 8192;
 const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
 /// Added to the attention scores of padding tokens.
 const MASK_BIAS: f64 = -1e9;
@@ -531,6 +533,29 @@ impl SentenceTransformer {
     }
 
     /// Runs BERT: `(b, L)` ids → hidden states `(b, L, H)`.
+    /// BERT, pooling and normalisation over one chunk of rows: `(b, hidden_size)`.
+    fn embed_rows(&self, batch: &TransformerBatch, mode: &mut Mode) -> Result<Tensor> {
+        let x = self.bert(batch, mode)?;
+        let pooled = match self.pooling {
+            Pooling::Cls => x.i((.., 0))?.contiguous()?,
+            Pooling::Mean => {
+                let m = batch.attention_mask.unsqueeze(2)?; // (b, L, 1)
+                let sum = x.broadcast_mul(&m)?.sum(1)?; // (b, H)
+                let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // (b, 1)
+                sum.broadcast_div(&count)?
+            }
+        };
+        if !self.normalize {
+            return Ok(pooled);
+        }
+        let norm = pooled
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        Ok(pooled.broadcast_div(&norm)?)
+    }
+
     fn bert(&self, batch: &TransformerBatch, mode: &mut Mode) -> Result<Tensor> {
         let c = &self.config;
         let (b, l) = batch.input_ids.dims2()?;
@@ -688,8 +713,12 @@ impl Encoder for SentenceTransformer {
         })
     }
 
+    /// Runs the batch in chunks of about [`TOKENS_PER_CHUNK`] token positions, each
+    /// trimmed to its own longest text: without a gradient graph, memory stays bounded
+    /// whatever the batch size, and a chunk of short texts is not padded to the batch's
+    /// longest. The result is the same as one pass over the whole batch.
     fn forward(&self, batch: &TransformerBatch, mode: &mut Mode) -> Result<Tensor> {
-        let (b, _) = batch.input_ids.dims2()?;
+        let (b, l) = batch.input_ids.dims2()?;
         if b == 0 {
             return Ok(Tensor::zeros(
                 (0, self.config.hidden_size),
@@ -697,25 +726,37 @@ impl Encoder for SentenceTransformer {
                 batch.input_ids.device(),
             )?);
         }
-        let x = self.bert(batch, mode)?;
-        let pooled = match self.pooling {
-            Pooling::Cls => x.i((.., 0))?.contiguous()?,
-            Pooling::Mean => {
-                let m = batch.attention_mask.unsqueeze(2)?; // (b, L, 1)
-                let sum = x.broadcast_mul(&m)?.sum(1)?; // (b, H)
-                let count = m.sum(1)?.clamp(1e-9, f64::MAX)?; // (b, 1)
-                sum.broadcast_div(&count)?
+        // Texts are right-padded: row r's tokens are positions 0..lengths[r].
+        let lengths: Vec<usize> = batch
+            .attention_mask
+            .sum(1)?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|n| (n.round() as usize).clamp(1, l))
+            .collect();
+        let rows = (TOKENS_PER_CHUNK / l).max(1);
+        let mut parts = Vec::with_capacity(b.div_ceil(rows));
+        for start in (0..b).step_by(rows) {
+            let n = rows.min(b - start);
+            let len = lengths[start..start + n].iter().copied().max().unwrap_or(l);
+            if n == b && len == l {
+                parts.push(self.embed_rows(batch, mode)?);
+                break;
             }
-        };
-        if !self.normalize {
-            return Ok(pooled);
+            let narrow = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.narrow(0, start, n)?.narrow(1, 0, len)?.contiguous()?)
+            };
+            let chunk = TransformerBatch {
+                input_ids: narrow(&batch.input_ids)?,
+                token_type_ids: narrow(&batch.token_type_ids)?,
+                attention_mask: narrow(&batch.attention_mask)?,
+            };
+            parts.push(self.embed_rows(&chunk, mode)?);
         }
-        let norm = pooled
-            .sqr()?
-            .sum_keepdim(1)?
-            .sqrt()?
-            .clamp(1e-12, f64::MAX)?;
-        Ok(pooled.broadcast_div(&norm)?)
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     fn trainable_vars(&self) -> Vec<Var> {
