@@ -10,6 +10,22 @@
 //! Flags: `--w1 --w2 --w3 --w4 --all`, `--runs N` (runs of each training workload,
 //! default 3), `--epochs N` (default 10).
 //!
+//! The FAQ task end to end (feature `transformers`): Quaterion's NLP tutorial recipe on
+//! `data/cloud-faq` with all-MiniLM-L6-v2 frozen and cached, 500 epochs by default:
+//!
+//! ```text
+//! bash scripts/fetch-minilm.sh
+//! cargo run --release --features transformers --example bench -- \
+//!     --faq target/models/all-MiniLM-L6-v2 [--epochs 500]
+//! ```
+//!
+//! It prints the matmul line and one `faq` line: `evaluate_before_s` (the first full-set
+//! evaluation, which fills the validation cache), `cache_fill_s` (the training texts),
+//! `mean_epoch_s` (training and validation, after the first epoch), `fit_wall_s`,
+//! `total_s` (model built to final evaluation), `peak_rss_mb`, precision@1 and MRR
+//! before and after over the full validation set, and the fill's matmul floor.
+//! `scripts/quaterion_faq.py` runs the same recipe with Quaterion.
+//!
 //! * First line: the f32 matmul throughput of this machine, 2048³, median of 5.
 //! * W1 to W3: every run is a fresh process (the example runs itself with `--only NAME`)
 //!   so that its peak RSS (`VmHWM`) is its own. A run prints its figures; after the runs of
@@ -22,6 +38,10 @@
 //! Every line has `machine_load`: CPU seconds used by other processes during the
 //! measurement (from `/proc/stat` minus this process's own time), as a fraction of
 //! the machine's capacity over the wall time.
+
+#[path = "common/faq_task.rs"]
+#[allow(dead_code)]
+mod faq_task;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -478,6 +498,14 @@ fn merge(into: &mut Value, from: Value) {
 
 fn run_workload(name: &str, epochs: usize) -> Result<Value> {
     let load = Load::start();
+    if name == "faq" {
+        let mut out = faq(epochs)?;
+        out["peak_rss_mb"] = json!(round(vm_hwm_mb(), 1));
+        out["epochs"] = json!(epochs);
+        out["candle_num_threads_env"] = candle_threads_env();
+        out["machine_load"] = load.finish();
+        return Ok(out);
+    }
     let data = make_data();
     CLASSES.get_or_init(|| data.classes.clone());
     let matrix = Arc::new(Tensor::from_vec(
@@ -498,6 +526,92 @@ fn run_workload(name: &str, epochs: usize) -> Result<Value> {
     out["candle_num_threads_env"] = candle_threads_env();
     out["machine_load"] = load.finish();
     Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// The FAQ task end to end: Quaterion's NLP tutorial recipe
+
+/// Matmul FLOPs of MiniLM's forward pass over `tokens` token positions in sequences of
+/// `len` positions: per layer, Q/K/V/output projections `4 · 2H²`, the feed-forward
+/// `2 · 2 H I` and attention scores and context `2 · 2 len H` per position.
+#[cfg(feature = "transformers")]
+fn bert_flops(c: &similarity_core::encoder::transformer::BertConfig, tokens: f64, len: f64) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let per_token = 8.0 * h * h + 4.0 * h * i + 4.0 * len * h;
+    tokens * per_token * c.num_hidden_layers as f64
+}
+
+/// all-MiniLM-L6-v2 frozen and cached, SkipConnectionHead, symmetric MNRL, Adam 1e-4,
+/// batch 1024, validation after every epoch: what Quaterion's tutorial runs. Timed: the
+/// evaluation before training (it fills the validation cache), the fit (training-set
+/// cache fill and the epochs), and the whole run; floors from the token counts.
+#[cfg(feature = "transformers")]
+fn faq(epochs: usize) -> Result<Value> {
+    let dir = arg("--faq").context("--faq DIR: a sentence-transformers directory")?;
+    let encoder = SentenceTransformer::from_pretrained(&dir, &Device::Cpu)?.with_normalize(false);
+    let train = faq_task::read_split("train")?;
+    let val = faq_task::read_split("val")?;
+    // Token positions the fill must embed: every distinct text once, unpadded.
+    let mut flops = [0.0f64; 2];
+    for (k, split) in [&train, &val].iter().enumerate() {
+        let mut texts: Vec<&str> = split
+            .iter()
+            .flat_map(|p| [p.obj_a.as_str(), p.obj_b.as_str()])
+            .collect();
+        texts.sort_unstable();
+        texts.dedup();
+        for ids in encoder.tokenize(&texts)? {
+            let n = ids.len() as f64;
+            flops[k] += bert_flops(encoder.config(), n, n);
+        }
+    }
+    let model_started = Instant::now();
+    let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &ModelOptions::default())?;
+    let mut t = faq_task::trainer(
+        epochs,
+        1e-4,
+        TrainerConfig::default().cache_batch_size,
+        None,
+    );
+    let cfg = t.config().clone();
+    t = Trainer::new(TrainerConfig {
+        progress: false,
+        ..cfg
+    });
+    let start = Instant::now();
+    let before = t.evaluate(&mut model, &val)?;
+    let before_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let report = t.fit(&mut model, &train, Some(&val))?;
+    let fit_s = start.elapsed().as_secs_f64();
+    let after = t.evaluate(&mut model, &val)?;
+    let total_s = model_started.elapsed().as_secs_f64();
+    let secs: Vec<f64> = report.epochs.iter().map(|e| e.seconds).collect();
+    let after_first = &secs[1.min(secs.len() - 1)..];
+    let rr =
+        |e: &similarity_core::train::Evaluation| e.metric("reciprocal_rank").unwrap_or(f64::NAN);
+    Ok(json!({
+        "workload": "faq",
+        "model": dir,
+        "train_pairs": train.len(),
+        "val_pairs": val.len(),
+        "evaluate_before_s": round(before_s, 3),
+        "cache_fill_s": round(report.cache_seconds, 3),
+        "mean_epoch_s": round(after_first.iter().sum::<f64>() / after_first.len() as f64, 4),
+        "fit_wall_s": round(fit_s, 3),
+        "total_s": round(total_s, 3),
+        "fill_floor_gflop": {"train": round(flops[0] / 1e9, 1), "val": round(flops[1] / 1e9, 1)},
+        "q_before": {"precision_at_1": round(p1(&before), 4), "mrr": round(rr(&before), 4)},
+        "q_after": {"precision_at_1": round(p1(&after), 4), "mrr": round(rr(&after), 4), "val_loss": round(after.loss, 6)},
+        "train_loss_last": report.epochs.last().map(|e| round(e.train_loss, 6)),
+    }))
+}
+
+#[cfg(not(feature = "transformers"))]
+fn faq(_epochs: usize) -> Result<Value> {
+    bail!(
+        "the FAQ workload needs the transformer encoder: cargo run --release --features transformers --example bench -- --faq DIR"
+    )
 }
 
 /// 20,000 pairs, half positive (obj_b of the same class), half negative (obj_b of another
@@ -865,6 +979,30 @@ fn main() -> Result<()> {
         .unwrap_or(10);
     if let Some(name) = arg("--only") {
         print(&run_workload(&name, epochs)?);
+        return Ok(());
+    }
+    if let Some(dir) = arg("--faq") {
+        // One end-to-end run (500 epochs by default) in a fresh process, after the matmul
+        // throughput line; the fill floors are in GFLOP, divide by that throughput.
+        let faq_epochs = arg("--epochs").unwrap_or_else(|| "500".into());
+        let mm = matmul_gflops()?;
+        print(&mm);
+        let output = Command::new(std::env::current_exe()?)
+            .args(["--only", "faq", "--faq", &dir, "--epochs", &faq_epochs])
+            .output()
+            .context("running faq")?;
+        if !output.status.success() {
+            bail!("faq failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let mut v: Value = serde_json::from_str(String::from_utf8(output.stdout)?.trim())?;
+        let gflops = mm["gflops"].as_f64().unwrap_or(f64::NAN);
+        let floor = v["fill_floor_gflop"]["train"].as_f64().unwrap_or(f64::NAN) / gflops;
+        v["fill_floor_s"] = json!({"train": round(floor, 2)});
+        v["fill_ratio"] = json!(round(
+            v["cache_fill_s"].as_f64().unwrap_or(f64::NAN) / floor,
+            2
+        ));
+        print(&v);
         return Ok(());
     }
     let all = flag("--all");

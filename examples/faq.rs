@@ -32,60 +32,18 @@
 //!
 //! Measured output (release build, 2-core machine, defaults): see README.md.
 
-use std::io::BufRead;
+#[path = "common/faq_task.rs"]
+mod faq_task;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
+#[cfg(feature = "transformers")]
+use faq_task::FaqMiniLm;
+use faq_task::{FaqModel, read_split};
 use similarity_core::distance::Distance;
 use similarity_core::prelude::*;
-
-/// The tutorial's model: all-MiniLM-L6-v2, frozen and cached, under the same head and loss.
-#[cfg(feature = "transformers")]
-#[trainable_model]
-pub struct FaqMiniLm {
-    #[encoder(cache = "auto")]
-    text: Frozen<SentenceTransformer>,
-    #[head]
-    head: SkipConnectionHead,
-    #[loss(scale = 20.0, symmetric = true)]
-    loss: MultipleNegativesRankingLoss,
-}
-
-/// Question → answer retrieval model.
-#[trainable_model]
-pub struct FaqModel {
-    /// Hashed word and character n-grams with a seeded projection; frozen, so its
-    /// embeddings are computed once and cached on the model's device.
-    #[encoder(cache = "auto")]
-    text: HashedNgramEncoder,
-    /// Gated residual layer, initialised close to the identity.
-    #[head]
-    head: SkipConnectionHead,
-    /// In-batch negatives, both directions (question → answer and answer → question).
-    #[loss(scale = 20.0, symmetric = true)]
-    loss: MultipleNegativesRankingLoss,
-}
-
-#[derive(serde::Deserialize)]
-struct FaqRow {
-    question: String,
-    answer: String,
-}
-
-fn read_pairs(path: &Path) -> Result<Vec<SimilarityPairSample<String>>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
-    let mut pairs = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        let row: FaqRow = serde_json::from_str(&line)
-            .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
-        pairs.push(SimilarityPairSample::positive(row.question, row.answer));
-    }
-    Ok(pairs)
-}
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -95,9 +53,8 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn main() -> Result<()> {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cloud-faq");
-    let train = read_pairs(&data.join("train_cloud_faq_dataset.jsonl.gz"))?;
-    let val = read_pairs(&data.join("val_cloud_faq_dataset.jsonl.gz"))?;
+    let train = read_split("train")?;
+    let val = read_split("val")?;
     println!(
         "cloud-faq: {} training pairs, {} validation pairs",
         train.len(),
@@ -149,14 +106,12 @@ where
         .map(|e| e.parse())
         .transpose()?
         .unwrap_or(TrainerConfig::default().cache_batch_size);
-    let trainer = Trainer::new(TrainerConfig {
+    let trainer = faq_task::trainer(
         epochs,
-        batch_size: 1024,
+        lr,
         cache_batch_size,
-        optimizer: OptimizerConfig::adam(lr),
-        logs_dir: Some(PathBuf::from("target/faq-logs")),
-        ..Default::default()
-    });
+        Some(PathBuf::from("target/faq-logs")),
+    );
 
     let before = trainer.evaluate(&mut model, val)?;
     let p1 = |e: &similarity_core::train::Evaluation| e.metric("precision@1").unwrap_or(f64::NAN);

@@ -23,7 +23,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::masks::{negative_mask, positive_mask};
+use super::masks::group_masks;
 use super::triplet::{check_groups, masked_logsumexp, softplus};
 use super::{GroupKind, MemoryLoss, SimilarityLoss};
 use crate::data::GroupTargets;
@@ -120,8 +120,8 @@ impl SimilarityLoss for CircleLoss {
             dtype,
             embeddings.device(),
         )?)?;
-        let pos = positive_mask(&targets.groups, None, dtype)?.mul(&upper)?;
-        let neg = negative_mask(&targets.groups, None, dtype)?.mul(&upper)?;
+        let (pos, neg) = group_masks(&targets.groups, None, dtype)?;
+        let (pos, neg) = (pos.mul(&upper)?, neg.mul(&upper)?);
         self.loss(&s, &pos, &neg)
     }
 }
@@ -145,8 +145,7 @@ impl MemoryLoss for CircleLoss {
             .config
             .distance
             .similarity_matrix(embeddings, Some(memory_embeddings))?;
-        let pos = positive_mask(groups, Some(memory_groups), dtype)?;
-        let neg = negative_mask(groups, Some(memory_groups), dtype)?;
+        let (pos, neg) = group_masks(groups, Some(memory_groups), dtype)?;
         self.loss(&s, &pos, &neg)
     }
 }

@@ -25,7 +25,7 @@
 use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::masks::{negative_mask, positive_mask};
+use super::masks::group_masks;
 use super::triplet::{check_groups, weighted_mean};
 use super::{GroupKind, SimilarityLoss};
 use crate::data::GroupTargets;
@@ -81,8 +81,7 @@ impl SimilarityLoss for FastAPLoss {
         check_groups("FastAPLoss", embeddings, &targets.groups)?;
         let dtype = embeddings.dtype();
         let device = embeddings.device();
-        let pos = positive_mask(&targets.groups, None, dtype)?;
-        let neg = negative_mask(&targets.groups, None, dtype)?;
+        let (pos, neg) = group_masks(&targets.groups, None, dtype)?;
         let n_pos = pos.sum(1)?;
 
         let x = normalize(embeddings)?;

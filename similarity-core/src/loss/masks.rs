@@ -28,6 +28,18 @@ pub fn positive_mask(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<Ten
     })
 }
 
+/// Both masks from one group comparison: `(positive, negative)` as
+/// [`positive_mask`] and [`negative_mask`] give them.
+pub fn group_masks(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let same = same_group(a, b.unwrap_or(a))?.to_dtype(dtype)?;
+    let negative = (1.0 - &same)?;
+    let positive = match b {
+        Some(_) => same,
+        None => (same - Tensor::eye(a.dim(0)?, dtype, a.device())?)?,
+    };
+    Ok((positive, negative))
+}
+
 /// Anchor–negative mask: different groups.
 pub fn negative_mask(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<Tensor> {
     let same = same_group(a, b.unwrap_or(a))?.to_dtype(dtype)?;
@@ -38,6 +50,25 @@ pub fn negative_mask(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<Ten
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn group_masks_equal_the_separate_masks() {
+        let a = Tensor::new(&[1i64, 2, 1, 3], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1i64, 3, 3], &Device::Cpu).unwrap();
+        for other in [None, Some(&b)] {
+            let (p, n) = group_masks(&a, other, DType::F32).unwrap();
+            let want_p = positive_mask(&a, other, DType::F32).unwrap();
+            let want_n = negative_mask(&a, other, DType::F32).unwrap();
+            assert_eq!(
+                p.to_vec2::<f32>().unwrap(),
+                want_p.to_vec2::<f32>().unwrap()
+            );
+            assert_eq!(
+                n.to_vec2::<f32>().unwrap(),
+                want_n.to_vec2::<f32>().unwrap()
+            );
+        }
+    }
 
     #[test]
     fn masks_by_hand() {

@@ -23,7 +23,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::masks::{negative_mask, positive_mask};
+use super::masks::group_masks;
 use super::triplet::{big, check_groups, masked_logsumexp};
 use super::{GroupKind, MemoryLoss, SimilarityLoss};
 use crate::data::GroupTargets;
@@ -139,8 +139,7 @@ impl SimilarityLoss for MultiSimilarityLoss {
         check_groups("MultiSimilarityLoss", embeddings, &targets.groups)?;
         let dtype = embeddings.dtype();
         let s = Distance::Cosine.similarity_matrix(embeddings, None)?;
-        let pos = positive_mask(&targets.groups, None, dtype)?;
-        let neg = negative_mask(&targets.groups, None, dtype)?;
+        let (pos, neg) = group_masks(&targets.groups, None, dtype)?;
         self.loss(&s, &pos, &neg)
     }
 }
@@ -165,8 +164,7 @@ impl MemoryLoss for MultiSimilarityLoss {
         }
         let dtype = embeddings.dtype();
         let s = Distance::Cosine.similarity_matrix(embeddings, Some(memory_embeddings))?;
-        let pos = positive_mask(groups, Some(memory_groups), dtype)?;
-        let neg = negative_mask(groups, Some(memory_groups), dtype)?;
+        let (pos, neg) = group_masks(groups, Some(memory_groups), dtype)?;
         self.loss(&s, &pos, &neg)
     }
 }

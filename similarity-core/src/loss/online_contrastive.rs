@@ -139,8 +139,7 @@ impl SimilarityLoss for OnlineContrastiveLoss {
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
         let dtype = embeddings.dtype();
         let d = self.config.distance.distance_matrix(embeddings, None)?;
-        let pos = masks::positive_mask(&targets.groups, None, dtype)?;
-        let neg = masks::negative_mask(&targets.groups, None, dtype)?;
+        let (pos, neg) = masks::group_masks(&targets.groups, None, dtype)?;
         self.masked_loss(&d, &pos, &neg)
     }
 }
@@ -158,8 +157,7 @@ impl MemoryLoss for OnlineContrastiveLoss {
             .config
             .distance
             .distance_matrix(embeddings, Some(memory_embeddings))?;
-        let pos = masks::positive_mask(groups, Some(memory_groups), dtype)?;
-        let neg = masks::negative_mask(groups, Some(memory_groups), dtype)?;
+        let (pos, neg) = masks::group_masks(groups, Some(memory_groups), dtype)?;
         self.masked_loss(&d, &pos, &neg)
     }
 }

@@ -45,7 +45,7 @@
 use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::masks::{negative_mask, positive_mask};
+use super::masks::group_masks;
 use super::{GroupKind, MemoryLoss, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
@@ -95,8 +95,7 @@ pub(super) fn weighted_mean(values: &Tensor, weights: &Tensor) -> Result<Tensor>
 /// The valid-triplet mask of a batch, `(N, N, N)` in `dtype`:
 /// `mask[a, p, n] = [g_a = g_p] ∧ [a ≠ p] ∧ [g_a ≠ g_n]` (so `a`, `p`, `n` are distinct).
 pub fn triplet_mask(groups: &Tensor, dtype: DType) -> Result<Tensor> {
-    let pos = positive_mask(groups, None, dtype)?;
-    let neg = negative_mask(groups, None, dtype)?;
+    let (pos, neg) = group_masks(groups, None, dtype)?;
     Ok(pos.unsqueeze(2)?.broadcast_mul(&neg.unsqueeze(1)?)?)
 }
 
@@ -155,8 +154,7 @@ impl TripletLoss {
     fn loss(&self, a: &Tensor, groups_a: &Tensor, b: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let dtype = a.dtype();
         let d = self.config.distance.distance_matrix(a, b.map(|b| b.0))?;
-        let pos = positive_mask(groups_a, b.map(|b| b.1), dtype)?;
-        let neg = negative_mask(groups_a, b.map(|b| b.1), dtype)?;
+        let (pos, neg) = group_masks(groups_a, b.map(|b| b.1), dtype)?;
         match self.config.mining {
             TripletMining::All => self.all(&d, &pos, &neg),
             TripletMining::Hard => self.hard(&d, &pos, &neg),

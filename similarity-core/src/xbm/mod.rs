@@ -100,9 +100,8 @@ impl Xbm {
     }
 
     /// Appends a batch (`embeddings: (n, d)`, `groups: (n)`), overwriting the oldest rows.
-    /// A batch larger than the memory keeps its last `size` rows.
-    // `slice_assign` takes one range per dimension: a one-element array is the 1-d case.
-    #[allow(clippy::single_range_in_vec_init)]
+    /// A batch larger than the memory keeps its last `size` rows. The rows are written in
+    /// place (no copy of the whole buffer); the buffer is never shared outside the memory.
     pub fn enqueue(&mut self, embeddings: &Tensor, groups: &Tensor) -> Result<()> {
         let size = self.config.size;
         let (n, d) = embeddings.dims2()?;
@@ -111,6 +110,15 @@ impl Xbm {
                 "XBM enqueue",
                 format!("groups ({n})"),
                 groups.dims(),
+            ));
+        }
+        if let Some(s) = &self.embeddings
+            && s.dim(1)? != d
+        {
+            return Err(Error::shape(
+                "XBM enqueue",
+                format!("(batch, {})", s.dim(1)?),
+                embeddings.dims(),
             ));
         }
         let embeddings = embeddings
@@ -127,46 +135,40 @@ impl Xbm {
         } else {
             (embeddings, groups, n)
         };
-        let store = match self.embeddings.take() {
-            Some(s) if s.dim(1)? == d => s,
-            Some(s) => {
-                return Err(Error::shape(
-                    "XBM enqueue",
-                    format!("(batch, {})", s.dim(1)?),
-                    embeddings.dims(),
-                ));
-            }
-            None => Tensor::zeros((size, d), DType::F32, &self.device)?,
-        };
-        let store_groups = match self.groups.take() {
-            Some(g) => g,
-            None => Tensor::zeros(size, DType::I64, &self.device)?,
+        if self.embeddings.is_none() {
+            self.embeddings = Some(Tensor::zeros((size, d), DType::F32, &self.device)?);
+            self.groups = Some(Tensor::zeros(size, DType::I64, &self.device)?);
+        }
+        let (Some(store), Some(store_groups)) = (&self.embeddings, &self.groups) else {
+            unreachable!("allocated above")
         };
         // Up to two contiguous writes: to the end of the buffer, then wrapping to its start.
         let first = n.min(size - self.pointer);
-        let mut store = store.slice_assign(
-            &[self.pointer..self.pointer + first, 0..d],
-            &embeddings.narrow(0, 0, first)?,
-        )?;
-        let mut store_groups = store_groups.slice_assign(
-            &[self.pointer..self.pointer + first],
-            &groups.narrow(0, 0, first)?,
-        )?;
+        let write = |dst: &Tensor, src: &Tensor, from: usize, len: usize, at: usize| {
+            dst.slice_set(&src.narrow(0, from, len)?.contiguous()?, 0, at)
+        };
+        write(store, &embeddings, 0, first, self.pointer)?;
+        write(store_groups, &groups, 0, first, self.pointer)?;
         if first < n {
-            let rest = n - first;
-            store = store.slice_assign(&[0..rest, 0..d], &embeddings.narrow(0, first, rest)?)?;
-            store_groups =
-                store_groups.slice_assign(&[0..rest], &groups.narrow(0, first, rest)?)?;
+            write(store, &embeddings, first, n - first, 0)?;
+            write(store_groups, &groups, first, n - first, 0)?;
         }
-        self.embeddings = Some(store);
-        self.groups = Some(store_groups);
         self.pointer = (self.pointer + n) % size;
         self.len = (self.len + n).min(size);
         Ok(())
     }
 
-    /// The filled rows: `(len, d)` embeddings and `(len)` groups, or `None` when empty.
+    /// A copy of the filled rows: `(len, d)` embeddings and `(len)` groups, or `None`
+    /// when empty.
     pub fn get(&self) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(match self.view()? {
+            Some((e, g)) => Some((e.copy()?, g.copy()?)),
+            None => None,
+        })
+    }
+
+    /// The filled rows as views into the ring buffer: valid until the next enqueue.
+    fn view(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (&self.embeddings, &self.groups) {
             (Some(e), Some(g)) if self.len > 0 => {
                 Ok(Some((e.narrow(0, 0, self.len)?, g.narrow(0, 0, self.len)?)))
@@ -187,7 +189,9 @@ impl Xbm {
         if step < self.config.start_iteration {
             return Ok(None);
         }
-        let Some((memory, memory_groups)) = self.get()? else {
+        // The views are used within this step; the enqueue that overwrites them comes
+        // after the backward pass.
+        let Some((memory, memory_groups)) = self.view()? else {
             return Ok(None);
         };
         let memory = memory
@@ -202,8 +206,11 @@ impl Xbm {
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
         if let (Some(e), Some(g)) = (&self.embeddings, &self.groups) {
-            out.insert("xbm.embeddings".into(), e.clone());
-            out.insert("xbm.groups".into(), g.clone());
+            // Copies: the buffer is written in place by later enqueues.
+            if let (Ok(e), Ok(g)) = (e.copy(), g.copy()) {
+                out.insert("xbm.embeddings".into(), e);
+                out.insert("xbm.groups".into(), g);
+            }
             let meta = [self.pointer as i64, self.len as i64];
             if let Ok(t) = Tensor::new(&meta, &Device::Cpu) {
                 out.insert("xbm.pointer_len".into(), t);
@@ -223,8 +230,23 @@ impl Xbm {
             return Ok(());
         };
         let meta = m.to_vec1::<i64>()?;
-        let (pointer, len) = (meta[0] as usize, meta[1] as usize);
-        if e.dim(0)? != self.config.size || pointer >= self.config.size || len > self.config.size {
+        let (&[pointer, len], Ok((rows, _))) = (meta.as_slice(), e.dims2()) else {
+            return Err(Error::invalid(
+                "XBM checkpoint state",
+                format!(
+                    "`xbm.pointer_len` must hold 2 values and `xbm.embeddings` be 2-d, got {} \
+                     values and shape {:?}",
+                    meta.len(),
+                    e.dims()
+                ),
+            ));
+        };
+        let (pointer, len) = (pointer.max(0) as usize, len.max(0) as usize);
+        if rows != self.config.size
+            || g.dims() != [rows]
+            || pointer >= self.config.size
+            || len > self.config.size
+        {
             return Err(Error::invalid(
                 "XBM checkpoint state",
                 format!(
@@ -234,8 +256,9 @@ impl Xbm {
                 ),
             ));
         }
-        self.embeddings = Some(e.to_device(&self.device)?);
-        self.groups = Some(g.to_device(&self.device)?);
+        // Own copies, contiguous: enqueue writes into them in place.
+        self.embeddings = Some(e.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?);
+        self.groups = Some(g.to_dtype(DType::I64)?.to_device(&self.device)?.copy()?);
         self.pointer = pointer;
         self.len = len;
         Ok(())

@@ -1,0 +1,78 @@
+//! The cloud-FAQ task shared by the `faq` and `bench` examples: the data reader and the
+//! models of Quaterion's NLP tutorial.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use similarity_core::prelude::*;
+
+/// The tutorial's model: all-MiniLM-L6-v2, frozen and cached, under the same head and loss.
+#[cfg(feature = "transformers")]
+#[trainable_model]
+pub struct FaqMiniLm {
+    #[encoder(cache = "auto")]
+    text: Frozen<SentenceTransformer>,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss(scale = 20.0, symmetric = true)]
+    loss: MultipleNegativesRankingLoss,
+}
+
+/// Question → answer retrieval model.
+#[trainable_model]
+pub struct FaqModel {
+    /// Hashed word and character n-grams with a seeded projection; frozen, so its
+    /// embeddings are computed once and cached on the model's device.
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    /// Gated residual layer, initialised close to the identity.
+    #[head]
+    head: SkipConnectionHead,
+    /// In-batch negatives, both directions (question → answer and answer → question).
+    #[loss(scale = 20.0, symmetric = true)]
+    loss: MultipleNegativesRankingLoss,
+}
+
+#[derive(serde::Deserialize)]
+struct FaqRow {
+    question: String,
+    answer: String,
+}
+
+/// The directory of the cloud-FAQ data in this repository.
+pub fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cloud-faq")
+}
+
+/// Reads one split (`"train"` or `"val"`) as positive (question, answer) pairs.
+pub fn read_split(split: &str) -> Result<Vec<SimilarityPairSample<String>>> {
+    read_pairs(&data_dir().join(format!("{split}_cloud_faq_dataset.jsonl.gz")))
+}
+
+/// Reads gzipped JSON lines `{"question": ..., "answer": ...}`; errors name file and line.
+pub fn read_pairs(path: &Path) -> Result<Vec<SimilarityPairSample<String>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
+    let mut pairs = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let line = line.with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        let row: FaqRow = serde_json::from_str(&line)
+            .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+        pairs.push(SimilarityPairSample::positive(row.question, row.answer));
+    }
+    Ok(pairs)
+}
+
+/// The trainer of the tutorial's recipe: batch 1024, Adam.
+pub fn trainer(epochs: usize, lr: f64, cache_batch_size: usize, logs: Option<PathBuf>) -> Trainer {
+    Trainer::new(TrainerConfig {
+        epochs,
+        batch_size: 1024,
+        cache_batch_size,
+        optimizer: OptimizerConfig::adam(lr),
+        logs_dir: logs,
+        ..Default::default()
+    })
+}
