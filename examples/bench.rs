@@ -319,6 +319,17 @@ fn candle_threads_env() -> Value {
     std::env::var("CANDLE_NUM_THREADS").map_or(Value::Null, Value::String)
 }
 
+/// glibc's malloc thresholds as set for this run (see BENCHMARKS.md: raised thresholds keep
+/// the multi-megabyte tensors of a step in the heap instead of mapping and page-faulting
+/// them in again at every step).
+fn malloc_env() -> Value {
+    let get = |k: &str| std::env::var(k).map_or(Value::Null, Value::String);
+    json!({
+        "MALLOC_MMAP_THRESHOLD_": get("MALLOC_MMAP_THRESHOLD_"),
+        "MALLOC_TRIM_THRESHOLD_": get("MALLOC_TRIM_THRESHOLD_"),
+    })
+}
+
 fn vm_hwm_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -378,6 +389,7 @@ fn matmul_gflops() -> Result<Value> {
         "runs": times.len(),
         "threads": std::thread::available_parallelism().map_or(1, |n| n.get()),
         "candle_num_threads_env": candle_threads_env(),
+        "malloc_env": malloc_env(),
         "machine_load": load.finish(),
     }))
 }
@@ -503,6 +515,7 @@ fn run_workload(name: &str, epochs: usize) -> Result<Value> {
         out["peak_rss_mb"] = json!(round(vm_hwm_mb(), 1));
         out["epochs"] = json!(epochs);
         out["candle_num_threads_env"] = candle_threads_env();
+        out["malloc_env"] = malloc_env();
         out["machine_load"] = load.finish();
         return Ok(out);
     }
@@ -524,6 +537,7 @@ fn run_workload(name: &str, epochs: usize) -> Result<Value> {
     out["peak_rss_mb"] = json!(round(vm_hwm_mb(), 1));
     out["epochs"] = json!(epochs);
     out["candle_num_threads_env"] = candle_threads_env();
+    out["malloc_env"] = malloc_env();
     out["machine_load"] = load.finish();
     Ok(out)
 }
@@ -777,6 +791,7 @@ fn time_loss<L: SimilarityLoss>(
         "first_call_ms": round(first_ms, 3),
         "loss_value": value,
         "candle_num_threads_env": candle_threads_env(),
+        "malloc_env": malloc_env(),
         "machine_load": load.finish(),
     });
     print(&out);

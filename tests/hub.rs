@@ -3,6 +3,8 @@
 //! all-MiniLM-L6-v2 directory that `scripts/fetch-minilm.sh` fetches, and the Hub client
 //! is pointed at a closed local port, so any attempt to download fails loudly.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -15,20 +17,6 @@ const REPO: &str = "sentence-transformers/all-MiniLM-L6-v2";
 const COMMIT: &str = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf";
 /// Nothing listens on port 9 (discard) here: a download attempt gets "connection refused".
 const CLOSED: &str = "http://127.0.0.1:9";
-
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("SIMILARITY_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
-        });
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is not in `{}`: run `bash scripts/fetch-minilm.sh` first",
-        dir.display()
-    );
-    dir
-}
 
 /// A Hub cache (`models--owner--name/{refs,blobs,snapshots}`) holding `files` of the
 /// model, with `refs/main` pointing at `COMMIT`.
@@ -43,7 +31,7 @@ fn hub_cache(files: &[&str]) -> tempfile::TempDir {
     for file in files {
         let to = snapshot.join(file);
         fs::create_dir_all(to.parent().unwrap()).unwrap();
-        fs::copy(minilm_dir().join(file), &to).unwrap();
+        fs::copy(common::minilm_dir().join(file), &to).unwrap();
     }
     cache
 }
@@ -61,7 +49,7 @@ fn present(files: &[&'static str]) -> Vec<&'static str> {
     files
         .iter()
         .copied()
-        .filter(|f| minilm_dir().join(f).is_file())
+        .filter(|f| common::minilm_dir().join(f).is_file())
         .collect()
 }
 
@@ -92,7 +80,7 @@ fn offline_download_resolves_the_cached_snapshot_and_loads_the_same_model() {
         .unwrap();
     assert_eq!(dir, snapshot(cache.path()));
     let from_cache = SentenceTransformer::from_pretrained(&dir, &Device::Cpu).unwrap();
-    let direct = SentenceTransformer::from_pretrained(minilm_dir(), &Device::Cpu).unwrap();
+    let direct = SentenceTransformer::from_pretrained(common::minilm_dir(), &Device::Cpu).unwrap();
     assert_eq!(embed(&from_cache), embed(&direct));
     assert_eq!(from_cache.normalize(), direct.normalize());
     assert_eq!(from_cache.max_seq_length(), direct.max_seq_length());

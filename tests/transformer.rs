@@ -5,6 +5,8 @@
 //! The model is not in the repository: `bash scripts/fetch-minilm.sh` downloads it into
 //! `target/models/all-MiniLM-L6-v2` (or set `SIMILARITY_MINILM_DIR`).
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -13,24 +15,11 @@ use similarity_core::encoder::{TransformerBatch, encode_all};
 use similarity_core::nn::Mode;
 use similarity_core::prelude::*;
 
-fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("SIMILARITY_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
-        });
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "all-MiniLM-L6-v2 is not in `{}`: run `bash scripts/fetch-minilm.sh` first \
-         (or set SIMILARITY_MINILM_DIR to a sentence-transformers model directory)",
-        dir.display()
-    );
-    dir
-}
-
 fn frozen() -> &'static SentenceTransformer {
     static ENC: OnceLock<SentenceTransformer> = OnceLock::new();
-    ENC.get_or_init(|| SentenceTransformer::from_pretrained(model_dir(), &Device::Cpu).unwrap())
+    ENC.get_or_init(|| {
+        SentenceTransformer::from_pretrained(common::minilm_dir(), &Device::Cpu).unwrap()
+    })
 }
 
 struct Reference {
@@ -133,7 +122,8 @@ fn long_texts_are_truncated_to_max_seq_length() {
 
 #[test]
 fn every_trainable_weight_receives_a_gradient() {
-    let enc = SentenceTransformer::from_pretrained_trainable(model_dir(), &Device::Cpu).unwrap();
+    let enc =
+        SentenceTransformer::from_pretrained_trainable(common::minilm_dir(), &Device::Cpu).unwrap();
     let vars = enc.trainable_vars();
     // 5 embedding tensors and 16 per layer.
     assert_eq!(vars.len(), 5 + 16 * enc.config().num_hidden_layers);
@@ -214,7 +204,7 @@ fn pairs() -> Vec<SimilarityPairSample<String>> {
 
 #[test]
 fn fine_tuning_lowers_the_loss_and_the_model_round_trips() {
-    let enc = SentenceTransformer::from_pretrained_trainable(model_dir(), &Device::Cpu)
+    let enc = SentenceTransformer::from_pretrained_trainable(common::minilm_dir(), &Device::Cpu)
         .unwrap()
         .with_max_seq_length(16)
         .unwrap();
@@ -290,7 +280,7 @@ fn save_then_load_gives_identical_embeddings() {
 
 #[test]
 fn missing_or_corrupt_files_are_named() {
-    let src = model_dir();
+    let src = common::minilm_dir();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
@@ -323,7 +313,7 @@ fn missing_or_corrupt_files_are_named() {
 
 #[test]
 fn a_bert_prefix_on_weight_names_is_accepted() {
-    let src = model_dir();
+    let src = common::minilm_dir();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir_all(d.join("1_Pooling")).unwrap();

@@ -2,11 +2,28 @@
 #![allow(dead_code)]
 
 use std::io::BufRead;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use similarity_core::data::SimilarityPairSample;
 
 pub mod parity;
+
+/// The all-MiniLM-L6-v2 directory the transformer tests read: `SIMILARITY_MINILM_DIR`, else
+/// `target/models/all-MiniLM-L6-v2`, where `bash scripts/fetch-minilm.sh` puts it.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("SIMILARITY_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
+        });
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 is not in `{}`: run `bash scripts/fetch-minilm.sh` first \
+         (or set SIMILARITY_MINILM_DIR to a sentence-transformers model directory)",
+        dir.display()
+    );
+    dir
+}
 
 /// The first `n` pairs of a cloud-FAQ split (`"train"` or `"val"`).
 pub fn faq_pairs(split: &str, n: usize) -> Vec<SimilarityPairSample<String>> {

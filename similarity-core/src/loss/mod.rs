@@ -276,20 +276,32 @@ pub(crate) fn check_pairs(loss: &str, embeddings: &Tensor, targets: &PairTargets
 }
 
 /// `mean_i(logsumexp(logits_i) − logits_i[target_i])` with `target_i = i`, for a square
-/// `(n, n)` matrix: cross-entropy where row `i`'s class is `i`. Numerically stable
-/// (the row max is subtracted, detached) and differentiable.
-pub(crate) fn diagonal_cross_entropy(logits: &Tensor) -> Result<Tensor> {
+/// `(n, n)` matrix: cross-entropy where row `i`'s class is `i`. With `symmetric`, the mean
+/// of that and the same over the columns (`logits` transposed), without materialising the
+/// transpose: both directions share the diagonal, read with a gather (`O(n)`, not an
+/// `n × n` mask). Numerically stable (each row's or column's max is subtracted, detached)
+/// and differentiable.
+pub(crate) fn diagonal_cross_entropy(logits: &Tensor, symmetric: bool) -> Result<Tensor> {
     let n = logits.dim(0)?;
-    let max = logits.max_keepdim(1)?.detach();
-    let lse = logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(1)?
-        .log()?
-        .add(&max)?;
-    let eye = Tensor::eye(n, logits.dtype(), logits.device())?;
-    let diag = logits.mul(&eye)?.sum_keepdim(1)?;
-    Ok(lse.sub(&diag)?.mean_all()?)
+    let idx = Tensor::arange(0u32, n as u32, logits.device())?.unsqueeze(1)?;
+    let diag = logits.gather(&idx, 1)?.squeeze(1)?.mean_all()?;
+    // mean over `dim`'s complement of logsumexp along `dim`.
+    let mean_lse = |dim: usize| -> Result<Tensor> {
+        let max = logits.max_keepdim(dim)?.detach();
+        Ok(logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(dim)?
+            .log()?
+            .add(&max)?
+            .mean_all()?)
+    };
+    let rows = mean_lse(1)?;
+    if !symmetric {
+        return Ok(rows.sub(&diag)?);
+    }
+    let cols = mean_lse(0)?;
+    Ok(((rows + cols)? * 0.5)?.sub(&diag)?)
 }
 
 /// The value of a scalar tensor, for tests.

@@ -97,12 +97,7 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
             .distance
             .similarity_matrix(&anchors, Some(&positives))?
             * self.config.scale)?;
-        let loss = diagonal_cross_entropy(&logits)?;
-        if self.config.symmetric {
-            let back = diagonal_cross_entropy(&logits.t()?)?;
-            return Ok(((loss + back)? / 2.0)?);
-        }
-        Ok(loss)
+        diagonal_cross_entropy(&logits, self.config.symmetric)
     }
 }
 
