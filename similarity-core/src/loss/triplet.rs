@@ -176,8 +176,22 @@ impl TripletLoss {
 
     fn hard(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
         let big = big(d.dtype());
-        let hardest_pos = d.mul(pos)?.add(&((pos - 1.0)? * big)?)?.max(1)?;
-        let hardest_neg = d.mul(neg)?.add(&((1.0 - neg)? * big)?)?.min(1)?;
+        // The hardest positive and negative of each anchor are found on the detached
+        // distances and then read from `d` with a gather: the graph holds two `(n, 1)`
+        // gathers instead of masked `n × m` products, sums and reductions, and the gradient
+        // reaches exactly the selected entries (as torch's `max` gives it). Anchors without
+        // a positive or a negative pick an arbitrary column and are masked by `valid`.
+        let dd = d.detach();
+        let pos_idx = dd
+            .mul(pos)?
+            .add(&((pos - 1.0)? * big)?)?
+            .argmax_keepdim(1)?;
+        let neg_idx = dd
+            .mul(neg)?
+            .add(&((1.0 - neg)? * big)?)?
+            .argmin_keepdim(1)?;
+        let hardest_pos = d.gather(&pos_idx, 1)?.squeeze(1)?;
+        let hardest_neg = d.gather(&neg_idx, 1)?.squeeze(1)?;
         let valid = pos.max(1)?.mul(&neg.max(1)?)?.detach();
         // Invalid anchors are zeroed before any arithmetic on their ±big values.
         let diff = hardest_pos.sub(&hardest_neg)?.mul(&valid)?;
