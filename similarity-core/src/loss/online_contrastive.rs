@@ -82,19 +82,26 @@ impl OnlineContrastiveLoss {
     /// The loss of distances `d: (n, m)` with `{0, 1}` masks `pos`, `neg` of the same shape.
     fn masked_loss(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
         let margin = self.config.margin;
-        // relu(m − D) is only read where `neg` is 1.
-        let hinge = d.neg()?.affine(1.0, margin)?.relu()?;
         let (pos_loss, neg_loss) = match self.config.mining {
-            PairMining::All => (
-                masked_mean(&(pos * d)?.sum_all()?, &pos.sum_all()?)?,
-                masked_mean(&(neg * &hinge)?.sum_all()?, &neg.sum_all()?)?,
-            ),
+            PairMining::All => {
+                // relu(m − D) is only read where `neg` is 1.
+                let hinge = d.neg()?.affine(1.0, margin)?.relu()?;
+                (
+                    masked_mean(&(pos * d)?.sum_all()?, &pos.sum_all()?)?,
+                    masked_mean(&(neg * &hinge)?.sum_all()?, &neg.sum_all()?)?,
+                )
+            }
             PairMining::Hard => {
                 let offset = mask_offset(d, margin)?;
                 // Non-positives pushed below every distance, non-negatives above, so the
                 // row max / min land on a real positive / negative when the row has one.
-                let hardest_pos = (d - ((1.0 - pos)? * offset)?)?.max(1)?;
-                let hardest_neg = (d + ((1.0 - neg)? * offset)?)?.min(1)?;
+                // The columns are chosen on the detached distances and read from `d` with
+                // a gather, so the graph holds two `(n, 1)` gathers, not `n × m` work.
+                let dd = d.detach();
+                let pos_idx = (&dd - ((1.0 - pos)? * offset)?)?.argmax_keepdim(1)?;
+                let neg_idx = (&dd + ((1.0 - neg)? * offset)?)?.argmin_keepdim(1)?;
+                let hardest_pos = d.gather(&pos_idx, 1)?.squeeze(1)?;
+                let hardest_neg = d.gather(&neg_idx, 1)?.squeeze(1)?;
                 let has_pos = pos.max(1)?;
                 let has_neg = neg.max(1)?;
                 let neg_hinge = hardest_neg.neg()?.affine(1.0, margin)?.relu()?;
