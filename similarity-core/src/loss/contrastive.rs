@@ -119,9 +119,13 @@ impl SimilarityLoss for ContrastiveLoss {
             let same =
                 masks::same_group(&targets.subgroups, &targets.subgroups)?.to_dtype(dtype)?;
             // Same-subgroup entries (the object itself and its pair partner included) are
-            // lifted above every real distance, so the row minimum is a real negative.
-            let lifted = (&matrix + (same * mask_offset(&matrix, margin)?)?)?;
-            let nearest = lifted.min(1)?;
+            // lifted above every real distance, so the row minimum is a real negative. The
+            // column is chosen on the detached matrix and read with a gather: two `(n, 1)`
+            // nodes in the graph instead of `n × n` work.
+            // A row without a negative keeps its lifted value (its hinge is then 0).
+            let lift = (same * mask_offset(&matrix, margin)?)?;
+            let column = (matrix.detach() + &lift)?.argmin_keepdim(1)?;
+            let nearest = (matrix.gather(&column, 1)? + lift.gather(&column, 1)?)?.squeeze(1)?;
             let hard = (hinge_sq(&nearest.index_select(&first, 0)?, margin)?
                 + hinge_sq(&nearest.index_select(&second, 0)?, margin)?)?;
             losses = (losses + hard)?;
