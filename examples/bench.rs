@@ -581,16 +581,14 @@ fn faq(epochs: usize) -> Result<Value> {
     }
     let model_started = Instant::now();
     let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &ModelOptions::default())?;
-    let mut t = faq_task::trainer(
-        epochs,
-        1e-4,
-        TrainerConfig::default().cache_batch_size,
-        None,
-    );
-    let cfg = t.config().clone();
-    t = Trainer::new(TrainerConfig {
+    let t = Trainer::new(TrainerConfig {
         progress: false,
-        ..cfg
+        ..faq_task::trainer_config(
+            epochs,
+            1e-4,
+            TrainerConfig::default().cache_batch_size,
+            None,
+        )
     });
     let start = Instant::now();
     let before = t.evaluate(&mut model, &val)?;

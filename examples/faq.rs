@@ -107,12 +107,12 @@ where
         .map(|e| e.parse())
         .transpose()?
         .unwrap_or(TrainerConfig::default().cache_batch_size);
-    let trainer = faq_task::trainer(
+    let trainer = Trainer::new(faq_task::trainer_config(
         epochs,
         lr,
         cache_batch_size,
         Some(PathBuf::from("target/faq-logs")),
-    );
+    ));
 
     let before = trainer.evaluate(&mut model, val)?;
     let p1 = |e: &similarity_core::train::Evaluation| e.metric("precision@1").unwrap_or(f64::NAN);

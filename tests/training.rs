@@ -242,25 +242,11 @@ fn every_trainable_variable_receives_a_gradient() {
     let targets = <SimilarityPairSample<MixedModelRecord> as similarity_core::data::SimilaritySample>::targets(&metas, &Device::Cpu).unwrap();
     let loss = model.loss().forward(&emb, &targets).unwrap();
     let grads = loss.backward().unwrap();
-    for var in model.state().trainable_vars() {
-        let g = grads
-            .get(&var)
-            .expect("a gradient for every trainable variable");
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "variable {:?} has gradient norm {norm}",
-            var.dims()
-        );
-    }
+    let vars = model.state().trainable_vars();
+    common::assert_every_var_has_a_gradient(
+        &grads,
+        vars.iter().map(|v| (format!("variable {:?}", v.dims()), v)),
+    );
 }
 
 #[test]

@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use similarity_core::candle_core::{DType, Device, Tensor};
+use similarity_core::candle_core::{Device, Tensor};
 use similarity_core::encoder::{TransformerBatch, encode_all};
 use similarity_core::nn::Mode;
 use similarity_core::prelude::*;
@@ -158,24 +158,10 @@ fn every_trainable_weight_receives_a_gradient() {
         + (e * r).unwrap().sum_all().unwrap())
     .unwrap();
     let grads = loss.backward().unwrap();
-    for (name, var) in enc.named_vars() {
-        let g = grads
-            .get(var)
-            .unwrap_or_else(|| panic!("no gradient for `{name}`"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "`{name}` has gradient norm {norm}"
-        );
-    }
+    common::assert_every_var_has_a_gradient(
+        &grads,
+        enc.named_vars().iter().map(|(n, v)| (n.clone(), v)),
+    );
 }
 
 #[trainable_model]

@@ -65,14 +65,19 @@ pub fn read_pairs(path: &Path) -> Result<Vec<SimilarityPairSample<String>>> {
     Ok(pairs)
 }
 
-/// The trainer of the tutorial's recipe: batch 1024, Adam.
-pub fn trainer(epochs: usize, lr: f64, cache_batch_size: usize, logs: Option<PathBuf>) -> Trainer {
-    Trainer::new(TrainerConfig {
+/// The trainer settings of the tutorial's recipe: batch 1024, Adam.
+pub fn trainer_config(
+    epochs: usize,
+    lr: f64,
+    cache_batch_size: usize,
+    logs: Option<PathBuf>,
+) -> TrainerConfig {
+    TrainerConfig {
         epochs,
         batch_size: 1024,
         cache_batch_size,
         optimizer: OptimizerConfig::adam(lr),
         logs_dir: logs,
         ..Default::default()
-    })
+    }
 }

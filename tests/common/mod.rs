@@ -8,6 +8,29 @@ use similarity_core::data::SimilarityPairSample;
 
 pub mod parity;
 
+/// Asserts that every `(name, var)` has a finite, non-zero gradient in `grads`: a
+/// gradient that silently stops (a non-differentiable op) shows up as a missing or zero one.
+pub fn assert_every_var_has_a_gradient<'a>(
+    grads: &similarity_core::candle_core::backprop::GradStore,
+    vars: impl IntoIterator<Item = (String, &'a similarity_core::candle_core::Var)>,
+) {
+    for (name, var) in vars {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for `{name}`"));
+        let norm = g
+            .sqr()
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.to_dtype(similarity_core::candle_core::DType::F32))
+            .and_then(|t| t.to_scalar::<f32>())
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "`{name}` has gradient norm {norm}"
+        );
+    }
+}
+
 /// The all-MiniLM-L6-v2 directory the transformer tests read: `SIMILARITY_MINILM_DIR`, else
 /// `target/models/all-MiniLM-L6-v2`, where `bash scripts/fetch-minilm.sh` puts it.
 pub fn minilm_dir() -> PathBuf {

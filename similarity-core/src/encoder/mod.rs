@@ -158,21 +158,14 @@ pub fn encode_all<E: Encoder>(
 ) -> Result<Tensor> {
     let batch_size = batch_size.max(1);
     let order = cost_order(inputs.len(), |i| encoder.cost_hint(inputs[i]));
+    let ordered: Vec<&E::Input> = match &order {
+        Some(order) => order.iter().map(|&i| inputs[i]).collect(),
+        None => inputs.to_vec(),
+    };
     let mut parts = Vec::with_capacity(inputs.len().div_ceil(batch_size));
-    match &order {
-        None => {
-            for chunk in inputs.chunks(batch_size) {
-                let batch = encoder.collate(chunk, device)?;
-                parts.push(encoder.forward(&batch, &mut Mode::Eval)?.detach());
-            }
-        }
-        Some(order) => {
-            for chunk in order.chunks(batch_size) {
-                let chunk: Vec<&E::Input> = chunk.iter().map(|&i| inputs[i]).collect();
-                let batch = encoder.collate(&chunk, device)?;
-                parts.push(encoder.forward(&batch, &mut Mode::Eval)?.detach());
-            }
-        }
+    for chunk in ordered.chunks(batch_size) {
+        let batch = encoder.collate(chunk, device)?;
+        parts.push(encoder.forward(&batch, &mut Mode::Eval)?.detach());
     }
     if parts.is_empty() {
         return Ok(Tensor::zeros(

@@ -241,7 +241,12 @@ impl Xbm {
                 ),
             ));
         };
-        let (pointer, len) = (pointer.max(0) as usize, len.max(0) as usize);
+        let (Ok(pointer), Ok(len)) = (usize::try_from(pointer), usize::try_from(len)) else {
+            return Err(Error::invalid(
+                "XBM checkpoint state",
+                format!("`xbm.pointer_len` holds negative values ({pointer}, {len})"),
+            ));
+        };
         if rows != self.config.size
             || g.dims() != [rows]
             || pointer >= self.config.size
@@ -341,5 +346,60 @@ mod tests {
             m.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap(),
             r.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap()
         );
+    }
+
+    #[test]
+    fn handed_out_rows_and_state_do_not_change_with_later_enqueues() {
+        let mut m = Xbm::new(
+            XbmConfig {
+                size: 4,
+                ..Default::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (e, g) = batch(0, 4);
+        m.enqueue(&e, &g).unwrap();
+        let (rows, groups) = m.get().unwrap().unwrap();
+        let state = m.state_tensors();
+        let (e2, g2) = batch(10, 2);
+        m.enqueue(&e2, &g2).unwrap();
+        // The buffer is written in place; what was handed out before keeps its values.
+        assert_eq!(groups.to_vec1::<i64>().unwrap(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            rows.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.0, 1.0, 2.0, 3.0]
+        );
+        assert_eq!(
+            state["xbm.groups"].to_vec1::<i64>().unwrap(),
+            vec![0, 1, 2, 3]
+        );
+        assert_eq!(
+            m.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap(),
+            vec![10, 11, 2, 3]
+        );
+    }
+
+    #[test]
+    fn malformed_checkpoint_state_is_named() {
+        let mut m = Xbm::new(
+            XbmConfig {
+                size: 4,
+                ..Default::default()
+            },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let (e, g) = batch(0, 4);
+        m.enqueue(&e, &g).unwrap();
+        for meta in [vec![-1i64, 2], vec![1i64]] {
+            let mut state = m.state_tensors();
+            state.insert(
+                "xbm.pointer_len".into(),
+                Tensor::new(meta.as_slice(), &Device::Cpu).unwrap(),
+            );
+            let err = m.load_state(&state).unwrap_err().to_string();
+            assert!(err.contains("xbm.pointer_len"), "{meta:?}: {err}");
+        }
     }
 }
