@@ -28,6 +28,7 @@ use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernels;
 
 const NORM_EPS: f64 = 1e-8;
 const SQRT_EPS: f64 = 1e-12;
@@ -71,10 +72,13 @@ impl Distance {
 
     /// Distance matrix: `x: (n, d)`, `y: (m, d)` (or `x` itself) → `(n, m)`.
     pub fn distance_matrix(self, x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        if self == Distance::Cosine {
+            return Ok((1.0 - self.similarity_matrix(x, y)?)?);
+        }
         let y = y.unwrap_or(x);
         check_dims(x, y, "Distance::distance_matrix")?;
         Ok(match self {
-            Distance::Cosine => (1.0 - self.similarity_matrix(x, Some(y))?)?,
+            Distance::Cosine => unreachable!("handled above"),
             Distance::DotProduct => x.matmul(&y.t()?)?.neg()?,
             Distance::Euclidean => {
                 // Distances are translation invariant; centring on y's mean keeps |x|² and
@@ -106,16 +110,27 @@ impl Distance {
 
     /// Similarity matrix: `x: (n, d)`, `y: (m, d)` (or `x` itself) → `(n, m)`.
     pub fn similarity_matrix(self, x: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+        check_dims(x, y.unwrap_or(x), "Distance::similarity_matrix")?;
+        if self == Distance::Cosine
+            && let Some(s) = kernels::cosine_similarity_matrix(x, y)?
+        {
+            return Ok(s);
+        }
         let y = y.unwrap_or(x);
-        check_dims(x, y, "Distance::similarity_matrix")?;
         Ok(match self {
-            Distance::Cosine => normalize(x)?.matmul(&normalize(y)?.t()?)?,
+            Distance::Cosine => cosine_similarity_matrix(x, y)?,
             Distance::DotProduct => x.matmul(&y.t()?)?,
             Distance::Euclidean | Distance::Manhattan => {
                 (self.distance_matrix(x, Some(y))? + 1.0)?.recip()?
             }
         })
     }
+}
+
+/// The composite form of the cosine similarity matrix `x̂ ŷᵀ` (any device and dtype; the
+/// reference for the fused CPU kernel).
+pub(crate) fn cosine_similarity_matrix(x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    Ok(normalize(x)?.matmul(&normalize(y)?.t()?)?)
 }
 
 /// `|v|` whose gradient at `v = 0` is 0 (Candle's `abs` uses +1 there): equal coordinates

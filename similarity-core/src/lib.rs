@@ -52,6 +52,7 @@ pub mod distance;
 pub mod encoder;
 pub mod error;
 pub mod head;
+mod kernels;
 pub mod loss;
 pub mod metric;
 pub mod model;

@@ -259,6 +259,11 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    /// The bias, `(out)`, when the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
 }
 
 fn standard_normal(rng: &mut StdRng) -> f64 {

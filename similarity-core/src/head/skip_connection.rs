@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Head, check_input};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::nn::{Init, Linear, Mode, ParamScope, dropout};
 
 /// Options of [`SkipConnectionHead`].
@@ -116,7 +117,16 @@ impl SkipConnectionHead {
     /// The blocks without the input dropout (Quaterion's `transform`).
     pub(crate) fn transform(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let mut x = x.clone();
+        // The fused block applies when the branch sees the same input as the skip path.
+        let fused = self.config.skip_dropout == 0.0 || !mode.is_train();
         for (fc, gates) in &self.layers {
+            if fused
+                && let Some(bias) = fc.bias()
+                && let Some(y) = kernels::skip_connection_layer(&x, fc.weight(), bias, gates)?
+            {
+                x = y;
+                continue;
+            }
             let branch = fc.forward(&dropout(&x, self.config.skip_dropout, mode)?)?;
             x = branch.broadcast_mul(&sigmoid(gates)?)?.add(&x)?;
         }

@@ -31,6 +31,9 @@ pub fn positive_mask(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<Ten
 /// Both masks from one group comparison: `(positive, negative)` as
 /// [`positive_mask`] and [`negative_mask`] give them.
 pub fn group_masks(a: &Tensor, b: Option<&Tensor>, dtype: DType) -> Result<(Tensor, Tensor)> {
+    if let Some(masks) = crate::kernels::group_masks(a, b, dtype)? {
+        return Ok(masks);
+    }
     let same = same_group(a, b.unwrap_or(a))?.to_dtype(dtype)?;
     let negative = (1.0 - &same)?;
     let positive = match b {

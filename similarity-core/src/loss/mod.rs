@@ -282,6 +282,15 @@ pub(crate) fn check_pairs(loss: &str, embeddings: &Tensor, targets: &PairTargets
 /// `n × n` mask). Numerically stable (each row's or column's max is subtracted, detached)
 /// and differentiable.
 pub(crate) fn diagonal_cross_entropy(logits: &Tensor, symmetric: bool) -> Result<Tensor> {
+    if let Some(loss) = crate::kernels::diagonal_cross_entropy(logits, symmetric)? {
+        return Ok(loss);
+    }
+    diagonal_cross_entropy_composite(logits, symmetric)
+}
+
+/// The composite form of [`diagonal_cross_entropy`] (any device and dtype; the reference for
+/// the fused CPU kernel).
+pub(crate) fn diagonal_cross_entropy_composite(logits: &Tensor, symmetric: bool) -> Result<Tensor> {
     let n = logits.dim(0)?;
     let idx = Tensor::arange(0u32, n as u32, logits.device())?.unsqueeze(1)?;
     let diag = logits.gather(&idx, 1)?.squeeze(1)?.mean_all()?;

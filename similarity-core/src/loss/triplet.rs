@@ -154,6 +154,12 @@ impl TripletLoss {
     fn loss(&self, a: &Tensor, groups_a: &Tensor, b: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let dtype = a.dtype();
         let d = self.config.distance.distance_matrix(a, b.map(|b| b.0))?;
+        if self.config.mining == TripletMining::Hard
+            && let Some((pos_idx, neg_idx, valid)) =
+                crate::kernels::hardest_pairs(&d, groups_a, b.map(|b| b.1))?
+        {
+            return self.hard_selected(&d, &pos_idx, &neg_idx, &valid);
+        }
         let (pos, neg) = group_masks(groups_a, b.map(|b| b.1), dtype)?;
         match self.config.mining {
             TripletMining::All => self.all(&d, &pos, &neg),
@@ -190,22 +196,34 @@ impl TripletLoss {
             .mul(neg)?
             .add(&((1.0 - neg)? * big)?)?
             .argmin_keepdim(1)?;
-        let hardest_pos = d.gather(&pos_idx, 1)?.squeeze(1)?;
-        let hardest_neg = d.gather(&neg_idx, 1)?.squeeze(1)?;
         let valid = pos.max(1)?.mul(&neg.max(1)?)?.detach();
+        self.hard_selected(d, &pos_idx, &neg_idx, &valid)
+    }
+
+    /// Hard mining once the hardest positive and negative column of every anchor
+    /// (`(n, 1)`, u32) and the anchors that have both (`valid`, `(n)`, `{0, 1}`) are known.
+    fn hard_selected(
+        &self,
+        d: &Tensor,
+        pos_idx: &Tensor,
+        neg_idx: &Tensor,
+        valid: &Tensor,
+    ) -> Result<Tensor> {
+        let hardest_pos = d.gather(pos_idx, 1)?.squeeze(1)?;
+        let hardest_neg = d.gather(neg_idx, 1)?.squeeze(1)?;
         // Invalid anchors are zeroed before any arithmetic on their ±big values.
-        let diff = hardest_pos.sub(&hardest_neg)?.mul(&valid)?;
+        let diff = hardest_pos.sub(&hardest_neg)?.mul(valid)?;
         let per_anchor = if self.config.soft {
             softplus(&diff)?
         } else if self.config.scale_by_mean_negative {
-            let mean_neg = weighted_mean(&hardest_neg.mul(&valid)?, &valid)?;
+            let mean_neg = weighted_mean(&hardest_neg.mul(valid)?, valid)?;
             diff.broadcast_div(&mean_neg)?
                 .affine(1.0, self.config.margin)?
                 .relu()?
         } else {
             diff.affine(1.0, self.config.margin)?.relu()?
         };
-        weighted_mean(&per_anchor, &valid)
+        weighted_mean(&per_anchor, valid)
     }
 
     fn semi_hard(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {

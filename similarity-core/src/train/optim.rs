@@ -23,6 +23,7 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernels;
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -189,6 +190,9 @@ struct Slot {
     lr_factor: f64,
     /// Adam: (m, v); SGD: (momentum buffer, unused).
     state: Option<(Tensor, Tensor)>,
+    /// Adam moments of an f32 CPU variable, updated in place by the fused kernel
+    /// (`kernels::adam_step`); when set, `state` is `None`.
+    host: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// An optimiser over named variables.
@@ -243,6 +247,7 @@ impl Optimizer {
                     var,
                     lr_factor,
                     state: None,
+                    host: None,
                 }
             })
             .collect();
@@ -291,6 +296,33 @@ impl Optimizer {
                 OptimizerConfig::Adam { weight_decay, .. }
                 | OptimizerConfig::AdamW { weight_decay, .. } => {
                     let decoupled = matches!(self.config, OptimizerConfig::AdamW { .. });
+                    if kernels::adam_applies(theta) {
+                        if s.host.is_none() {
+                            let n = theta.elem_count();
+                            s.host = Some(match s.state.take() {
+                                Some((m, v)) => (
+                                    m.flatten_all()?.to_vec1::<f32>()?,
+                                    v.flatten_all()?.to_vec1::<f32>()?,
+                                ),
+                                None => (vec![0.0; n], vec![0.0; n]),
+                            });
+                        }
+                        let (m, v) = s.host.as_mut().expect("set above");
+                        let step = kernels::AdamStep {
+                            lr: lr as f32,
+                            beta1: BETA1 as f32,
+                            beta2: BETA2 as f32,
+                            eps: EPS as f32,
+                            weight_decay: weight_decay as f32,
+                            decoupled,
+                            bias1: (1.0 - BETA1.powi(t)) as f32,
+                            bias2: (1.0 - BETA2.powi(t)) as f32,
+                            grad_scale: grad_scale as f32,
+                        };
+                        if kernels::adam_step(theta, grads.get(&s.var).expect("checked"), m, v, step)? {
+                            continue;
+                        }
+                    }
                     if !decoupled && weight_decay > 0.0 {
                         g = (g + (theta * weight_decay)?)?;
                     }
@@ -347,6 +379,15 @@ impl Optimizer {
                 out.insert(format!("m.{}", s.name), a.clone());
                 out.insert(format!("v.{}", s.name), b.clone());
             }
+            if let Some((a, b)) = &s.host {
+                let shape = s.var.shape();
+                let device = s.var.device();
+                for (key, data) in [("m", a), ("v", b)] {
+                    let t = Tensor::from_slice(data, shape, device)
+                        .expect("host moments have the variable's size");
+                    out.insert(format!("{key}.{}", s.name), t);
+                }
+            }
         }
         out
     }
@@ -365,6 +406,7 @@ impl Optimizer {
                 }
                 _ => None,
             };
+            s.host = None;
         }
         self.step = steps;
         Ok(())
