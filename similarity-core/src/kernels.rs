@@ -90,8 +90,16 @@ fn gemm(
         gemm::Parallelism::None
     };
     // Row-major (r × c): row stride c, column stride 1; a stored transpose swaps them.
-    let (lhs_rs, lhs_cs) = if lhs_t { (1, m as isize) } else { (k as isize, 1) };
-    let (rhs_rs, rhs_cs) = if rhs_t { (1, k as isize) } else { (n as isize, 1) };
+    let (lhs_rs, lhs_cs) = if lhs_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (rhs_rs, rhs_cs) = if rhs_t {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
     // SAFETY: the pointers cover m·k, k·n and m·n elements (asserted above) and the strides
     // stay inside them; dst does not alias the inputs (it is a fresh &mut slice).
     unsafe {
@@ -119,12 +127,73 @@ fn gemm(
     }
 }
 
-/// `Σ aᵢbᵢ` with eight independent partial sums, so that it vectorises (a plain iterator sum
-/// of floats must keep its order and stays scalar).
-#[inline]
+/// Defines `fn $name(..) -> ..` twice, once compiled for AVX2 + FMA and once for the
+/// baseline, and picks the AVX2 one at run time where the CPU has it (the check is a cached
+/// atomic load). The bodies are the same code, and Rust never contracts `a * b + c` into an
+/// FMA on its own, so both give bit-identical results; AVX2 only widens the vector loops
+/// (the crate is built for baseline x86-64, whose SSE2 is 4 lanes wide).
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            fn baseline($($arg: $ty),*) $(-> $ret)? $body
+            baseline($($arg),*)
+        }
+    };
+}
+
+/// Lanes of the explicit vector accumulators below (16 f32: two AVX2 registers).
+const LANES: usize = 16;
+
+/// `Σ aᵢ` with independent partial sums, so that it vectorises.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `max aᵢ` (`−∞` for an empty slice), vectorised like [`sum`].
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// `Σ aᵢbᵢ` with independent partial sums, so that it vectorises (a plain iterator sum of
+/// floats must keep its order and stays scalar).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
         .remainder()
         .iter()
@@ -132,46 +201,61 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for k in 0..16 {
+        for k in 0..LANES {
             acc[k] += x[k] * y[k];
         }
     }
     acc.iter().sum::<f32>() + tail
 }
 
-/// Row norms `max(‖x_i‖, ε)` and the normalised rows `x̂` of a row-major `(rows × d)` matrix.
+/// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a
+/// row-major `(rows × d)` matrix.
 fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
-    let rows = x.len().checked_div(d).unwrap_or(0);
-    let mut norms = Vec::with_capacity(rows);
+    let mut norms = vec![0.0f32; x.len().checked_div(d).unwrap_or(0)];
     let mut unit = vec![0.0f32; x.len()];
-    for (row, out) in x.chunks_exact(d.max(1)).zip(unit.chunks_exact_mut(d.max(1))) {
-        let norm = dot(row, row).sqrt();
-        let c = norm.max(NORM_EPS);
-        norms.push(norm);
-        let inv = 1.0 / c;
-        for (o, v) in out.iter_mut().zip(row) {
-            *o = v * inv;
-        }
-    }
+    normalize_rows_into(x, d, &mut norms, &mut unit);
     (norms, unit)
 }
 
-/// `∂L/∂x` from `∂L/∂x̂` (in place), see the module docs.
-fn normalize_backward(grad: &mut [f32], unit: &[f32], norms: &[f32], d: usize) {
-    for ((g, u), &norm) in grad
-        .chunks_exact_mut(d.max(1))
-        .zip(unit.chunks_exact(d.max(1)))
-        .zip(norms)
-    {
-        if norm > NORM_EPS {
-            let proj = dot(g, u);
-            let inv = 1.0 / norm;
-            for (gi, ui) in g.iter_mut().zip(u) {
-                *gi = (*gi - ui * proj) * inv;
+simd_fn! {
+    /// [`normalize_rows`] into given buffers.
+    fn normalize_rows_into(x: &[f32], d: usize, norms: &mut [f32], unit: &mut [f32]) {
+        let d = d.max(1);
+        for ((row, out), n) in x.chunks_exact(d).zip(unit.chunks_exact_mut(d)).zip(norms) {
+            let norm = dot(row, row).sqrt();
+            *n = norm;
+            let inv = 1.0 / norm.max(NORM_EPS);
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = v * inv;
             }
-        } else {
-            let inv = 1.0 / NORM_EPS;
-            g.iter_mut().for_each(|gi| *gi *= inv);
+        }
+    }
+}
+
+simd_fn! {
+    /// `1 / max(‖y_j‖, ε)` for every row of a row-major `(rows × d)` matrix.
+    fn inverse_norms(y: &[f32], d: usize) -> Vec<f32> {
+        y.chunks_exact(d.max(1))
+            .map(|row| 1.0 / dot(row, row).sqrt().max(NORM_EPS))
+            .collect()
+    }
+}
+
+simd_fn! {
+    /// `∂L/∂x` from `∂L/∂x̂` (in place), see the module docs.
+    fn normalize_backward(grad: &mut [f32], unit: &[f32], norms: &[f32], d: usize) {
+        let d = d.max(1);
+        for ((g, u), &norm) in grad.chunks_exact_mut(d).zip(unit.chunks_exact(d)).zip(norms) {
+            if norm > NORM_EPS {
+                let proj = dot(g, u);
+                let inv = 1.0 / norm;
+                for (gi, ui) in g.iter_mut().zip(u) {
+                    *gi = (*gi - ui * proj) * inv;
+                }
+            } else {
+                let inv = 1.0 / NORM_EPS;
+                g.iter_mut().for_each(|gi| *gi *= inv);
+            }
         }
     }
 }
@@ -194,7 +278,10 @@ impl CustomOp1 for CosineMatrix {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &CosineSelfBackward)?))
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &CosineSelfBackward,
+        )?))
     }
 }
 
@@ -342,6 +429,57 @@ fn exp_f32(x: f32) -> f32 {
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
+simd_fn! {
+    /// Row-wise `p = w · softmax(z)` of a row-major `(n × n)` matrix; returns `Σ_i lse_i`.
+    fn softmax_rows(z: &[f32], n: usize, w: f32, p: &mut [f32]) -> f64 {
+        let mut lse_sum = 0.0f64;
+        for (row, out) in z.chunks_exact(n).zip(p.chunks_exact_mut(n)) {
+            let mx = max(row);
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = exp_f32(v - mx);
+            }
+            let total = sum(out);
+            let scale = w / total;
+            out.iter_mut().for_each(|o| *o *= scale);
+            lse_sum += f64::from(mx) + f64::from(total.ln());
+        }
+        lse_sum
+    }
+}
+
+simd_fn! {
+    /// Adds the column-wise `w · softmax(z)` of a row-major `(n × n)` matrix to `p`, in
+    /// row-major sweeps; returns `Σ_j lse_j`.
+    fn add_softmax_columns(z: &[f32], n: usize, w: f32, p: &mut [f32]) -> f64 {
+        let mut mx = vec![f32::NEG_INFINITY; n];
+        for row in z.chunks_exact(n) {
+            for (m, &v) in mx.iter_mut().zip(row) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let mut total = vec![0.0f32; n];
+        let mut e = vec![0.0f32; n * n];
+        for (row, er) in z.chunks_exact(n).zip(e.chunks_exact_mut(n)) {
+            for ((o, &v), &m) in er.iter_mut().zip(row).zip(&mx) {
+                *o = exp_f32(v - m);
+            }
+            for (t, &o) in total.iter_mut().zip(er.iter()) {
+                *t += o;
+            }
+        }
+        let scale: Vec<f32> = total.iter().map(|t| w / t).collect();
+        for (pr, er) in p.chunks_exact_mut(n).zip(e.chunks_exact(n)) {
+            for ((pv, &ev), &sc) in pr.iter_mut().zip(er).zip(&scale) {
+                *pv += ev * sc;
+            }
+        }
+        mx.iter()
+            .zip(&total)
+            .map(|(&m, &t)| f64::from(m) + f64::from(t.ln()))
+            .sum()
+    }
+}
+
 /// Mean diagonal cross-entropy of a square logit matrix, rows (and columns when
 /// symmetric), as one op: see the module docs.
 struct DiagonalCrossEntropy {
@@ -364,52 +502,11 @@ impl CustomOp1 for DiagonalCrossEntropy {
         let z = slice(s, l, self.name())?;
         let w = if self.symmetric { 0.5f32 } else { 1.0 };
         let mut p = vec![0.0f32; n * n];
-        let (mut lse_sum, mut diag_sum) = (0.0f64, 0.0f64);
-        for i in 0..n {
-            let row = &z[i * n..(i + 1) * n];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let out = &mut p[i * n..(i + 1) * n];
-            let mut sum = 0.0f32;
-            for (o, &v) in out.iter_mut().zip(row) {
-                let e = exp_f32(v - max);
-                *o = e;
-                sum += e;
-            }
-            let scale = w / sum;
-            out.iter_mut().for_each(|o| *o *= scale);
-            lse_sum += f64::from(max) + f64::from(sum.ln());
-            diag_sum += f64::from(row[i]);
-        }
-        let mut loss = w as f64 * lse_sum;
+        let mut loss = f64::from(w) * softmax_rows(z, n, w, &mut p);
         if self.symmetric {
-            // Column maxima and sums in row-major sweeps.
-            let mut max = vec![f32::NEG_INFINITY; n];
-            for row in z.chunks_exact(n) {
-                for (m, &v) in max.iter_mut().zip(row) {
-                    *m = m.max(v);
-                }
-            }
-            let mut sum = vec![0.0f32; n];
-            let mut e = vec![0.0f32; n * n];
-            for (row, er) in z.chunks_exact(n).zip(e.chunks_exact_mut(n)) {
-                for ((s, (o, &v)), &mx) in sum.iter_mut().zip(er.iter_mut().zip(row)).zip(&max) {
-                    *o = exp_f32(v - mx);
-                    *s += *o;
-                }
-            }
-            let scale: Vec<f32> = sum.iter().map(|s| w / s).collect();
-            for (pr, er) in p.chunks_exact_mut(n).zip(e.chunks_exact(n)) {
-                for ((pv, &ev), &sc) in pr.iter_mut().zip(er).zip(&scale) {
-                    *pv += ev * sc;
-                }
-            }
-            let col_lse: f64 = max
-                .iter()
-                .zip(&sum)
-                .map(|(&m, &s)| f64::from(m) + f64::from(s.ln()))
-                .sum();
-            loss += w as f64 * col_lse;
+            loss += f64::from(w) * add_softmax_columns(z, n, w, &mut p);
         }
+        let diag_sum: f64 = (0..n).map(|i| f64::from(z[i * n + i])).sum();
         for i in 0..n {
             p[i * n + i] -= 1.0;
         }
@@ -607,11 +704,8 @@ impl candle_core::CustomOp3 for SkipLayer {
             .ok_or_else(|| candle_core::Error::Msg("skip-connection-layer: no forward".into()))?;
         let (n, d) = x.dims2()?;
         let with_x = x.track_op();
-        let packed = x.apply_op3_no_bwd(
-            w,
-            &grad.contiguous()?,
-            &SkipLayerBackward { cache, with_x },
-        )?;
+        let packed =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &SkipLayerBackward { cache, with_x })?;
         let gw = packed.narrow(0, 0, d * d)?.reshape((d, d))?;
         let gbg = packed.narrow(0, d * d, 2 * d)?.reshape((2, d))?;
         let gx = if with_x {
@@ -767,26 +861,17 @@ pub(crate) fn hardest_pairs(
         Some(b) => b.to_vec1::<i64>()?,
         None => ga.clone(),
     };
+    let (ga, gb) = dense_groups(&ga, &gb);
     let dv = d.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+    // Closeness is −d: the farthest positive has the smallest, the nearest negative the
+    // largest.
+    let flip = vec![-1.0f32; m];
     let (mut pos_idx, mut neg_idx, mut valid) = (vec![0u32; n], vec![0u32; n], vec![0f32; n]);
     for i in 0..n {
-        let row = &dv[i * m..(i + 1) * m];
-        let (mut best_pos, mut best_neg) = (None::<(usize, f32)>, None::<(usize, f32)>);
-        for (j, (&v, &g)) in row.iter().zip(&gb).enumerate() {
-            if g == ga[i] {
-                if b.is_none() && j == i {
-                    continue;
-                }
-                if best_pos.is_none_or(|(_, p)| v > p) {
-                    best_pos = Some((j, v));
-                }
-            } else if best_neg.is_none_or(|(_, q)| v < q) {
-                best_neg = Some((j, v));
-            }
-        }
-        if let (Some((p, _)), Some((q, _))) = (best_pos, best_neg) {
-            pos_idx[i] = p as u32;
-            neg_idx[i] = q as u32;
+        let skip = b.is_none().then_some(i);
+        if let Some((p, q)) = mine_row(&dv[i * m..(i + 1) * m], &flip, ga[i], &gb, skip) {
+            pos_idx[i] = p;
+            neg_idx[i] = q;
             valid[i] = 1.0;
         }
     }
@@ -796,6 +881,345 @@ pub(crate) fn hardest_pairs(
         Tensor::from_vec(neg_idx, (n, 1), dev)?,
         Tensor::from_vec(valid, n, dev)?,
     )))
+}
+
+/// `s_ik = x̂_i · ŷ_{idx_ik}` for a few chosen columns per row, over `(x: (n, d), y: (m, d))`
+/// with the column indices kept in the op.
+struct CosinePairs {
+    idx: std::sync::Arc<Vec<u32>>,
+    k: usize,
+}
+
+impl CosinePairs {
+    fn check(&self, n: usize, m: usize) -> candle_core::Result<()> {
+        if self.idx.len() != n * self.k || self.idx.iter().any(|&j| j as usize >= m) {
+            candle_core::bail!("cosine-pairs: indices do not fit ({n}, {m})");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for CosinePairs {
+    fn name(&self) -> &'static str {
+        "cosine-pairs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        self.check(n, m)?;
+        let (x, y) = (
+            slice(s1, l1, "cosine-pairs")?,
+            slice(s2, l2, "cosine-pairs")?,
+        );
+        let (_, xu) = normalize_rows(x, d);
+        let mut out = Vec::with_capacity(n * self.k);
+        for (i, cols) in self.idx.chunks_exact(self.k.max(1)).enumerate().take(n) {
+            let xi = &xu[i * d..(i + 1) * d];
+            for &j in cols {
+                let yj = &y[j as usize * d..(j as usize + 1) * d];
+                let norm = dot(yj, yj).sqrt().max(NORM_EPS);
+                out.push(dot(xi, yj) / norm);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, self.k))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (with_x, with_y) = (x.track_op(), y.track_op());
+        if !with_x && !with_y {
+            return Ok((None, None));
+        }
+        let (n, d) = x.dims2()?;
+        let (m, _) = y.dims2()?;
+        let packed = x.apply_op3_no_bwd(
+            y,
+            &grad.contiguous()?,
+            &CosinePairsBackward {
+                idx: self.idx.clone(),
+                k: self.k,
+                with_y,
+            },
+        )?;
+        let gx = with_x.then(|| packed.narrow(0, 0, n * d)?.reshape((n, d)));
+        let gy = with_y.then(|| packed.narrow(0, n * d, m * d)?.reshape((m, d)));
+        Ok((gx.transpose()?, gy.transpose()?))
+    }
+}
+
+/// The gradients of [`CosinePairs`], packed flat as `[∂x (n·d) | ∂y (m·d), when asked for]`:
+/// `∂x̂_i = Σ_k G_ik ŷ_{idx_ik}`, `∂ŷ_j = Σ_{idx_ik = j} G_ik x̂_i`, then each through the
+/// normalisation (module docs). `O((n·k + m)·d)`: no `n × m` matrix.
+struct CosinePairsBackward {
+    idx: std::sync::Arc<Vec<u32>>,
+    k: usize,
+    with_y: bool,
+}
+
+impl candle_core::CustomOp3 for CosinePairsBackward {
+    fn name(&self) -> &'static str {
+        "cosine-pairs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        let (xn, xu) = normalize_rows(slice(s1, l1, self.name())?, d);
+        let y = slice(s2, l2, self.name())?;
+        // Without ∂y only the chosen rows of ŷ are needed (a memory bank has many more).
+        let (yn, yu) = if self.with_y {
+            normalize_rows(y, d)
+        } else {
+            let mut yu = vec![0.0f32; m * d];
+            let mut done = vec![false; m];
+            for &j in self.idx.iter() {
+                let j = j as usize;
+                if !std::mem::replace(&mut done[j], true) {
+                    let row = &y[j * d..(j + 1) * d];
+                    let inv = 1.0 / dot(row, row).sqrt().max(NORM_EPS);
+                    for (o, v) in yu[j * d..(j + 1) * d].iter_mut().zip(row) {
+                        *o = v * inv;
+                    }
+                }
+            }
+            (Vec::new(), yu)
+        };
+        let g = slice(s3, l3, self.name())?;
+        let total = n * d + if self.with_y { m * d } else { 0 };
+        let mut out = vec![0.0f32; total];
+        let (gx, gy) = out.split_at_mut(n * d);
+        for (i, cols) in self.idx.chunks_exact(self.k.max(1)).enumerate().take(n) {
+            for (kk, &j) in cols.iter().enumerate() {
+                let gik = g[i * self.k + kk];
+                if gik == 0.0 {
+                    continue;
+                }
+                let j = j as usize;
+                let (xi, yj) = (&xu[i * d..(i + 1) * d], &yu[j * d..(j + 1) * d]);
+                for (o, &v) in gx[i * d..(i + 1) * d].iter_mut().zip(yj) {
+                    *o += gik * v;
+                }
+                if self.with_y {
+                    for (o, &v) in gy[j * d..(j + 1) * d].iter_mut().zip(xi) {
+                        *o += gik * v;
+                    }
+                }
+            }
+        }
+        normalize_backward(gx, &xu, &xn, d);
+        if self.with_y {
+            normalize_backward(gy, &yu, &yn, d);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(total)))
+    }
+}
+
+/// `s_ik = cos(x_i, y_{idx_ik})` for `idx: (n, k)` column indices into `y: (m, d)`, as one
+/// op whose backward pass touches only the chosen rows; `None` where the kernel does not
+/// apply.
+pub(crate) fn cosine_pairs(x: &Tensor, y: &Tensor, idx: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[x, y]) {
+        return Ok(None);
+    }
+    let (n, k) = idx.dims2()?;
+    let cols = idx.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+    let op = CosinePairs {
+        idx: std::sync::Arc::new(cols),
+        k,
+    };
+    if x.dim(0)? != n {
+        return Err(crate::error::Error::shape(
+            "cosine_pairs",
+            format!("({}, k) indices", x.dim(0)?),
+            idx.dims(),
+        ));
+    }
+    Ok(Some(x.contiguous()?.apply_op2(&y.contiguous()?, op)?))
+}
+
+/// Dense `i32` ids for the group ids of both sides (so that the mining passes compare
+/// 32-bit lanes), in order: `a` then `b`.
+fn dense_groups(a: &[i64], b: &[i64]) -> (Vec<i32>, Vec<i32>) {
+    let mut ids = std::collections::HashMap::with_capacity(a.len() + b.len());
+    let mut dense = |g: &i64| {
+        let next = ids.len() as i32;
+        *ids.entry(*g).or_insert(next)
+    };
+    let da = a.iter().map(&mut dense).collect();
+    let db = b.iter().map(&mut dense).collect();
+    (da, db)
+}
+
+simd_fn! {
+    /// For one row of raw products `s` with per-column scales `inv` (cosine: `x̂_i · y_j`
+    /// and `1 / ‖y_j‖`, so `s_j · inv_j` is the cosine) and the row's group `g` against the
+    /// column groups `gb`: the column of the farthest same-group entry (smallest cosine) and
+    /// of the closest other-group entry (largest), the first on ties, never column `skip`.
+    /// `None` when the row has no positive or no negative.
+    fn mine_row(s: &[f32], inv: &[f32], g: i32, gb: &[i32], skip: Option<usize>) -> Option<(u32, u32)> {
+        let mut pmin = [f32::INFINITY; LANES];
+        let mut nmax = [f32::NEG_INFINITY; LANES];
+        let (sc, ic, gc) = (s.chunks_exact(LANES), inv.chunks_exact(LANES), gb.chunks_exact(LANES));
+        let (sr, ir, gr) = (sc.remainder(), ic.remainder(), gc.remainder());
+        for ((sv, iv), gv) in sc.zip(ic).zip(gc) {
+            for l in 0..LANES {
+                let c = sv[l] * iv[l];
+                let same = gv[l] == g;
+                pmin[l] = if same && c < pmin[l] { c } else { pmin[l] };
+                nmax[l] = if !same && c > nmax[l] { c } else { nmax[l] };
+            }
+        }
+        let mut pbest = pmin.iter().copied().fold(f32::INFINITY, f32::min);
+        let mut nbest = nmax.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for ((&v, &iv), &gv) in sr.iter().zip(ir).zip(gr) {
+            let c = v * iv;
+            if gv == g {
+                pbest = pbest.min(c);
+            } else {
+                nbest = nbest.max(c);
+            }
+        }
+        // The skipped column (the anchor itself) may have set the positive minimum: then
+        // search the positives again without it.
+        if let Some(k) = skip
+            && k < s.len()
+            && gb[k] == g
+            && s[k] * inv[k] <= pbest
+        {
+            pbest = f32::INFINITY;
+            for (j, ((&v, &iv), &gv)) in s.iter().zip(inv).zip(gb).enumerate() {
+                if gv == g && j != k {
+                    pbest = pbest.min(v * iv);
+                }
+            }
+        }
+        if !pbest.is_finite() || !nbest.is_finite() {
+            return None;
+        }
+        let mut cols = s.iter().zip(inv).zip(gb).enumerate();
+        let p = cols
+            .clone()
+            .position(|(j, ((&v, &iv), &gv))| gv == g && Some(j) != skip && v * iv == pbest)?;
+        let q = cols.position(|(_, ((&v, &iv), &gv))| gv != g && v * iv == nbest)?;
+        Some((p as u32, q as u32))
+    }
+}
+
+/// Batch-hard cosine mining without a similarity matrix in the graph: `x̂ ŷᵀ` is computed
+/// into a scratch buffer in blocks of rows and mined as it goes. Output `(n, 3)` f32:
+/// positive column, negative column, valid.
+struct CosineMine {
+    ga: Vec<i32>,
+    gb: Vec<i32>,
+    self_excluded: bool,
+}
+
+impl CustomOp2 for CosineMine {
+    fn name(&self) -> &'static str {
+        "cosine-mine"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        let (_, xu) = normalize_rows(slice(s1, l1, "cosine-mine")?, d);
+        let y = slice(s2, l2, "cosine-mine")?;
+        // x̂ · y_j scaled by 1 / ‖y_j‖ inside the mining pass: ŷ is never written.
+        let inv = inverse_norms(y, d);
+        // Rows per block. Each gemm call packs all of y, so blocks are large: up to 16 MB
+        // of products per block (whole batches against a 4,096-row memory).
+        let block = (4_194_304 / m.max(1)).clamp(16, n.max(16));
+        let mut out = vec![0.0f32; n * 3];
+        let mut scratch = vec![0.0f32; block.min(n) * m];
+        for start in (0..n).step_by(block) {
+            let rows = block.min(n - start);
+            let sims = &mut scratch[..rows * m];
+            gemm(
+                sims,
+                &xu[start * d..(start + rows) * d],
+                y,
+                rows,
+                m,
+                d,
+                false,
+                true,
+            );
+            for r in 0..rows {
+                let i = start + r;
+                let skip = self.self_excluded.then_some(i);
+                if let Some((p, q)) =
+                    mine_row(&sims[r * m..(r + 1) * m], &inv, self.ga[i], &self.gb, skip)
+                {
+                    out[i * 3..i * 3 + 3].copy_from_slice(&[p as f32, q as f32, 1.0]);
+                }
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, 3))))
+    }
+}
+
+/// Batch-hard mining for the cosine distance of `x: (n, d)` against `y: (m, d)` (`None`:
+/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`: per anchor the column of
+/// its farthest positive and of its nearest negative (`(n, 1)`, u32) and whether it has
+/// both (`(n)`, `{0, 1}`), without keeping the `(n, m)` matrix. `None` where this does not
+/// apply.
+pub(crate) fn cosine_hardest_pairs(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    a: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !applies(&[x])
+        || !y.is_none_or(|y| applies(&[y]))
+        || a.dtype() != DType::I64
+        || b.is_some_and(|b| b.dtype() != DType::I64)
+    {
+        return Ok(None);
+    }
+    let ga = a.to_vec1::<i64>()?;
+    let gb = match b {
+        Some(b) => b.to_vec1::<i64>()?,
+        None => ga.clone(),
+    };
+    let (ga, gb) = dense_groups(&ga, &gb);
+    let op = CosineMine {
+        ga,
+        gb,
+        self_excluded: b.is_none(),
+    };
+    let x = x.detach().contiguous()?;
+    let y = y.map_or_else(|| x.clone(), |y| y.detach()).contiguous()?;
+    let mined = x.apply_op2_no_bwd(&y, &op)?;
+    let pos = mined.narrow(1, 0, 1)?.to_dtype(DType::U32)?;
+    let neg = mined.narrow(1, 1, 1)?.to_dtype(DType::U32)?;
+    let valid = mined.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
+    Ok(Some((pos, neg, valid)))
 }
 
 #[cfg(test)]
@@ -862,9 +1286,11 @@ mod tests {
             let fused = cosine_similarity_matrix(x.as_tensor(), other.map(|y| y.as_tensor()))
                 .unwrap()
                 .expect("applies to f32 on the CPU");
-            let reference =
-                composite_cosine(x.as_tensor(), other.map_or(x.as_tensor(), |y| y.as_tensor()))
-                    .unwrap();
+            let reference = composite_cosine(
+                x.as_tensor(),
+                other.map_or(x.as_tensor(), |y| y.as_tensor()),
+            )
+            .unwrap();
             close(&fused, &reference, 1e-5, "cosine values");
             let gf = weighted_sum(&fused).backward().unwrap();
             let gr = weighted_sum(&reference).backward().unwrap();
@@ -907,7 +1333,12 @@ mod tests {
             close(&fused, &reference, 1e-5, "cross-entropy value");
             let gf = (fused * 3.0).unwrap().backward().unwrap();
             let gr = (reference * 3.0).unwrap().backward().unwrap();
-            close(gf.get(&z).unwrap(), gr.get(&z).unwrap(), 1e-5, "cross-entropy ∂z");
+            close(
+                gf.get(&z).unwrap(),
+                gr.get(&z).unwrap(),
+                1e-5,
+                "cross-entropy ∂z",
+            );
         }
     }
 
@@ -933,9 +1364,8 @@ mod tests {
         let w = var(&random((d, d), 7), (d, d));
         let b = Var::from_tensor(&Tensor::from_vec(random((1, d), 8), d, &Device::Cpu).unwrap())
             .unwrap();
-        let gate =
-            Var::from_tensor(&Tensor::from_vec(random((1, d), 9), d, &Device::Cpu).unwrap())
-                .unwrap();
+        let gate = Var::from_tensor(&Tensor::from_vec(random((1, d), 9), d, &Device::Cpu).unwrap())
+            .unwrap();
         let fused = skip_connection_layer(x.as_tensor(), w.as_tensor(), b.as_tensor(), &gate)
             .unwrap()
             .unwrap();
@@ -1056,6 +1486,80 @@ mod tests {
             close(&fused.0, &reference.0, 1e-5, "θ");
             close(&fused.1, &reference.1, 1e-5, "m");
             close(&fused.2, &reference.2, 1e-5, "v");
+        }
+    }
+}
+
+#[cfg(test)]
+mod triplet_tests {
+    //! The fused batch-hard path of TripletLoss (`kernels::cosine_hardest_pairs` +
+    //! `cosine_pairs`) against the composite one (F64 takes it), values and gradients.
+    use crate::data::GroupTargets;
+    use crate::loss::{MemoryLoss, SimilarityLoss, TripletLoss, TripletLossConfig};
+    use crate::nn::Params;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn run(n: usize, m: usize, groups: i64, dtype: DType) -> (f64, Vec<f64>) {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64((n * 31 + m) as u64);
+        let data: Vec<f64> = (0..(n + m) * 24)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect();
+        let x = Tensor::from_vec(data, (n + m, 24), &dev).unwrap();
+        let (batch, memory) = (x.narrow(0, 0, n).unwrap(), x.narrow(0, n, m).unwrap());
+        let v = Var::from_tensor(&batch.to_dtype(dtype).unwrap()).unwrap();
+        let g: Vec<i64> = (0..n as i64).map(|i| (i * 7) % groups).collect();
+        let mg: Vec<i64> = (0..m as i64).map(|i| (i * 3) % (groups + 2)).collect();
+        let targets = GroupTargets {
+            groups: Tensor::new(g.as_slice(), &dev).unwrap(),
+        };
+        let mut params = Params::new(&dev, 0);
+        let loss =
+            TripletLoss::new(24, TripletLossConfig::default(), &mut params.scope("l")).unwrap();
+        let mut l = loss.forward(v.as_tensor(), &targets).unwrap();
+        if m > 0 {
+            let mem = memory.to_dtype(dtype).unwrap();
+            let mem_g = Tensor::new(mg.as_slice(), &dev).unwrap();
+            l = (l + loss
+                .forward_memory(v.as_tensor(), &targets.groups, &mem, &mem_g)
+                .unwrap())
+            .unwrap();
+        }
+        let grad = l
+            .backward()
+            .unwrap()
+            .get(&v)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        (
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+            grad.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        )
+    }
+
+    #[test]
+    fn fused_hard_mining_matches_the_composite_path() {
+        // Small groups (anchors without positives), a batch larger than a mining block, and
+        // a memory bank.
+        for (n, m, groups) in [(9, 0, 4), (300, 0, 100), (64, 700, 10), (2000, 0, 100)] {
+            let (lf, gf) = run(n, m, groups, DType::F32);
+            let (lr, gr) = run(n, m, groups, DType::F64);
+            assert!(
+                (lf - lr).abs() < 1e-5 * (1.0 + lr.abs()),
+                "n={n} m={m}: {lf} vs {lr}"
+            );
+            let worst = gf
+                .iter()
+                .zip(&gr)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            let scale = gr.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-4 * scale.max(1e-6),
+                "n={n} m={m}: gradient off by {worst} (max {scale})"
+            );
         }
     }
 }

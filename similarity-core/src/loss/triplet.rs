@@ -153,6 +153,12 @@ impl TripletLoss {
     /// excluded from the positives).
     fn loss(&self, a: &Tensor, groups_a: &Tensor, b: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let dtype = a.dtype();
+        if self.config.mining == TripletMining::Hard
+            && self.config.distance == Distance::Cosine
+            && let Some(loss) = self.hard_rows(a, groups_a, b)?
+        {
+            return Ok(loss);
+        }
         let d = self.config.distance.distance_matrix(a, b.map(|b| b.0))?;
         if self.config.mining == TripletMining::Hard
             && let Some((pos_idx, neg_idx, valid)) =
@@ -200,6 +206,33 @@ impl TripletLoss {
         self.hard_selected(d, &pos_idx, &neg_idx, &valid)
     }
 
+    /// Cosine hard mining where the distance matrix never enters the graph: it is computed
+    /// detached, mined in one pass, and only the chosen `(anchor, positive)` and
+    /// `(anchor, negative)` distances are recomputed with gradient, so the backward pass
+    /// costs `O(n·d)` instead of an `n × m × d` product (against a 4,096-row memory, most
+    /// of a step). The same values as gathering from the matrix. `None` where the fused
+    /// kernels do not apply.
+    fn hard_rows(
+        &self,
+        a: &Tensor,
+        groups_a: &Tensor,
+        b: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        let Some((pos_idx, neg_idx, valid)) =
+            crate::kernels::cosine_hardest_pairs(a, b.map(|b| b.0), groups_a, b.map(|b| b.1))?
+        else {
+            return Ok(None);
+        };
+        let idx = Tensor::cat(&[&pos_idx, &neg_idx], 1)?;
+        let Some(sim) = crate::kernels::cosine_pairs(a, b.map_or(a, |b| b.0), &idx)? else {
+            return Ok(None);
+        };
+        let d = (1.0 - sim)?;
+        let hardest_pos = d.narrow(1, 0, 1)?.squeeze(1)?;
+        let hardest_neg = d.narrow(1, 1, 1)?.squeeze(1)?;
+        Ok(Some(self.hard_from(&hardest_pos, &hardest_neg, &valid)?))
+    }
+
     /// Hard mining once the hardest positive and negative column of every anchor
     /// (`(n, 1)`, u32) and the anchors that have both (`valid`, `(n)`, `{0, 1}`) are known.
     fn hard_selected(
@@ -211,8 +244,19 @@ impl TripletLoss {
     ) -> Result<Tensor> {
         let hardest_pos = d.gather(pos_idx, 1)?.squeeze(1)?;
         let hardest_neg = d.gather(neg_idx, 1)?.squeeze(1)?;
+        self.hard_from(&hardest_pos, &hardest_neg, valid)
+    }
+
+    /// The hard-mining loss from each anchor's hardest positive and negative distance
+    /// (`(n)` each) and the anchors that have both (`valid`).
+    fn hard_from(
+        &self,
+        hardest_pos: &Tensor,
+        hardest_neg: &Tensor,
+        valid: &Tensor,
+    ) -> Result<Tensor> {
         // Invalid anchors are zeroed before any arithmetic on their ±big values.
-        let diff = hardest_pos.sub(&hardest_neg)?.mul(valid)?;
+        let diff = hardest_pos.sub(hardest_neg)?.mul(valid)?;
         let per_anchor = if self.config.soft {
             softplus(&diff)?
         } else if self.config.scale_by_mean_negative {

@@ -319,7 +319,13 @@ impl Optimizer {
                             bias2: (1.0 - BETA2.powi(t)) as f32,
                             grad_scale: grad_scale as f32,
                         };
-                        if kernels::adam_step(theta, grads.get(&s.var).expect("checked"), m, v, step)? {
+                        if kernels::adam_step(
+                            theta,
+                            grads.get(&s.var).expect("checked"),
+                            m,
+                            v,
+                            step,
+                        )? {
                             continue;
                         }
                     }
