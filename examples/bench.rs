@@ -583,6 +583,9 @@ fn faq(epochs: usize) -> Result<Value> {
     let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &ModelOptions::default())?;
     let t = Trainer::new(TrainerConfig {
         progress: false,
+        // `--cache-dir DIR` reuses persisted embeddings (for timing epochs only: the
+        // recorded runs fill from scratch).
+        cache_dir: arg("--cache-dir").map(Into::into),
         ..faq_task::trainer_config(
             epochs,
             1e-4,
@@ -1000,8 +1003,13 @@ fn main() -> Result<()> {
         let faq_epochs = arg("--epochs").unwrap_or_else(|| "500".into());
         let mm = matmul_gflops()?;
         print(&mm);
+        let mut args = vec!["--only", "faq", "--faq", &dir, "--epochs", &faq_epochs];
+        let cache_dir = arg("--cache-dir");
+        if let Some(c) = &cache_dir {
+            args.extend(["--cache-dir", c.as_str()]);
+        }
         let output = Command::new(std::env::current_exe()?)
-            .args(["--only", "faq", "--faq", &dir, "--epochs", &faq_epochs])
+            .args(&args)
             .output()
             .context("running faq")?;
         if !output.status.success() {

@@ -279,6 +279,31 @@ fn persisted_cache_hit_encodes_nothing() {
 }
 
 #[test]
+fn persisted_cache_is_used_after_an_evaluation_filled_the_cache() {
+    // `evaluate` before `fit` (a baseline score) puts the validation objects in the cache;
+    // `fit` must still take the rest from the file, not encode the training set again.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = groups(30, 5);
+    let (first, loss1) = cached_run(tmp.path(), 0, &data).unwrap();
+    assert!(first > 0);
+    let (mut model, objects) = group_model(0);
+    let trainer = Trainer::new(TrainerConfig {
+        cache_dir: Some(tmp.path().to_path_buf()),
+        ..config(1, 16)
+    });
+    trainer.evaluate(&mut model, &data[..10]).unwrap();
+    let by_evaluation = objects.load(Ordering::SeqCst);
+    assert!(by_evaluation > 0);
+    let report = trainer.fit(&mut model, &data, Some(&data[..10])).unwrap();
+    assert_eq!(
+        objects.load(Ordering::SeqCst),
+        by_evaluation,
+        "fit encoded nothing: the saved rows filled the rest"
+    );
+    assert_eq!(report.epochs[0].train_loss, loss1);
+}
+
+#[test]
 fn persisted_cache_miss_on_changed_encoder_config() {
     let tmp = tempfile::tempdir().unwrap();
     let data = groups(30, 5);

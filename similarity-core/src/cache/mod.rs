@@ -172,15 +172,9 @@ impl EncoderCache {
         self.lookup(&self.row_tensor(ids)?, &self.device)
     }
 
-    /// Replaces an empty cache's contents with `keys` (distinct) and their `rows`
-    /// `(keys.len(), d)`.
+    /// Adds `keys` (distinct) with their `rows` `(keys.len(), d)`; keys already cached keep
+    /// the rows they have.
     pub fn load(&mut self, keys: &[CacheKey], rows: Tensor) -> Result<()> {
-        if !self.is_empty() {
-            return Err(Error::invalid(
-                "embedding cache",
-                "can only load into an empty cache",
-            ));
-        }
         if rows.rank() != 2 || rows.dims()[0] != keys.len() {
             return Err(Error::shape(
                 "rows loaded into the cache",
@@ -188,12 +182,35 @@ impl EncoderCache {
                 rows.dims(),
             ));
         }
-        self.index = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (*k, i as u32))
+        if let Some(current) = &self.rows
+            && current.dim(1)? != rows.dim(1)?
+        {
+            return Err(Error::shape(
+                "rows loaded into the cache",
+                format!("(n, {}) like the cached rows", current.dim(1)?),
+                rows.dims(),
+            ));
+        }
+        let new: Vec<u32> = (0..keys.len() as u32)
+            .filter(|&i| !self.index.contains_key(&keys[i as usize]))
             .collect();
-        self.rows = Some(rows.to_device(&self.device)?);
+        if new.is_empty() {
+            return Ok(());
+        }
+        let rows = rows.to_device(&self.device)?;
+        let rows = if new.len() == keys.len() {
+            rows
+        } else {
+            rows.index_select(&Tensor::new(new.as_slice(), &self.device)?, 0)?
+        };
+        let first = self.index.len() as u32;
+        for (i, &k) in new.iter().enumerate() {
+            self.index.insert(keys[k as usize], first + i as u32);
+        }
+        self.rows = Some(match self.rows.take() {
+            Some(current) => Tensor::cat(&[&current, &rows], 0)?,
+            None => rows,
+        });
         Ok(())
     }
 

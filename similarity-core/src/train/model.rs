@@ -495,19 +495,19 @@ fn open_slot<E: Encoder>(
 ) -> Result<SlotSession> {
     let fingerprint = EncoderFingerprint::of(encoder)?;
     let mut file_items = None;
-    if cache.is_empty() {
-        let path = dir.join(name);
-        match store::load(&path, &fingerprint, device)? {
-            Loaded::Missing => {}
-            Loaded::Stale(reason) => tracing::warn!(
-                cache = %path.display(),
-                %reason,
-                "stale embedding cache: encoding everything again"
-            ),
-            Loaded::Hit(c) => {
-                file_items = Some(c.keys.len());
-                cache.load(&c.keys, c.rows)?;
-            }
+    // Also when the cache already holds rows (an evaluation before `fit` encodes the
+    // validation set): the file's other objects are added, not encoded again.
+    let path = dir.join(name);
+    match store::load(&path, &fingerprint, device)? {
+        Loaded::Missing => {}
+        Loaded::Stale(reason) => tracing::warn!(
+            cache = %path.display(),
+            %reason,
+            "stale embedding cache: encoding everything again"
+        ),
+        Loaded::Hit(c) => {
+            file_items = Some(c.keys.len());
+            cache.load(&c.keys, c.rows)?;
         }
     }
     Ok(SlotSession {
