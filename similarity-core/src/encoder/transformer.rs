@@ -524,14 +524,22 @@ impl SentenceTransformer {
         Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
     }
 
-    /// Layer norm over the last dimension, written with differentiable reductions.
+    /// Layer norm over the last dimension, written with differentiable reductions; where
+    /// nothing needs a gradient (a frozen encoder), Candle's fused kernel.
     fn layer_norm(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
+        let (gamma, beta) = (
+            self.w(&format!("{prefix}.weight")),
+            self.w(&format!("{prefix}.bias")),
+        );
+        if !x.track_op() && !gamma.track_op() && !beta.track_op() {
+            let eps = self.config.layer_norm_eps as f32;
+            return Ok(candle_nn::ops::layer_norm(x, gamma, beta, eps)?);
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let y = xc.broadcast_div(&(var + self.config.layer_norm_eps)?.sqrt()?)?;
-        Ok(y.broadcast_mul(self.w(&format!("{prefix}.weight")))?
-            .broadcast_add(self.w(&format!("{prefix}.bias")))?)
+        Ok(y.broadcast_mul(gamma)?.broadcast_add(beta)?)
     }
 
     /// Runs BERT: `(b, L)` ids → hidden states `(b, L, H)`.
@@ -606,9 +614,11 @@ impl SentenceTransformer {
             let out = self.linear(&ctx, &format!("{p}.attention.output.dense"))?;
             let out = dropout(&out, p_hidden, mode)?;
             let a = self.layer_norm(&(out + &x)?, &format!("{p}.attention.output.LayerNorm"))?;
-            let f = self
-                .linear(&a, &format!("{p}.intermediate.dense"))?
-                .gelu_erf()?;
+            let f = self.linear(&a, &format!("{p}.intermediate.dense"))?;
+            let f = match crate::kernels::gelu_erf(&f)? {
+                Some(f) => f,
+                None => f.gelu_erf()?,
+            };
             let f = self.linear(&f, &format!("{p}.output.dense"))?;
             let f = dropout(&f, p_hidden, mode)?;
             x = self.layer_norm(&(f + a)?, &format!("{p}.output.LayerNorm"))?;
@@ -617,9 +627,18 @@ impl SentenceTransformer {
     }
 }
 
-/// `exp(x − max) / Σ exp(x − max)` over the last dimension, the max detached: equal to
-/// the softmax and, unlike Candle's fused `softmax_last_dim`, differentiable.
+/// Softmax over the last dimension, differentiable (Candle's fused `softmax_last_dim` is
+/// not): the fused f32 CPU kernel, or [`softmax_composite`].
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    match crate::kernels::softmax_last_dim(x)? {
+        Some(y) => Ok(y),
+        None => softmax_composite(x),
+    }
+}
+
+/// `exp(x − max) / Σ exp(x − max)` over the last dimension, the max detached: equal to
+/// the softmax, differentiable, any device and dtype.
+fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
