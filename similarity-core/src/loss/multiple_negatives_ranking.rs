@@ -92,6 +92,16 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
         }
         let anchors = embeddings.index_select(&targets.pairs.narrow(1, 0, 1)?.squeeze(1)?, 0)?;
         let positives = embeddings.index_select(&targets.pairs.narrow(1, 1, 1)?.squeeze(1)?, 0)?;
+        if self.config.distance == Distance::Cosine
+            && let Some(loss) = crate::kernels::cosine_mnrl(
+                &anchors,
+                &positives,
+                self.config.scale,
+                self.config.symmetric,
+            )?
+        {
+            return Ok(loss);
+        }
         let logits = (self
             .config
             .distance

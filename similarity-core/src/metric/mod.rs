@@ -119,15 +119,23 @@ pub fn rank_against_candidates(
     }
     let (mut hits, mut rr) = (0.0f64, 0.0f64);
     for block in which.chunks(BLOCK) {
-        let idx = Tensor::new(block, queries.device())?;
-        let q = queries.index_select(&idx, 0)?;
-        let d = distance.distance_matrix(&q, Some(candidates))?;
-        let own = d.gather(&idx.unsqueeze(1)?, 1)?;
-        let ranks = d
-            .broadcast_lt(&own)?
-            .to_dtype(DType::F32)?
-            .sum(1)?
-            .to_vec1::<f32>()?;
+        let fused = match distance {
+            Distance::Cosine => crate::kernels::cosine_ranks(queries, candidates, block)?,
+            _ => None,
+        };
+        let ranks = match fused {
+            Some(r) => r,
+            None => {
+                let idx = Tensor::new(block, queries.device())?;
+                let q = queries.index_select(&idx, 0)?;
+                let d = distance.distance_matrix(&q, Some(candidates))?;
+                let own = d.gather(&idx.unsqueeze(1)?, 1)?;
+                d.broadcast_lt(&own)?
+                    .to_dtype(DType::F32)?
+                    .sum(1)?
+                    .to_vec1::<f32>()?
+            }
+        };
         for r in ranks {
             if r == 0.0 {
                 hits += 1.0;

@@ -1,0 +1,406 @@
+//! Cosine similarity kernels: the full matrix `x̂ ŷᵀ` (and `x̂ x̂ᵀ`), a few chosen pairs
+//! per row, and retrieval ranks.
+//!
+//! ```text
+//! S = x̂ ŷᵀ: (n, d), (m, d) → (n, m)    ∂x̂ = G ŷ, ∂ŷ = Gᵀ x̂ (self: ∂x̂ = (G + Gᵀ) x̂)
+//! pairs:  s_ik = x̂_i · ŷ_{idx_ik}: (n, d), (m, d), idx (n, k) → (n, k)
+//!         ∂x̂_i = Σ_k G_ik ŷ_{idx_ik}, ∂ŷ_j = Σ_{idx_ik = j} G_ik x̂_i   (O((n·k + m)·d))
+//! ranks:  rank_i = #{j : cos(q_i, y_j) > cos(q_i, y_i)}
+//! ```
+//!
+//! Each gradient then goes through the normalisation (see the parent module).
+
+use super::*;
+
+/// `S = x̂ x̂ᵀ` (one input) or `S = x̂ ŷᵀ` (two inputs).
+pub(super) struct CosineMatrix;
+
+impl CustomOp1 for CosineMatrix {
+    fn name(&self) -> &'static str {
+        "cosine-matrix"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l.shape().dims2()?;
+        let x = slice(s, l, "cosine-matrix")?;
+        let (_, unit) = normalize_rows(x, d);
+        let mut out = vec![0.0f32; n * n];
+        gemm(&mut out, &unit, &unit, n, n, d, false, true);
+        Ok((CpuStorage::F32(out), Shape::from((n, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &CosineSelfBackward,
+        )?))
+    }
+}
+
+impl CustomOp2 for CosineMatrix {
+    fn name(&self) -> &'static str {
+        "cosine-matrix"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        let (_, xu) = normalize_rows(slice(s1, l1, "cosine-matrix")?, d);
+        let (_, yu) = normalize_rows(slice(s2, l2, "cosine-matrix")?, d);
+        let mut out = vec![0.0f32; n * m];
+        gemm(&mut out, &xu, &yu, n, m, d, false, true);
+        Ok((CpuStorage::F32(out), Shape::from((n, m))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        // A side that is not part of the graph (a detached memory bank) gets no gradient,
+        // which saves its matrix product.
+        let gx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(y, &grad, &CosineCrossBackward { lhs: true })?)
+        } else {
+            None
+        };
+        let gy = if y.track_op() {
+            Some(y.apply_op3_no_bwd(x, &grad, &CosineCrossBackward { lhs: false })?)
+        } else {
+            None
+        };
+        Ok((gx, gy))
+    }
+}
+
+/// `∂L/∂x` of `S = x̂ x̂ᵀ` given `G`: `normalize_backward((G + Gᵀ) x̂)`.
+pub(super) struct CosineSelfBackward;
+
+impl CustomOp2 for CosineSelfBackward {
+    fn name(&self) -> &'static str {
+        "cosine-matrix-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (norms, unit) = normalize_rows(slice(s1, l1, self.name())?, d);
+        let g = slice(s2, l2, self.name())?;
+        let mut sym = vec![0.0f32; n * n];
+        for i in 0..n {
+            for j in 0..n {
+                sym[i * n + j] = g[i * n + j] + g[j * n + i];
+            }
+        }
+        let mut out = vec![0.0f32; n * d];
+        gemm(&mut out, &sym, &unit, n, d, n, false, false);
+        normalize_backward(&mut out, &unit, &norms, d);
+        Ok((CpuStorage::F32(out), Shape::from((n, d))))
+    }
+}
+
+/// `∂L/∂x` (lhs) or `∂L/∂y` of `S = x̂ ŷᵀ` given `G`; the first input is the side whose
+/// gradient is computed, the second the other side.
+pub(super) struct CosineCrossBackward {
+    lhs: bool,
+}
+
+impl candle_core::CustomOp3 for CosineCrossBackward {
+    fn name(&self) -> &'static str {
+        "cosine-matrix-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, d) = l1.shape().dims2()?;
+        let (other, _) = l2.shape().dims2()?;
+        let (norms, unit) = normalize_rows(slice(s1, l1, self.name())?, d);
+        let (_, other_unit) = normalize_rows(slice(s2, l2, self.name())?, d);
+        let g = slice(s3, l3, self.name())?;
+        let mut out = vec![0.0f32; rows * d];
+        // lhs: G (rows × other) · ŷ; rhs: Gᵀ (G stored as other × rows) · x̂.
+        gemm(&mut out, g, &other_unit, rows, d, other, !self.lhs, false);
+        normalize_backward(&mut out, &unit, &norms, d);
+        Ok((CpuStorage::F32(out), Shape::from((rows, d))))
+    }
+}
+
+/// The cosine similarity matrix `x̂ ŷᵀ` (`y = None`: `x̂ x̂ᵀ`) as one fused op, or `None`
+/// where the kernel does not apply. Shapes are checked by the caller.
+pub(crate) fn cosine_similarity_matrix(x: &Tensor, y: Option<&Tensor>) -> Result<Option<Tensor>> {
+    if !applies(&[x]) || !y.is_none_or(|y| applies(&[y])) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    Ok(Some(match y {
+        None => x.apply_op1(CosineMatrix)?,
+        Some(y) => x.apply_op2(&y.contiguous()?, CosineMatrix)?,
+    }))
+}
+
+/// `s_ik = x̂_i · ŷ_{idx_ik}` for a few chosen columns per row, over `(x: (n, d), y: (m, d))`
+/// with the column indices kept in the op.
+pub(super) struct CosinePairs {
+    idx: std::sync::Arc<Vec<u32>>,
+    k: usize,
+}
+
+impl CosinePairs {
+    fn check(&self, n: usize, m: usize) -> candle_core::Result<()> {
+        if self.idx.len() != n * self.k || self.idx.iter().any(|&j| j as usize >= m) {
+            candle_core::bail!("cosine-pairs: indices do not fit ({n}, {m})");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for CosinePairs {
+    fn name(&self) -> &'static str {
+        "cosine-pairs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        self.check(n, m)?;
+        let (x, y) = (
+            slice(s1, l1, "cosine-pairs")?,
+            slice(s2, l2, "cosine-pairs")?,
+        );
+        let (_, xu) = normalize_rows(x, d);
+        let mut out = Vec::with_capacity(n * self.k);
+        for (i, cols) in self.idx.chunks_exact(self.k.max(1)).enumerate().take(n) {
+            let xi = &xu[i * d..(i + 1) * d];
+            for &j in cols {
+                let yj = &y[j as usize * d..(j as usize + 1) * d];
+                let norm = dot(yj, yj).sqrt().max(NORM_EPS);
+                out.push(dot(xi, yj) / norm);
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, self.k))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (with_x, with_y) = (x.track_op(), y.track_op());
+        if !with_x && !with_y {
+            return Ok((None, None));
+        }
+        let (n, d) = x.dims2()?;
+        let (m, _) = y.dims2()?;
+        let packed = x.apply_op3_no_bwd(
+            y,
+            &grad.contiguous()?,
+            &CosinePairsBackward {
+                idx: self.idx.clone(),
+                k: self.k,
+                with_y,
+            },
+        )?;
+        let gx = with_x.then(|| packed.narrow(0, 0, n * d)?.reshape((n, d)));
+        let gy = with_y.then(|| packed.narrow(0, n * d, m * d)?.reshape((m, d)));
+        Ok((gx.transpose()?, gy.transpose()?))
+    }
+}
+
+/// The gradients of [`CosinePairs`], packed flat as `[∂x (n·d) | ∂y (m·d), when asked for]`:
+/// `∂x̂_i = Σ_k G_ik ŷ_{idx_ik}`, `∂ŷ_j = Σ_{idx_ik = j} G_ik x̂_i`, then each through the
+/// normalisation (module docs). `O((n·k + m)·d)`: no `n × m` matrix.
+pub(super) struct CosinePairsBackward {
+    idx: std::sync::Arc<Vec<u32>>,
+    k: usize,
+    with_y: bool,
+}
+
+impl candle_core::CustomOp3 for CosinePairsBackward {
+    fn name(&self) -> &'static str {
+        "cosine-pairs-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        let (xn, xu) = normalize_rows(slice(s1, l1, self.name())?, d);
+        let y = slice(s2, l2, self.name())?;
+        // Without ∂y only the chosen rows of ŷ are needed (a memory bank has many more).
+        let (yn, yu) = if self.with_y {
+            normalize_rows(y, d)
+        } else {
+            let mut yu = vec![0.0f32; m * d];
+            let mut done = vec![false; m];
+            for &j in self.idx.iter() {
+                let j = j as usize;
+                if !std::mem::replace(&mut done[j], true) {
+                    let row = &y[j * d..(j + 1) * d];
+                    let inv = 1.0 / dot(row, row).sqrt().max(NORM_EPS);
+                    for (o, v) in yu[j * d..(j + 1) * d].iter_mut().zip(row) {
+                        *o = v * inv;
+                    }
+                }
+            }
+            (Vec::new(), yu)
+        };
+        let g = slice(s3, l3, self.name())?;
+        let total = n * d + if self.with_y { m * d } else { 0 };
+        let mut out = vec![0.0f32; total];
+        let (gx, gy) = out.split_at_mut(n * d);
+        for (i, cols) in self.idx.chunks_exact(self.k.max(1)).enumerate().take(n) {
+            for (kk, &j) in cols.iter().enumerate() {
+                let gik = g[i * self.k + kk];
+                if gik == 0.0 {
+                    continue;
+                }
+                let j = j as usize;
+                let (xi, yj) = (&xu[i * d..(i + 1) * d], &yu[j * d..(j + 1) * d]);
+                for (o, &v) in gx[i * d..(i + 1) * d].iter_mut().zip(yj) {
+                    *o += gik * v;
+                }
+                if self.with_y {
+                    for (o, &v) in gy[j * d..(j + 1) * d].iter_mut().zip(xi) {
+                        *o += gik * v;
+                    }
+                }
+            }
+        }
+        normalize_backward(gx, &xu, &xn, d);
+        if self.with_y {
+            normalize_backward(gy, &yu, &yn, d);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(total)))
+    }
+}
+
+/// `s_ik = cos(x_i, y_{idx_ik})` for `idx: (n, k)` column indices into `y: (m, d)`, as one
+/// op whose backward pass touches only the chosen rows; `None` where the kernel does not
+/// apply.
+pub(crate) fn cosine_pairs(x: &Tensor, y: &Tensor, idx: &Tensor) -> Result<Option<Tensor>> {
+    if !applies(&[x, y]) {
+        return Ok(None);
+    }
+    let (n, k) = idx.dims2()?;
+    let cols = idx.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+    let op = CosinePairs {
+        idx: std::sync::Arc::new(cols),
+        k,
+    };
+    if x.dim(0)? != n {
+        return Err(crate::error::Error::shape(
+            "cosine_pairs",
+            format!("({}, k) indices", x.dim(0)?),
+            idx.dims(),
+        ));
+    }
+    Ok(Some(x.contiguous()?.apply_op2(&y.contiguous()?, op)?))
+}
+
+/// Counts, for each query `i` of `which`, the candidates strictly closer in cosine than
+/// candidate `i`: the rank of the relevant candidate (0 = nearest). Output `(len)` f32.
+pub(super) struct CosineRanks {
+    which: Vec<u32>,
+}
+
+impl CustomOp2 for CosineRanks {
+    fn name(&self) -> &'static str {
+        "cosine-ranks"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (m, _) = l2.shape().dims2()?;
+        if self.which.iter().any(|&i| i as usize >= n.min(m)) {
+            candle_core::bail!("cosine-ranks: query index out of range");
+        }
+        let q = slice(s1, l1, "cosine-ranks")?;
+        let y = slice(s2, l2, "cosine-ranks")?;
+        let inv = inverse_norms(y, d);
+        let k = self.which.len();
+        let mut qs = vec![0.0f32; k * d];
+        for (row, &i) in qs.chunks_exact_mut(d.max(1)).zip(&self.which) {
+            row.copy_from_slice(&q[i as usize * d..(i as usize + 1) * d]);
+        }
+        let mut sims = vec![0.0f32; k * m];
+        gemm(&mut sims, &qs, y, k, m, d, false, true);
+        let ranks = sims
+            .chunks_exact(m.max(1))
+            .zip(&self.which)
+            .map(|(row, &i)| closer_than(row, &inv, i as usize) as f32)
+            .collect();
+        Ok((CpuStorage::F32(ranks), Shape::from(k)))
+    }
+}
+
+simd_fn! {
+    /// How many columns `j` have `s_j · inv_j > s_own · inv_own`.
+    pub(super) fn closer_than(s: &[f32], inv: &[f32], own: usize) -> usize {
+        let target = s[own] * inv[own];
+        s.iter()
+            .zip(inv)
+            .map(|(&v, &iv)| usize::from(v * iv > target))
+            .sum()
+    }
+}
+
+/// The rank of candidate `i` for each query `i` in `which`, by cosine, as [`CosineRanks`];
+/// `None` where it does not apply.
+pub(crate) fn cosine_ranks(
+    queries: &Tensor,
+    candidates: &Tensor,
+    which: &[u32],
+) -> Result<Option<Vec<f32>>> {
+    if !applies(&[queries, candidates]) {
+        return Ok(None);
+    }
+    let op = CosineRanks {
+        which: which.to_vec(),
+    };
+    let ranks = queries
+        .contiguous()?
+        .apply_op2_no_bwd(&candidates.contiguous()?, &op)?;
+    Ok(Some(ranks.to_vec1::<f32>()?))
+}

@@ -1,0 +1,266 @@
+//! The diagonal cross-entropy of MultipleNegativesRankingLoss, alone and fused with the
+//! cosine similarity matrix.
+//!
+//! ```text
+//! L = mean_i (lse_j Z_ij − Z_ii)                                            rows
+//! L = ½ mean_i lse_j Z_ij + ½ mean_j lse_i Z_ij − mean_i Z_ii                symmetric
+//! ∂L/∂Z = (softmax_rows(Z) − I) / n   (symmetric: ½ P_rows + ½ P_cols − I, / n)
+//! fused:  Z = scale · â p̂ᵀ, a, p: (n, d);  ∂â = scale · ∂Z p̂,  ∂p̂ = scale · ∂Zᵀ â
+//! ```
+
+use super::*;
+
+simd_fn! {
+    /// Row-wise `p = w · softmax(z)` of a row-major `(n × n)` matrix; returns `Σ_i lse_i`.
+    pub(super) fn softmax_rows(z: &[f32], n: usize, w: f32, p: &mut [f32]) -> f64 {
+        let mut lse_sum = 0.0f64;
+        for (row, out) in z.chunks_exact(n).zip(p.chunks_exact_mut(n)) {
+            let mx = max(row);
+            for (o, &v) in out.iter_mut().zip(row) {
+                *o = exp_f32(v - mx);
+            }
+            let total = sum(out);
+            let scale = w / total;
+            out.iter_mut().for_each(|o| *o *= scale);
+            lse_sum += f64::from(mx) + f64::from(total.ln());
+        }
+        lse_sum
+    }
+}
+
+simd_fn! {
+    /// Adds the column-wise `w · softmax(z)` of a row-major `(n × n)` matrix to `p`, in
+    /// row-major sweeps; returns `Σ_j lse_j`.
+    pub(super) fn add_softmax_columns(z: &[f32], n: usize, w: f32, p: &mut [f32]) -> f64 {
+        let mut mx = vec![f32::NEG_INFINITY; n];
+        for row in z.chunks_exact(n) {
+            for (m, &v) in mx.iter_mut().zip(row) {
+                *m = if v > *m { v } else { *m };
+            }
+        }
+        let mut total = vec![0.0f32; n];
+        let mut e = vec![0.0f32; n * n];
+        for (row, er) in z.chunks_exact(n).zip(e.chunks_exact_mut(n)) {
+            for ((o, &v), &m) in er.iter_mut().zip(row).zip(&mx) {
+                *o = exp_f32(v - m);
+            }
+            for (t, &o) in total.iter_mut().zip(er.iter()) {
+                *t += o;
+            }
+        }
+        let scale: Vec<f32> = total.iter().map(|t| w / t).collect();
+        for (pr, er) in p.chunks_exact_mut(n).zip(e.chunks_exact(n)) {
+            for ((pv, &ev), &sc) in pr.iter_mut().zip(er).zip(&scale) {
+                *pv += ev * sc;
+            }
+        }
+        mx.iter()
+            .zip(&total)
+            .map(|(&m, &t)| f64::from(m) + f64::from(t.ln()))
+            .sum()
+    }
+}
+
+/// Mean diagonal cross-entropy of a square logit matrix, rows (and columns when
+/// symmetric), as one op: see the module docs.
+pub(super) struct DiagonalCrossEntropy {
+    symmetric: bool,
+    /// The softmax-normalised gradient factor, `(½ if symmetric) P_rows + (½) P_cols − I`,
+    /// computed in the forward pass for the backward one.
+    grad: Mutex<Option<Tensor>>,
+}
+
+impl CustomOp1 for DiagonalCrossEntropy {
+    fn name(&self) -> &'static str {
+        "diagonal-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, m) = l.shape().dims2()?;
+        if n != m {
+            candle_core::bail!("diagonal-cross-entropy: logits must be square, got ({n}, {m})");
+        }
+        let z = slice(s, l, self.name())?;
+        let w = if self.symmetric { 0.5f32 } else { 1.0 };
+        let mut p = vec![0.0f32; n * n];
+        let mut loss = f64::from(w) * softmax_rows(z, n, w, &mut p);
+        if self.symmetric {
+            loss += f64::from(w) * add_softmax_columns(z, n, w, &mut p);
+        }
+        let diag_sum: f64 = (0..n).map(|i| f64::from(z[i * n + i])).sum();
+        for i in 0..n {
+            p[i * n + i] -= 1.0;
+        }
+        *self.grad.lock().expect("diagonal-cross-entropy state") =
+            Some(Tensor::from_vec(p, (n, n), &candle_core::Device::Cpu)?);
+        let loss = ((loss - diag_sum) / n as f64) as f32;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(&self, z: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let n = z.dim(0)?;
+        let p = self
+            .grad
+            .lock()
+            .expect("diagonal-cross-entropy state")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("diagonal-cross-entropy: no forward".into()))?;
+        let scale = f64::from(grad.to_scalar::<f32>()?) / n as f64;
+        Ok(Some(p.affine(scale, 0.0)?))
+    }
+}
+
+/// The mean diagonal cross-entropy of square `logits` (rows, and columns when `symmetric`)
+/// as one fused op, or `None` where the kernel does not apply.
+pub(crate) fn diagonal_cross_entropy(logits: &Tensor, symmetric: bool) -> Result<Option<Tensor>> {
+    if !applies(&[logits]) {
+        return Ok(None);
+    }
+    let op = DiagonalCrossEntropy {
+        symmetric,
+        grad: Mutex::new(None),
+    };
+    Ok(Some(logits.contiguous()?.apply_op1(op)?))
+}
+
+/// MultipleNegativesRankingLoss with cosine similarity over `(a: (n, d), p: (n, d))`, the
+/// pairs `(a_i, p_i)` positive: `Z = scale · â p̂ᵀ`, then the diagonal cross-entropy (module
+/// docs). The forward pass keeps `∂L/∂Z` for the backward one, which is two products.
+pub(super) struct CosineMnrl {
+    scale: f32,
+    symmetric: bool,
+    grad: Mutex<Option<std::sync::Arc<Vec<f32>>>>,
+}
+
+impl CustomOp2 for CosineMnrl {
+    fn name(&self) -> &'static str {
+        "cosine-mnrl"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        if l2.shape().dims2()? != (n, d) {
+            candle_core::bail!("cosine-mnrl: anchors and positives differ in shape");
+        }
+        let (_, au) = normalize_rows(slice(s1, l1, "cosine-mnrl")?, d);
+        let (_, pu) = normalize_rows(slice(s2, l2, "cosine-mnrl")?, d);
+        let mut z = vec![0.0f32; n * n];
+        gemm(&mut z, &au, &pu, n, n, d, false, true);
+        z.iter_mut().for_each(|v| *v *= self.scale);
+        let w = if self.symmetric { 0.5f32 } else { 1.0 };
+        let mut g = vec![0.0f32; n * n];
+        let mut loss = f64::from(w) * softmax_rows(&z, n, w, &mut g);
+        if self.symmetric {
+            loss += f64::from(w) * add_softmax_columns(&z, n, w, &mut g);
+        }
+        let diag: f64 = (0..n).map(|i| f64::from(z[i * n + i])).sum();
+        // ∂L/∂S = scale · (P − I) / n.
+        let k = self.scale / n as f32;
+        for i in 0..n {
+            g[i * n + i] -= 1.0;
+        }
+        g.iter_mut().for_each(|v| *v *= k);
+        *self.grad.lock().expect("cosine-mnrl state") = Some(std::sync::Arc::new(g));
+        let loss = ((loss - diag) / n as f64) as f32;
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self
+            .grad
+            .lock()
+            .expect("cosine-mnrl state")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("cosine-mnrl: no forward".into()))?;
+        let (n, d) = a.dims2()?;
+        let packed = a.apply_op3_no_bwd(
+            p,
+            &grad.contiguous()?,
+            &CosineMnrlBackward {
+                g,
+                with_a: a.track_op(),
+                with_p: p.track_op(),
+            },
+        )?;
+        let ga = a
+            .track_op()
+            .then(|| packed.narrow(0, 0, n * d)?.reshape((n, d)));
+        let gp = p
+            .track_op()
+            .then(|| packed.narrow(0, n * d, n * d)?.reshape((n, d)));
+        Ok((ga.transpose()?, gp.transpose()?))
+    }
+}
+
+/// `(a, p, ∂L) → [∂a | ∂p]` of [`CosineMnrl`]: `∂â = ∂L · G p̂`, `∂p̂ = ∂L · Gᵀ â`, each
+/// through the normalisation.
+pub(super) struct CosineMnrlBackward {
+    g: std::sync::Arc<Vec<f32>>,
+    with_a: bool,
+    with_p: bool,
+}
+
+impl candle_core::CustomOp3 for CosineMnrlBackward {
+    fn name(&self) -> &'static str {
+        "cosine-mnrl-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = l1.shape().dims2()?;
+        let (an, au) = normalize_rows(slice(s1, l1, self.name())?, d);
+        let (pn, pu) = normalize_rows(slice(s2, l2, self.name())?, d);
+        let scale = slice(s3, l3, self.name())?.first().copied().unwrap_or(1.0);
+        let mut out = vec![0.0f32; 2 * n * d];
+        let (ga, gp) = out.split_at_mut(n * d);
+        if self.with_a {
+            gemm(ga, &self.g, &pu, n, d, n, false, false);
+            ga.iter_mut().for_each(|v| *v *= scale);
+            normalize_backward(ga, &au, &an, d);
+        }
+        if self.with_p {
+            gemm(gp, &self.g, &au, n, d, n, true, false);
+            gp.iter_mut().for_each(|v| *v *= scale);
+            normalize_backward(gp, &pu, &pn, d);
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * n * d)))
+    }
+}
+
+/// MultipleNegativesRankingLoss with cosine similarity of anchors `a` and positives `p`
+/// (`(n, d)` each) at `scale`, as one op; `None` where it does not apply.
+pub(crate) fn cosine_mnrl(
+    a: &Tensor,
+    p: &Tensor,
+    scale: f64,
+    symmetric: bool,
+) -> Result<Option<Tensor>> {
+    if !applies(&[a, p]) {
+        return Ok(None);
+    }
+    let op = CosineMnrl {
+        scale: scale as f32,
+        symmetric,
+        grad: Mutex::new(None),
+    };
+    Ok(Some(a.contiguous()?.apply_op2(&p.contiguous()?, op)?))
+}

@@ -1,0 +1,313 @@
+//! Fused f32 CPU kernels for what runs at every step of a training run: the cosine
+//! similarity matrix, batch-hard mining, MultipleNegativesRankingLoss, the
+//! SkipConnectionHead block, the Adam update, and, in a frozen transformer's cache fill,
+//! GELU and softmax.
+//!
+//! Why: Candle builds a loss from small tensor ops. On the CPU each op allocates and fills
+//! its output, and each edge of the backward pass adds a zero-filled gradient buffer and an
+//! addition (`GradStore::or_insert` + `add`). For a 256 × 384 batch that bookkeeping took
+//! two thirds of a cached training step (BENCHMARKS.md). Here each piece is one Candle
+//! custom op with a hand-written backward pass, so the graph holds one node where it held
+//! ten, and the work is the matrix multiplications (the `gemm` crate Candle itself uses)
+//! plus one vectorised pass over each matrix.
+//!
+//! | module          | op                                      | shapes                        |
+//! |-----------------|-----------------------------------------|-------------------------------|
+//! | `cosine`        | `S = x̂ ŷᵀ`, chosen pairs, retrieval ranks | `(n, d), (m, d) → (n, m)`     |
+//! | `mining`        | batch-hard columns, group masks         | `(n, m)` → `(n)` indices      |
+//! | `cross_entropy` | diagonal cross-entropy, fused MNRL      | `(n, n)` or `(n, d)² → ()`    |
+//! | `skip`          | `x + (x Wᵀ + b) ⊙ σ(gate)`              | `(n, d) → (n, d)`             |
+//! | `adam`          | Adam / AdamW in place                   | any variable                  |
+//! | `activation`    | GELU, softmax over the last dimension   | any → same                    |
+//!
+//! Shared here: the row normalisation every cosine kernel uses, with `ε = 1e-8`,
+//!
+//! ```text
+//! x̂_i = x_i / max(‖x_i‖, ε)
+//! ∂L/∂x_i = (∂x̂_i − x̂_i ⟨x̂_i, ∂x̂_i⟩) / ‖x_i‖     (‖x_i‖ > ε)
+//!         = ∂x̂_i / ε                             (‖x_i‖ ≤ ε: the norm is clamped; torch's
+//!                                                 subgradient, where the composite form's
+//!                                                 sqrt at 0 gives NaN)
+//! ```
+//!
+//! a fast vectorisable `exp`, and `simd_fn!`, which compiles a loop for AVX2 as well as
+//! the baseline and picks one at run time.
+//!
+//! Each entry point returns `None` where it does not apply (another device or dtype); the
+//! caller then uses the composite Candle form, which stays the reference: the tests check
+//! that both give the same values and gradients.
+
+use std::sync::Mutex;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Shape, Tensor,
+    utils::get_num_threads,
+};
+
+use crate::error::Result;
+
+/// `max(‖x‖, NORM_EPS)` is the row norm cosine divides by (as `distance::normalize`).
+const NORM_EPS: f32 = 1e-8;
+
+/// Whether the fused kernels apply to these tensors: f32 on the CPU.
+fn applies(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The f32 data of a CPU storage as a row-major slice of its layout, which must be
+/// contiguous (the entry points make it so).
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// `dst (m × n) = lhs (m × k) · rhs`, all row-major; `rhs_t` says whether `rhs` is stored as
+/// its transpose `(n × k)` (then `dst = lhs · rhsᵀ`) or as `(k × n)`. `accumulate` adds to
+/// `dst` instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_t: bool,
+    rhs_t: bool,
+) {
+    debug_assert_eq!(dst.len(), m * n);
+    debug_assert_eq!(lhs.len(), m * k);
+    debug_assert_eq!(rhs.len(), k * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    // Candle's `get_num_threads` re-reads /proc/cpuinfo on every call unless
+    // RAYON_NUM_THREADS is set; the count does not change while a process runs.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(get_num_threads);
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // Row-major (r × c): row stride c, column stride 1; a stored transpose swaps them.
+    let (lhs_rs, lhs_cs) = if lhs_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    let (rhs_rs, rhs_cs) = if rhs_t {
+        (1, k as isize)
+    } else {
+        (n as isize, 1)
+    };
+    // SAFETY: the pointers cover m·k, k·n and m·n elements (asserted above) and the strides
+    // stay inside them; dst does not alias the inputs (it is a fresh &mut slice).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Defines `fn $name(..) -> ..` twice, once compiled for AVX2 + FMA and once for the
+/// baseline, and picks the AVX2 one at run time where the CPU has it (the check is a cached
+/// atomic load). The bodies are the same code, and Rust never contracts `a * b + c` into an
+/// FMA on its own, so both give bit-identical results; AVX2 only widens the vector loops
+/// (the crate is built for baseline x86-64, whose SSE2 is 4 lanes wide).
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? $body
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            fn baseline($($arg: $ty),*) $(-> $ret)? $body
+            baseline($($arg),*)
+        }
+    };
+}
+
+/// Lanes of the explicit vector accumulators below (16 f32: two AVX2 registers).
+const LANES: usize = 16;
+
+/// `Σ aᵢ` with independent partial sums, so that it vectorises.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `max aᵢ` (`−∞` for an empty slice), vectorised like [`sum`].
+#[inline(always)]
+fn max(a: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter().copied().fold(tail, f32::max)
+}
+
+/// `Σ aᵢbᵢ` with independent partial sums, so that it vectorises (a plain iterator sum of
+/// floats must keep its order and stays scalar).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a
+/// row-major `(rows × d)` matrix.
+fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut norms = vec![0.0f32; x.len().checked_div(d).unwrap_or(0)];
+    let mut unit = vec![0.0f32; x.len()];
+    normalize_rows_into(x, d, &mut norms, &mut unit);
+    (norms, unit)
+}
+
+simd_fn! {
+    /// [`normalize_rows`] into given buffers.
+    pub(super) fn normalize_rows_into(x: &[f32], d: usize, norms: &mut [f32], unit: &mut [f32]) {
+        let d = d.max(1);
+        for ((row, out), n) in x.chunks_exact(d).zip(unit.chunks_exact_mut(d)).zip(norms) {
+            let norm = dot(row, row).sqrt();
+            *n = norm;
+            let inv = 1.0 / norm.max(NORM_EPS);
+            for (o, v) in out.iter_mut().zip(row) {
+                *o = v * inv;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `1 / max(‖y_j‖, ε)` for every row of a row-major `(rows × d)` matrix.
+    pub(super) fn inverse_norms(y: &[f32], d: usize) -> Vec<f32> {
+        y.chunks_exact(d.max(1))
+            .map(|row| 1.0 / dot(row, row).sqrt().max(NORM_EPS))
+            .collect()
+    }
+}
+
+simd_fn! {
+    /// `∂L/∂x` from `∂L/∂x̂` (in place), see the module docs.
+    pub(super) fn normalize_backward(grad: &mut [f32], unit: &[f32], norms: &[f32], d: usize) {
+        let d = d.max(1);
+        for ((g, u), &norm) in grad.chunks_exact_mut(d).zip(unit.chunks_exact(d)).zip(norms) {
+            if norm > NORM_EPS {
+                let proj = dot(g, u);
+                let inv = 1.0 / norm;
+                for (gi, ui) in g.iter_mut().zip(u) {
+                    *gi = (*gi - ui * proj) * inv;
+                }
+            } else {
+                let inv = 1.0 / NORM_EPS;
+                g.iter_mut().for_each(|gi| *gi *= inv);
+            }
+        }
+    }
+}
+
+/// Fast `eˣ` for f32, within 2 ulp on the range where the result is a normal number, `0`
+/// below it: Cody–Waite range reduction `x = k·ln2 + r` and a degree-6 polynomial for
+/// `eʳ`, written so that loops over slices vectorise.
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.336_55, 88.376_26);
+    // Round x·log₂e to the nearest integer k by the 1.5·2²³ trick: the sum's low mantissa
+    // bits then hold k (in two's complement), read below without a float-to-int
+    // conversion (Rust's saturating `as i32` is scalar per lane and stops vectorisation).
+    const ROUND: f32 = 12_582_912.0;
+    let kk = x * std::f32::consts::LOG2_E + ROUND;
+    let k = kk - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    // 2^k: the exponent field is k + 127 (in [1, 254] after the clamp); the low bits of
+    // kk's representation are k, and the shift drops everything above them.
+    p * f32::from_bits(kk.to_bits().wrapping_add(127) << 23)
+}
+
+mod activation;
+mod adam;
+mod cosine;
+mod cross_entropy;
+mod mining;
+mod skip;
+#[cfg(test)]
+mod tests;
+
+#[cfg(feature = "transformers")]
+pub(crate) use activation::{gelu_erf, softmax_last_dim};
+pub(crate) use adam::{AdamStep, adam_applies, adam_step};
+pub(crate) use cosine::{cosine_pairs, cosine_ranks, cosine_similarity_matrix};
+pub(crate) use cross_entropy::{cosine_mnrl, diagonal_cross_entropy};
+pub(crate) use mining::{cosine_hardest_pairs, group_masks, hardest_pairs};
+pub(crate) use skip::skip_connection_layer;

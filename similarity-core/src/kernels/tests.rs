@@ -1,0 +1,375 @@
+//! Every kernel against the composite Candle form it replaces (values and gradients).
+
+mod forms {
+    use super::super::*;
+    use super::super::{activation::*, cosine::*, cross_entropy::*, mining::*, skip::*};
+    use crate::distance::{Distance, cosine_similarity_matrix as composite_cosine};
+    use crate::loss::diagonal_cross_entropy_composite;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn random(shape: (usize, usize), seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..shape.0 * shape.1)
+            .map(|_| rng.random::<f32>() * 2.0 - 1.0)
+            .collect()
+    }
+
+    fn var(data: &[f32], shape: (usize, usize)) -> Var {
+        Var::from_tensor(&Tensor::from_slice(data, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        close_except(a, b, tol, what, &[]);
+    }
+
+    /// As `close`, with entries `skip` left out of the comparison.
+    fn close_except(a: &Tensor, b: &Tensor, tol: f32, what: &str, skip: &[usize]) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        assert!(a.iter().all(|v| v.is_finite()), "{what}: fused not finite");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            if skip.contains(&i) {
+                continue;
+            }
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}[{i}]: fused {x} vs composite {y}"
+            );
+        }
+    }
+
+    /// A fixed, non-uniform weighting of the entries of `t` summed to a scalar, so that
+    /// every entry gets its own gradient.
+    fn weighted_sum(t: &Tensor) -> Tensor {
+        let w: Vec<f32> = (0..t.elem_count())
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.4)
+            .collect();
+        let w = Tensor::from_vec(w, t.shape(), t.device()).unwrap();
+        (t * w).unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn cosine_matrix_matches_the_composite_form() {
+        let (n, m, d) = (37, 23, 19);
+        let mut xd = random((n, d), 1);
+        // A zero row and a tiny one: the clamped-norm branch of the backward pass.
+        xd[3 * d..4 * d].fill(0.0);
+        xd[5 * d..6 * d].iter_mut().for_each(|v| *v *= 1e-9);
+        let x = var(&xd, (n, d));
+        let y = var(&random((m, d), 2), (m, d));
+        for other in [None, Some(&y)] {
+            let fused = cosine_similarity_matrix(x.as_tensor(), other.map(|y| y.as_tensor()))
+                .unwrap()
+                .expect("applies to f32 on the CPU");
+            let reference = composite_cosine(
+                x.as_tensor(),
+                other.map_or(x.as_tensor(), |y| y.as_tensor()),
+            )
+            .unwrap();
+            close(&fused, &reference, 1e-5, "cosine values");
+            let gf = weighted_sum(&fused).backward().unwrap();
+            let gr = weighted_sum(&reference).backward().unwrap();
+            // The composite form's gradient at an all-zero row is NaN (sqrt at 0); the
+            // kernel gives torch's (the norm's subgradient 0 there, so ∂x̂ / ε).
+            let zero_row: Vec<usize> = (3 * d..4 * d).collect();
+            let (fx, rx) = (gf.get(&x).unwrap(), gr.get(&x).unwrap());
+            close_except(fx, rx, 1e-4, "cosine ∂x", &zero_row);
+            let row3 = fx.get(3).unwrap().to_vec1::<f32>().unwrap();
+            assert!(row3.iter().all(|v| v.is_finite()));
+            if let Some(y) = other {
+                close(gf.get(y).unwrap(), gr.get(y).unwrap(), 1e-4, "cosine ∂y");
+            }
+        }
+    }
+
+    #[test]
+    fn cosine_matrix_skips_the_gradient_of_a_detached_side() {
+        let x = var(&random((8, 5), 3), (8, 5));
+        let memory = Tensor::from_vec(random((6, 5), 4), (6, 5), &Device::Cpu).unwrap();
+        let s = cosine_similarity_matrix(x.as_tensor(), Some(&memory))
+            .unwrap()
+            .unwrap();
+        let g = s.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&x).is_some());
+        assert!(g.get(&memory).is_none());
+    }
+
+    #[test]
+    fn diagonal_cross_entropy_matches_the_composite_form() {
+        let n = 29;
+        // Logits of the scale MNRL uses (20 · cos), where exp's range matters.
+        let data: Vec<f32> = random((n, n), 5).iter().map(|v| v * 20.0).collect();
+        for symmetric in [false, true] {
+            let z = var(&data, (n, n));
+            let fused = diagonal_cross_entropy(z.as_tensor(), symmetric)
+                .unwrap()
+                .unwrap();
+            let reference = diagonal_cross_entropy_composite(z.as_tensor(), symmetric).unwrap();
+            close(&fused, &reference, 1e-5, "cross-entropy value");
+            let gf = (fused * 3.0).unwrap().backward().unwrap();
+            let gr = (reference * 3.0).unwrap().backward().unwrap();
+            close(
+                gf.get(&z).unwrap(),
+                gr.get(&z).unwrap(),
+                1e-5,
+                "cross-entropy ∂z",
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_and_softmax_match_the_composite_forms() {
+        let data: Vec<f32> = random((13, 40), 12).iter().map(|v| v * 8.0).collect();
+        let x = var(&data, (13, 40));
+        let fused = gelu_erf(x.as_tensor()).unwrap().unwrap();
+        let reference = x.as_tensor().gelu_erf().unwrap();
+        close(&fused, &reference, 1e-6, "gelu values");
+        let gf = weighted_sum(&fused).backward().unwrap();
+        // d/dx x·Φ(x) = Φ(x) + x·φ(x), from the reference forms.
+        let xs = x.as_tensor();
+        let cdf = ((xs * FRAC_1_SQRT_2 as f64).unwrap().erf().unwrap() + 1.0).unwrap() * 0.5;
+        let pdf =
+            ((xs.sqr().unwrap() * -0.5).unwrap().exp().unwrap() * FRAC_1_SQRT_2PI as f64).unwrap();
+        let slope = (cdf.unwrap() + (xs * pdf).unwrap()).unwrap();
+        let w = (weighted_sum(&(xs * 1.0).unwrap()).backward().unwrap())
+            .get(&x)
+            .unwrap()
+            .clone();
+        close(gf.get(&x).unwrap(), &(slope * w).unwrap(), 1e-5, "gelu ∂x");
+
+        let fused = softmax_last_dim(x.as_tensor()).unwrap().unwrap();
+        let xs = x.as_tensor();
+        let e = xs
+            .broadcast_sub(&xs.max_keepdim(1).unwrap().detach())
+            .unwrap()
+            .exp()
+            .unwrap();
+        let reference = e.broadcast_div(&e.sum_keepdim(1).unwrap()).unwrap();
+        close(&fused, &reference, 1e-6, "softmax values");
+        let gf = weighted_sum(&fused).backward().unwrap();
+        let gr = weighted_sum(&reference).backward().unwrap();
+        close(gf.get(&x).unwrap(), gr.get(&x).unwrap(), 1e-5, "softmax ∂x");
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_range_softmax_uses() {
+        let mut worst = 0.0f32;
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01 + 0.003;
+            let (fast, exact) = (exp_f32(x), x.exp());
+            if exact.is_normal() {
+                worst = worst.max((fast - exact).abs() / exact);
+            }
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "max relative error {worst}");
+        assert_eq!(exp_f32(-200.0), exp_f32(-87.336_55));
+        assert!(exp_f32(-200.0) < 1e-37);
+    }
+
+    #[test]
+    fn skip_connection_layer_matches_the_composite_form() {
+        let (n, d) = (17, 11);
+        let x = var(&random((n, d), 6), (n, d));
+        let w = var(&random((d, d), 7), (d, d));
+        let b = Var::from_tensor(&Tensor::from_vec(random((1, d), 8), d, &Device::Cpu).unwrap())
+            .unwrap();
+        let gate = Var::from_tensor(&Tensor::from_vec(random((1, d), 9), d, &Device::Cpu).unwrap())
+            .unwrap();
+        let fused = skip_connection_layer(x.as_tensor(), w.as_tensor(), b.as_tensor(), &gate)
+            .unwrap()
+            .unwrap();
+        let reference = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .broadcast_mul(&candle_nn::ops::sigmoid(&gate).unwrap())
+            .unwrap()
+            .add(&x)
+            .unwrap();
+        close(&fused, &reference, 1e-5, "skip values");
+        let gf = weighted_sum(&fused).backward().unwrap();
+        let gr = weighted_sum(&reference).backward().unwrap();
+        for (v, name) in [(&x, "∂x"), (&w, "∂W"), (&b, "∂b"), (&gate, "∂gate")] {
+            close(gf.get(v).unwrap(), gr.get(v).unwrap(), 1e-4, name);
+        }
+        // A constant input (cached embeddings) gets no gradient and costs no product.
+        let c = x.as_tensor().detach();
+        let y = skip_connection_layer(&c, w.as_tensor(), b.as_tensor(), &gate)
+            .unwrap()
+            .unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&c).is_none() && g.get(&w).is_some());
+    }
+
+    #[test]
+    fn group_masks_and_hardest_pairs_match_the_composite_forms() {
+        // Groups with a singleton (no positive) and, against `b`, a group absent from `b`.
+        let a = Tensor::new(&[0i64, 1, 0, 2, 1, 3, 0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1i64, 0, 0, 2, 5], &Device::Cpu).unwrap();
+        for other in [None, Some(&b)] {
+            let m = other.map_or(7, |b| b.dim(0).unwrap());
+            let (p, q) = group_masks(&a, other, DType::F32).unwrap().unwrap();
+            // F64 takes the composite path.
+            let (rp, rq) = crate::loss::masks::group_masks(&a, other, DType::F64).unwrap();
+            close(&p, &rp.to_dtype(DType::F32).unwrap(), 0.0, "positive mask");
+            close(&q, &rq.to_dtype(DType::F32).unwrap(), 0.0, "negative mask");
+
+            let d = Tensor::from_vec(random((7, m), 10), (7, m), &Device::Cpu).unwrap();
+            let (pi, ni, valid) = hardest_pairs(&d, &a, other).unwrap().unwrap();
+            let big = 1e30;
+            let want_p = ((&d * &rp.to_dtype(DType::F32).unwrap()).unwrap()
+                + ((rp.to_dtype(DType::F32).unwrap() - 1.0).unwrap() * big).unwrap())
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+            let want_n = ((&d * &q).unwrap() + ((1.0 - &q).unwrap() * big).unwrap())
+                .unwrap()
+                .argmin(1)
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            let valid = valid.to_vec1::<f32>().unwrap();
+            let (pi, ni) = (
+                pi.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+                ni.flatten_all().unwrap().to_vec1::<u32>().unwrap(),
+            );
+            let pv = p.to_vec2::<f32>().unwrap();
+            let qv = q.to_vec2::<f32>().unwrap();
+            for i in 0..7 {
+                let has = pv[i].contains(&1.0) && qv[i].contains(&1.0);
+                assert_eq!(valid[i], f32::from(u8::from(has)), "valid[{i}]");
+                if has {
+                    assert_eq!((pi[i], ni[i]), (want_p[i], want_n[i]), "anchor {i}");
+                }
+            }
+        }
+        // The cosine distance feeding the mining is the fused one as well.
+        let _ = Distance::Cosine;
+    }
+
+    #[test]
+    fn adam_kernel_matches_the_tensor_update() {
+        use crate::train::{Optimizer, OptimizerConfig};
+        let data = random((5, 4), 11);
+        for config in [
+            OptimizerConfig::adam(0.05),
+            OptimizerConfig::Adam {
+                lr: 0.05,
+                weight_decay: 0.1,
+            },
+            OptimizerConfig::AdamW {
+                lr: 0.05,
+                weight_decay: 0.1,
+            },
+        ] {
+            let run = |dtype: DType| {
+                let v = Var::from_tensor(
+                    &Tensor::from_slice(&data, (5, 4), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+                .unwrap();
+                let mut opt = Optimizer::new(config, vec![("w".into(), v.clone())], &[]).unwrap();
+                for step in 0..4 {
+                    // f(θ) = Σ c·θ³ with varying c: gradients change sign and size.
+                    let c = 1.0 + step as f64 * 0.5;
+                    let loss = (v.as_tensor().powf(3.0).unwrap() * c)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap();
+                    opt.step(&loss.backward().unwrap(), 0.7, 0.9).unwrap();
+                }
+                let state = opt.state_tensors();
+                (
+                    v.as_tensor().to_dtype(DType::F32).unwrap(),
+                    state["m.w"].to_dtype(DType::F32).unwrap(),
+                    state["v.w"].to_dtype(DType::F32).unwrap(),
+                )
+            };
+            // F32 on the CPU takes the kernel, F64 the tensor update.
+            let (fused, reference) = (run(DType::F32), run(DType::F64));
+            close(&fused.0, &reference.0, 1e-5, "θ");
+            close(&fused.1, &reference.1, 1e-5, "m");
+            close(&fused.2, &reference.2, 1e-5, "v");
+        }
+    }
+}
+
+mod triplet {
+    //! The fused batch-hard path of TripletLoss (`kernels::cosine_hardest_pairs` +
+    //! `cosine_pairs`) against the composite one (F64 takes it), values and gradients.
+    use crate::data::GroupTargets;
+    use crate::loss::{MemoryLoss, SimilarityLoss, TripletLoss, TripletLossConfig};
+    use crate::nn::Params;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn run(n: usize, m: usize, groups: i64, dtype: DType) -> (f64, Vec<f64>) {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64((n * 31 + m) as u64);
+        let data: Vec<f64> = (0..(n + m) * 24)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect();
+        let x = Tensor::from_vec(data, (n + m, 24), &dev).unwrap();
+        let (batch, memory) = (x.narrow(0, 0, n).unwrap(), x.narrow(0, n, m).unwrap());
+        let v = Var::from_tensor(&batch.to_dtype(dtype).unwrap()).unwrap();
+        let g: Vec<i64> = (0..n as i64).map(|i| (i * 7) % groups).collect();
+        let mg: Vec<i64> = (0..m as i64).map(|i| (i * 3) % (groups + 2)).collect();
+        let targets = GroupTargets {
+            groups: Tensor::new(g.as_slice(), &dev).unwrap(),
+        };
+        let mut params = Params::new(&dev, 0);
+        let loss =
+            TripletLoss::new(24, TripletLossConfig::default(), &mut params.scope("l")).unwrap();
+        let mut l = loss.forward(v.as_tensor(), &targets).unwrap();
+        if m > 0 {
+            let mem = memory.to_dtype(dtype).unwrap();
+            let mem_g = Tensor::new(mg.as_slice(), &dev).unwrap();
+            l = (l + loss
+                .forward_memory(v.as_tensor(), &targets.groups, &mem, &mem_g)
+                .unwrap())
+            .unwrap();
+        }
+        let grad = l
+            .backward()
+            .unwrap()
+            .get(&v)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        (
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+            grad.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        )
+    }
+
+    #[test]
+    fn fused_hard_mining_matches_the_composite_path() {
+        // Small groups (anchors without positives), a batch larger than a mining block, and
+        // a memory bank.
+        for (n, m, groups) in [(9, 0, 4), (300, 0, 100), (64, 700, 10), (2000, 0, 100)] {
+            let (lf, gf) = run(n, m, groups, DType::F32);
+            let (lr, gr) = run(n, m, groups, DType::F64);
+            assert!(
+                (lf - lr).abs() < 1e-5 * (1.0 + lr.abs()),
+                "n={n} m={m}: {lf} vs {lr}"
+            );
+            let worst = gf
+                .iter()
+                .zip(&gr)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            let scale = gr.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            assert!(
+                worst <= 1e-4 * scale.max(1e-6),
+                "n={n} m={m}: gradient off by {worst} (max {scale})"
+            );
+        }
+    }
+}
