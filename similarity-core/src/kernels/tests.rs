@@ -373,3 +373,77 @@ mod triplet {
         }
     }
 }
+
+mod pair_losses {
+    //! MultipleNegativesRankingLoss and retrieval ranks: the fused f32 paths against the
+    //! composite ones (F64 takes them).
+    use crate::data::PairTargets;
+    use crate::distance::Distance;
+    use crate::loss::{
+        MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig, SimilarityLoss,
+    };
+    use crate::metric::rank_against_candidates;
+    use crate::nn::Params;
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn data(rows: usize, seed: u64) -> Tensor {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..rows * 16).map(|_| rng.random::<f64>() - 0.5).collect();
+        Tensor::from_vec(v, (rows, 16), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn fused_mnrl_matches_the_composite_path() {
+        let n = 37;
+        let x = data(2 * n, 1);
+        let pairs: Vec<u32> = (0..n as u32).flat_map(|i| [i, i + n as u32]).collect();
+        let targets = PairTargets {
+            pairs: Tensor::from_vec(pairs, (n, 2), &Device::Cpu).unwrap(),
+            labels: Tensor::ones(n, DType::F32, &Device::Cpu).unwrap(),
+            subgroups: Tensor::zeros(2 * n, DType::I64, &Device::Cpu).unwrap(),
+        };
+        for symmetric in [false, true] {
+            let run = |dtype: DType| {
+                let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                let mut params = Params::new(&Device::Cpu, 0);
+                let config = MultipleNegativesRankingLossConfig {
+                    symmetric,
+                    ..Default::default()
+                };
+                let loss =
+                    MultipleNegativesRankingLoss::new(16, config, &mut params.scope("l")).unwrap();
+                let l = loss.forward(v.as_tensor(), &targets).unwrap();
+                let g = l.backward().unwrap().get(&v).unwrap().to_dtype(DType::F64).unwrap();
+                (
+                    l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+                    g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                )
+            };
+            let ((lf, gf), (lr, gr)) = (run(DType::F32), run(DType::F64));
+            assert!((lf - lr).abs() < 1e-5 * (1.0 + lr.abs()), "{lf} vs {lr}");
+            for (a, b) in gf.iter().zip(&gr) {
+                assert!((a - b).abs() < 1e-5, "gradient {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_ranks_match_the_composite_path() {
+        let q = data(50, 2);
+        let c = (data(50, 3) * 1.5).unwrap().add(&q).unwrap();
+        let which: Vec<u32> = (0..50).filter(|i| i % 3 != 1).collect();
+        let f = rank_against_candidates(
+            &q.to_dtype(DType::F32).unwrap(),
+            &c.to_dtype(DType::F32).unwrap(),
+            &which,
+            Distance::Cosine,
+        )
+        .unwrap();
+        let r = rank_against_candidates(&q, &c, &which, Distance::Cosine).unwrap();
+        assert_eq!(f.queries, r.queries);
+        assert!((f.precision_at_1 - r.precision_at_1).abs() < 1e-12);
+        assert!((f.reciprocal_rank - r.reciprocal_rank).abs() < 1e-12);
+        assert!(r.precision_at_1 > 0.0 && r.precision_at_1 < 1.0);
+    }
+}
