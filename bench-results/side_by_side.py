@@ -1,6 +1,15 @@
 """Prints the side-by-side tables of BENCHMARKS.md from one back-to-back session.
 
     python3 bench-results/side_by_side.py DATE
+    python3 bench-results/side_by_side.py TAG --interleaved
+
+The second form reads the interleaved session of the fused kernels (bench-results/run
+order in side_by_side_TAG.log): ours_TAG.jsonl (bench --w1/--w3/--w2 --runs 3),
+ours_w4_TAG.jsonl, quaterion_TAG.jsonl (bench.py --w1 --w1-cache auto, --w3-active, --w2,
+--w4), and the FAQ at 500 epochs measured on both sides (ours_faq_500_TAG.jsonl,
+quaterion_faq_500_TAG.jsonl).
+
+The first form
 
 reads, in bench-results/:
   ours_all_DATE.jsonl            cargo run --release --example bench -- --all (CANDLE_NUM_THREADS=1)
@@ -24,8 +33,13 @@ def lines(name):
     return [json.loads(l) for l in open(path) if l.startswith("{")]
 
 
-ours = lines("ours_all")
-quat = {l["workload"]: l for l in lines("quaterion_rerun")}
+INTERLEAVED = "--interleaved" in sys.argv
+if INTERLEAVED:
+    ours = lines("ours") + lines("ours_w4")
+    quat = {l["workload"]: l for l in lines("quaterion")}
+else:
+    ours = lines("ours_all")
+    quat = {l["workload"]: l for l in lines("quaterion_rerun")}
 QNAME = {"w1_cached": "w1_group_triplet_cached", "w1_uncached": "w1_group_triplet_nocache",
          "w2": "w2_pairs_contrastive_cached", "w3": "w3_group_triplet_cached_xbm_start0"}
 
@@ -89,6 +103,34 @@ for name in ("TripletLoss_all",):
     if name in qd:
         print(f"| {name} (Quaterion only) | 1024 | - | | {qd[name]['median_ms']:.0f} | |")
 print()
+
+if INTERLEAVED:
+    o, q = lines("ours_faq_500"), lines("quaterion_faq_500")
+    o = next((l for l in o if l.get("workload") == "faq"), None)
+    q = q[0] if q else None
+    if o and q:
+        print("FAQ, 500 epochs, both measured, back to back (Quaterion first)\n")
+        print("| figure | ours | Quaterion | Quaterion / ours |")
+        print("|---|---|---|---|")
+        rows = [
+            ("cache fill, training texts s (Quaterion: training + validation texts)", o["cache_fill_s"], q["cache_fill_s"], False),
+            ("validation texts embedded before training s", o["evaluate_before_s"], q["eval_embed_s"], False),
+            ("all encoding s", o["evaluate_before_s"] + o["cache_fill_s"], q["cache_fill_s"] + q["eval_embed_s"], True),
+            ("epoch s (training + validation, after 1st)", o["mean_epoch_s"], q["mean_epoch_s"], True),
+            ("fit wall s", o["fit_wall_s"], q["fit_wall_s"], True),
+            ("end to end s (model built to final scores)", o["total_s"], q["eval_embed_s"] + q["fit_wall_s"], True),
+            ("peak RSS MB", o["peak_rss_mb"], q["peak_rss_mb"], True),
+        ]
+        for name, a, b, comparable in rows:
+            ratio = f"{b / a:.2f}x" if comparable else "(not the same work)"
+            print(f"| {name} | {a:.2f} | {b:.2f} | {ratio} |")
+        print(f"| P@1 before -> after (full set) | {o['q_before']['precision_at_1']} -> {o['q_after']['precision_at_1']} | "
+              f"{q['p1_before']} -> {q['p1_after']} | |")
+        print(f"| MRR before -> after (full set) | {o['q_before']['mrr']} -> {o['q_after']['mrr']} | "
+              f"{q['mrr_before']} -> {q['mrr_after']} | |")
+        print(f"| other processes' CPU | {pct(o['machine_load']['other_procs_cpu_frac'])} | not recorded | |")
+        print(f"| fill ratio to its matmul floor (ours) | {o.get('fill_ratio')} | | |")
+    sys.exit(0)
 
 of, qf, o500 = lines("ours_faq_50"), lines("quaterion_faq_50"), lines("ours_faq_500")
 of = next((l for l in of if l.get("workload") == "faq"), None)

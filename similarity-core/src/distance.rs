@@ -154,12 +154,16 @@ fn dtype_epsilon(dtype: candle_core::DType) -> f64 {
 }
 
 /// Rows scaled to unit L2 norm: `x / max(‖x‖, 1e-8)`, `x: (n, d)`.
+///
+/// The clamp is applied to `‖x‖²` (at `1e-16`) before the square root, which gives the
+/// same value and keeps the gradient of an all-zero row finite (`∂x̂ / 1e-8`, as torch's
+/// `F.normalize`); a square root at 0 would make it NaN.
 pub fn normalize(x: &Tensor) -> Result<Tensor> {
     let norm = x
         .sqr()?
         .sum_keepdim(D::Minus1)?
-        .sqrt()?
-        .clamp(NORM_EPS, f64::MAX)?;
+        .clamp(NORM_EPS * NORM_EPS, f64::MAX)?
+        .sqrt()?;
     Ok(x.broadcast_div(&norm)?)
 }
 
