@@ -13,8 +13,8 @@
 //! chunks of 2,048 token positions, longest texts first). Measured over the full validation
 //! set (release, 2-core machine, 2026-11-28; the same recipe as
 //! `bench -- --faq DIR`, whose JSON gives the timings): precision@1 0.6498 → 0.6920, MRR
-//! 0.7349 → 0.7729; the validation texts are embedded in 26 to 32 s by the first
-//! evaluation, the training texts in 81 to 91 s, then 0.47 to 0.59 s per epoch with
+//! 0.7349 → 0.7729; the validation texts are embedded in 21 to 24 s by the first
+//! evaluation, the training texts in 65 to 73 s, then 0.24 to 0.29 s per epoch with
 //! validation.
 //! Quaterion's tutorial reports 0.700 / 0.777 from its validation loop, which ranks within
 //! each validation batch of 1,024 pairs, not from this full-set ranking.
