@@ -12,6 +12,20 @@
 
 use super::*;
 
+/// The group ids of both sides as host vectors, `b = None` meaning `a` itself; `None` when
+/// either is not `i64`.
+fn group_ids(a: &Tensor, b: Option<&Tensor>) -> Result<Option<(Vec<i64>, Vec<i64>)>> {
+    if a.dtype() != DType::I64 || b.is_some_and(|b| b.dtype() != DType::I64) {
+        return Ok(None);
+    }
+    let ga = a.to_vec1::<i64>()?;
+    let gb = match b {
+        Some(b) => b.to_vec1::<i64>()?,
+        None => ga.clone(),
+    };
+    Ok(Some((ga, gb)))
+}
+
 /// Group masks (see `loss::masks`) as f32 `{0, 1}` matrices built in one pass, or `None`
 /// where this does not apply (another device, dtype or id type).
 pub(crate) fn group_masks(
@@ -19,17 +33,11 @@ pub(crate) fn group_masks(
     b: Option<&Tensor>,
     dtype: DType,
 ) -> Result<Option<(Tensor, Tensor)>> {
-    if dtype != DType::F32
-        || !a.device().is_cpu()
-        || a.dtype() != DType::I64
-        || b.is_some_and(|b| b.dtype() != DType::I64)
-    {
+    if dtype != DType::F32 || !a.device().is_cpu() {
         return Ok(None);
     }
-    let ga = a.to_vec1::<i64>()?;
-    let gb = match b {
-        Some(b) => b.to_vec1::<i64>()?,
-        None => ga.clone(),
+    let Some((ga, gb)) = group_ids(a, b)? else {
+        return Ok(None);
     };
     let (n, m) = (ga.len(), gb.len());
     let mut pos = vec![0.0f32; n * m];
@@ -61,15 +69,13 @@ pub(crate) fn hardest_pairs(
     a: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    if !applies(&[d]) || a.dtype() != DType::I64 || b.is_some_and(|b| b.dtype() != DType::I64) {
+    if !applies(&[d]) {
         return Ok(None);
     }
-    let (n, m) = d.dims2()?;
-    let ga = a.to_vec1::<i64>()?;
-    let gb = match b {
-        Some(b) => b.to_vec1::<i64>()?,
-        None => ga.clone(),
+    let Some((ga, gb)) = group_ids(a, b)? else {
+        return Ok(None);
     };
+    let (n, m) = d.dims2()?;
     let (ga, gb) = dense_groups(&ga, &gb);
     let dv = d.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     // Closeness is −d: the farthest positive has the smallest, the nearest negative the
@@ -230,17 +236,11 @@ pub(crate) fn cosine_hardest_pairs(
     a: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    if !applies(&[x])
-        || !y.is_none_or(|y| applies(&[y]))
-        || a.dtype() != DType::I64
-        || b.is_some_and(|b| b.dtype() != DType::I64)
-    {
+    if !applies(&[x]) || !y.is_none_or(|y| applies(&[y])) {
         return Ok(None);
     }
-    let ga = a.to_vec1::<i64>()?;
-    let gb = match b {
-        Some(b) => b.to_vec1::<i64>()?,
-        None => ga.clone(),
+    let Some((ga, gb)) = group_ids(a, b)? else {
+        return Ok(None);
     };
     let (ga, gb) = dense_groups(&ga, &gb);
     let op = CosineMine {

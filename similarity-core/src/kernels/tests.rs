@@ -409,7 +409,13 @@ mod pair_losses {
                 let loss =
                     MultipleNegativesRankingLoss::new(16, config, &mut params.scope("l")).unwrap();
                 let l = loss.forward(v.as_tensor(), &targets).unwrap();
-                let g = l.backward().unwrap().get(&v).unwrap().to_dtype(DType::F64).unwrap();
+                let g = l
+                    .backward()
+                    .unwrap()
+                    .get(&v)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
                 (
                     l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
                     g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
