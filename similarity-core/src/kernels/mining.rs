@@ -76,6 +76,13 @@ pub(crate) fn hardest_pairs(
         return Ok(None);
     };
     let (n, m) = d.dims2()?;
+    if ga.len() != n || gb.len() != m {
+        return Err(crate::error::Error::shape(
+            "batch-hard mining group ids",
+            format!("{n} and {m} ids"),
+            (ga.len(), gb.len()),
+        ));
+    }
     let (ga, gb) = dense_groups(&ga, &gb);
     let dv = d.detach().contiguous()?.flatten_all()?.to_vec1::<f32>()?;
     // Closeness is −d: the farthest positive has the smallest, the nearest negative the
@@ -189,6 +196,13 @@ impl CustomOp2 for CosineMine {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = l1.shape().dims2()?;
         let (m, _) = l2.shape().dims2()?;
+        if self.ga.len() != n || self.gb.len() != m {
+            candle_core::bail!(
+                "cosine-mine: {} and {} group ids for ({n}, {m}) rows",
+                self.ga.len(),
+                self.gb.len()
+            );
+        }
         let (_, xu) = normalize_rows(slice(s1, l1, "cosine-mine")?, d);
         let y = slice(s2, l2, "cosine-mine")?;
         // x̂ · y_j scaled by 1 / ‖y_j‖ inside the mining pass: ŷ is never written.

@@ -66,9 +66,9 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Re
     }
 }
 
-/// `dst (m × n) = lhs (m × k) · rhs`, all row-major; `rhs_t` says whether `rhs` is stored as
-/// its transpose `(n × k)` (then `dst = lhs · rhsᵀ`) or as `(k × n)`. `accumulate` adds to
-/// `dst` instead of overwriting it.
+/// `dst (m × n) = lhs (m × k) · rhs (k × n)`, all row-major, `dst` overwritten. `lhs_t`:
+/// `lhs` is stored as its transpose `(k × m)`; `rhs_t`: `rhs` is stored as `(n × k)` (so
+/// `dst = lhs · stored_rhsᵀ`). Runs on Candle's thread count (rayon).
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     dst: &mut [f32],
@@ -80,9 +80,10 @@ fn gemm(
     lhs_t: bool,
     rhs_t: bool,
 ) {
-    debug_assert_eq!(dst.len(), m * n);
-    debug_assert_eq!(lhs.len(), m * k);
-    debug_assert_eq!(rhs.len(), k * n);
+    // The unsafe call below relies on these (cheap next to the product).
+    assert_eq!(dst.len(), m * n, "gemm: dst size");
+    assert_eq!(lhs.len(), m * k, "gemm: lhs size");
+    assert_eq!(rhs.len(), k * n, "gemm: rhs size");
     if m == 0 || n == 0 {
         return;
     }

@@ -39,6 +39,9 @@ impl candle_core::CustomOp3 for SkipLayer {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
         let bg = slice(s3, l3, self.name())?;
+        if w.len() != d * d || bg.len() != 2 * d {
+            candle_core::bail!("skip-connection-layer: weights do not match the input width {d}");
+        }
         let (b, gate) = bg.split_at(d);
         let s: Vec<f32> = gate.iter().map(|&g| 1.0 / (1.0 + exp_f32(-g))).collect();
         let mut z = vec![0.0f32; n * d];
