@@ -64,7 +64,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, "gelu-erf")?;
         let mut y = vec![0.0f32; x.len()];
-        gelu_into(x, &mut y);
+        par_rows(x, &mut y, 1, gelu_into);
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -145,7 +145,7 @@ impl CustomOp1 for SoftmaxLastDim {
         let x = slice(s, l, "softmax-last-dim")?;
         let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
         let mut y = vec![0.0f32; x.len()];
-        softmax_into(x, n, &mut y);
+        par_rows(x, &mut y, n, |a, b| softmax_into(a, n, b));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 

@@ -91,12 +91,8 @@ fn gemm(
         dst.fill(0.0);
         return;
     }
-    // Candle's `get_num_threads` re-reads /proc/cpuinfo on every call unless
-    // RAYON_NUM_THREADS is set; the count does not change while a process runs.
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let threads = *THREADS.get_or_init(get_num_threads);
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
+    let parallelism = if threads() > 1 {
+        gemm::Parallelism::Rayon(threads())
     } else {
         gemm::Parallelism::None
     };
@@ -217,6 +213,36 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The thread count the kernels use: Candle's (`RAYON_NUM_THREADS`, else the physical
+/// cores). Candle's `get_num_threads` re-reads /proc/cpuinfo on every call unless
+/// RAYON_NUM_THREADS is set; the count does not change while a process runs.
+fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(get_num_threads)
+}
+
+/// Below this many elements an element-wise pass runs on the calling thread: splitting
+/// costs more than it saves.
+const PAR_MIN: usize = 1 << 16;
+
+/// `f(input rows, output rows)` over blocks of whole rows of width `width`, split across
+/// [`threads`] when the pass is large (`input` and `out` have the same row count).
+fn par_rows(input: &[f32], out: &mut [f32], width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    let (width, t) = (width.max(1), threads());
+    let rows = input.len() / width;
+    if t <= 1 || input.len() < PAR_MIN || rows < 2 {
+        f(input, out);
+        return;
+    }
+    let per = rows.div_ceil(t);
+    let out_width = out.len() / rows.max(1);
+    input
+        .par_chunks(per * width)
+        .zip(out.par_chunks_mut(per * out_width))
+        .for_each(|(a, b)| f(a, b));
 }
 
 /// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a
