@@ -91,7 +91,7 @@ pub(crate) fn hardest_pairs(
     let (mut pos_idx, mut neg_idx, mut valid) = (vec![0u32; n], vec![0u32; n], vec![0f32; n]);
     for i in 0..n {
         let skip = b.is_none().then_some(i);
-        if let Some((p, q)) = mine_row(&dv[i * m..(i + 1) * m], &flip, ga[i], &gb, skip) {
+        if let (Some(p), Some(q)) = mine_row(&dv[i * m..(i + 1) * m], &flip, ga[i], &gb, skip) {
             pos_idx[i] = p;
             neg_idx[i] = q;
             valid[i] = 1.0;
@@ -122,9 +122,9 @@ simd_fn! {
     /// For one row of raw products `s` with per-column scales `inv` (cosine: `x̂_i · y_j`
     /// and `1 / ‖y_j‖`, so `s_j · inv_j` is the cosine) and the row's group `g` against the
     /// column groups `gb`: the column of the farthest same-group entry (smallest cosine) and
-    /// of the closest other-group entry (largest), the first on ties, never column `skip`.
-    /// `None` when the row has no positive or no negative.
-    pub(super) fn mine_row(s: &[f32], inv: &[f32], g: i32, gb: &[i32], skip: Option<usize>) -> Option<(u32, u32)> {
+    /// of the closest other-group entry (largest), the first on ties, never column `skip`;
+    /// each `None` when the row has no such entry.
+    pub(super) fn mine_row(s: &[f32], inv: &[f32], g: i32, gb: &[i32], skip: Option<usize>) -> (Option<u32>, Option<u32>) {
         let mut pmin = [f32::INFINITY; LANES];
         let mut nmax = [f32::NEG_INFINITY; LANES];
         let (sc, ic, gc) = (s.chunks_exact(LANES), inv.chunks_exact(LANES), gb.chunks_exact(LANES));
@@ -161,21 +161,22 @@ simd_fn! {
                 }
             }
         }
-        if !pbest.is_finite() || !nbest.is_finite() {
-            return None;
-        }
         let mut cols = s.iter().zip(inv).zip(gb).enumerate();
-        let p = cols
-            .clone()
-            .position(|(j, ((&v, &iv), &gv))| gv == g && Some(j) != skip && v * iv == pbest)?;
-        let q = cols.position(|(_, ((&v, &iv), &gv))| gv != g && v * iv == nbest)?;
-        Some((p as u32, q as u32))
+        let p = pbest.is_finite().then(|| {
+            cols.clone()
+                .position(|(j, ((&v, &iv), &gv))| gv == g && Some(j) != skip && v * iv == pbest)
+        });
+        let q = nbest
+            .is_finite()
+            .then(|| cols.position(|(_, ((&v, &iv), &gv))| gv != g && v * iv == nbest));
+        (p.flatten().map(|j| j as u32), q.flatten().map(|j| j as u32))
     }
 }
 
 /// Batch-hard cosine mining without a similarity matrix in the graph: `x̂ ŷᵀ` is computed
-/// into a scratch buffer in blocks of rows and mined as it goes. Output `(n, 3)` f32:
-/// positive column, negative column, valid.
+/// into a scratch buffer in blocks of rows and mined as it goes. Output `(n, 4)` f32:
+/// positive column, has a positive, negative column, has a negative (`{0, 1}`; a missing
+/// column is 0).
 pub(super) struct CosineMine {
     ga: Vec<i32>,
     gb: Vec<i32>,
@@ -210,7 +211,7 @@ impl CustomOp2 for CosineMine {
         // Rows per block. Each gemm call packs all of y, so blocks are large: up to 16 MB
         // of products per block (whole batches against a 4,096-row memory).
         let block = (4_194_304 / m.max(1)).clamp(16, n.max(16));
-        let mut out = vec![0.0f32; n * 3];
+        let mut out = vec![0.0f32; n * 4];
         let mut scratch = vec![0.0f32; block.min(n) * m];
         for start in (0..n).step_by(block) {
             let rows = block.min(n - start);
@@ -228,28 +229,27 @@ impl CustomOp2 for CosineMine {
             for r in 0..rows {
                 let i = start + r;
                 let skip = self.self_excluded.then_some(i);
-                if let Some((p, q)) =
-                    mine_row(&sims[r * m..(r + 1) * m], &inv, self.ga[i], &self.gb, skip)
-                {
-                    out[i * 3..i * 3 + 3].copy_from_slice(&[p as f32, q as f32, 1.0]);
+                let (p, q) = mine_row(&sims[r * m..(r + 1) * m], &inv, self.ga[i], &self.gb, skip);
+                let row = &mut out[i * 4..i * 4 + 4];
+                if let Some(p) = p {
+                    row[..2].copy_from_slice(&[p as f32, 1.0]);
+                }
+                if let Some(q) = q {
+                    row[2..].copy_from_slice(&[q as f32, 1.0]);
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, 3))))
+        Ok((CpuStorage::F32(out), Shape::from((n, 4))))
     }
 }
 
-/// Batch-hard mining for the cosine distance of `x: (n, d)` against `y: (m, d)` (`None`:
-/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`: per anchor the column of
-/// its farthest positive and of its nearest negative (`(n, 1)`, u32) and whether it has
-/// both (`(n)`, `{0, 1}`), without keeping the `(n, m)` matrix. `None` where this does not
-/// apply.
-pub(crate) fn cosine_hardest_pairs(
+/// Runs [`CosineMine`]: `(n, 4)` as it documents, or `None` where it does not apply.
+fn cosine_mine(
     x: &Tensor,
     y: Option<&Tensor>,
     a: &Tensor,
     b: Option<&Tensor>,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+) -> Result<Option<Tensor>> {
     if !applies(&[x]) || !y.is_none_or(|y| applies(&[y])) {
         return Ok(None);
     }
@@ -264,9 +264,40 @@ pub(crate) fn cosine_hardest_pairs(
     };
     let x = x.detach().contiguous()?;
     let y = y.map_or_else(|| x.clone(), |y| y.detach()).contiguous()?;
-    let mined = x.apply_op2_no_bwd(&y, &op)?;
-    let pos = mined.narrow(1, 0, 1)?.to_dtype(DType::U32)?;
-    let neg = mined.narrow(1, 1, 1)?.to_dtype(DType::U32)?;
-    let valid = mined.narrow(1, 2, 1)?.squeeze(1)?.contiguous()?;
-    Ok(Some((pos, neg, valid)))
+    Ok(Some(x.apply_op2_no_bwd(&y, &op)?))
+}
+
+/// Batch-hard mining for the cosine distance of `x: (n, d)` against `y: (m, d)` (`None`:
+/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`: per anchor the column of
+/// its farthest positive and of its nearest negative (`(n, 1)`, u32) and whether it has
+/// both (`(n)`, `{0, 1}`), without keeping the `(n, m)` matrix. `None` where this does not
+/// apply.
+pub(crate) fn cosine_hardest_pairs(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    a: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let Some(mined) = cosine_mine(x, y, a, b)? else {
+        return Ok(None);
+    };
+    let column = |k: usize| mined.narrow(1, k, 1)?.to_dtype(DType::U32);
+    let valid = mined
+        .narrow(1, 1, 1)?
+        .mul(&mined.narrow(1, 3, 1)?)?
+        .squeeze(1)?;
+    Ok(Some((column(0)?, column(2)?, valid)))
+}
+
+/// The nearest other-group row of every row of `x: (n, d)` by cosine, groups `a: (n)`:
+/// its column (`(n, 1)`, u32, 0 when there is none) and whether there is one (`(n)`,
+/// `{0, 1}`), without keeping the `(n, n)` matrix. `None` where this does not apply.
+pub(crate) fn cosine_nearest_negatives(x: &Tensor, a: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(mined) = cosine_mine(x, None, a, None)? else {
+        return Ok(None);
+    };
+    Ok(Some((
+        mined.narrow(1, 2, 1)?.to_dtype(DType::U32)?,
+        mined.narrow(1, 3, 1)?.squeeze(1)?.contiguous()?,
+    )))
 }

@@ -430,6 +430,52 @@ mod pair_losses {
     }
 
     #[test]
+    fn fused_contrastive_subgroup_term_matches_the_composite_path() {
+        use crate::loss::{ContrastiveLoss, ContrastiveLossConfig};
+        let n = 23;
+        let x = data(2 * n, 4);
+        let pairs: Vec<u32> = (0..n as u32).flat_map(|i| [i, i + n as u32]).collect();
+        let labels: Vec<f32> = (0..n).map(|i| (i % 3) as f32 / 2.0).collect();
+        // Pair partners share a subgroup; subgroup 4 has one pair only, and every object
+        // has a negative except when all share one subgroup (checked separately below).
+        let sub: Vec<i64> = (0..2 * n).map(|k| ((k % n) % 5) as i64).collect();
+        for subgroups in [sub, vec![7i64; 2 * n]] {
+            let targets = PairTargets {
+                pairs: Tensor::from_vec(pairs.clone(), (n, 2), &Device::Cpu).unwrap(),
+                labels: Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(),
+                subgroups: Tensor::new(subgroups.as_slice(), &Device::Cpu).unwrap(),
+            };
+            let run = |dtype: DType| {
+                let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+                let mut params = Params::new(&Device::Cpu, 0);
+                let loss = ContrastiveLoss::new(
+                    16,
+                    ContrastiveLossConfig::default(),
+                    &mut params.scope("l"),
+                )
+                .unwrap();
+                let l = loss.forward(v.as_tensor(), &targets).unwrap();
+                let g = l
+                    .backward()
+                    .unwrap()
+                    .get(&v)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
+                (
+                    l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+                    g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                )
+            };
+            let ((lf, gf), (lr, gr)) = (run(DType::F32), run(DType::F64));
+            assert!((lf - lr).abs() < 1e-5 * (1.0 + lr.abs()), "{lf} vs {lr}");
+            for (a, b) in gf.iter().zip(&gr) {
+                assert!((a - b).abs() < 1e-5, "gradient {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
     fn fused_ranks_match_the_composite_path() {
         let q = data(50, 2);
         let c = (data(50, 3) * 1.5).unwrap().add(&q).unwrap();

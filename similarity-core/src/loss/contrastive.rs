@@ -115,6 +115,16 @@ impl SimilarityLoss for ContrastiveLoss {
         // The subgroup branch only exists when there is someone to be a negative.
         let subgroups = targets.subgroups.to_vec1::<i64>()?;
         if subgroups.iter().any(|&s| s != subgroups[0]) {
+            if distance == Distance::Cosine
+                && let Some(hard) = nearest_other_subgroup_cosine(embeddings, targets, margin)?
+            {
+                losses = (losses + hard)?;
+                return Ok(if self.config.size_average {
+                    losses.mean_all()?
+                } else {
+                    losses.sum_all()?
+                });
+            }
             let matrix = distance.distance_matrix(embeddings, None)?;
             let same =
                 masks::same_group(&targets.subgroups, &targets.subgroups)?.to_dtype(dtype)?;
@@ -136,6 +146,32 @@ impl SimilarityLoss for ContrastiveLoss {
             losses.sum_all()?
         })
     }
+}
+
+/// The subgroup term `hᵢ` for the cosine distance on the fused kernels: the nearest
+/// other-subgroup object of every embedding is mined on the detached similarities and only
+/// those pairs are recomputed with gradient (`O(n·d)` backward, no `n × n` matrix in the
+/// graph); an embedding without one contributes 0, as the lifted row of the matrix form.
+/// `None` where the kernels do not apply.
+fn nearest_other_subgroup_cosine(
+    embeddings: &Tensor,
+    targets: &PairTargets,
+    margin: f64,
+) -> Result<Option<Tensor>> {
+    let Some((column, has)) =
+        crate::kernels::cosine_nearest_negatives(embeddings, &targets.subgroups)?
+    else {
+        return Ok(None);
+    };
+    let Some(sim) = crate::kernels::cosine_pairs(embeddings, embeddings, &column)? else {
+        return Ok(None);
+    };
+    let per_object = hinge_sq(&(1.0 - sim.squeeze(1)?)?, margin)?.mul(&has)?;
+    let first = targets.pairs.narrow(1, 0, 1)?.squeeze(1)?;
+    let second = targets.pairs.narrow(1, 1, 1)?.squeeze(1)?;
+    Ok(Some(
+        (per_object.index_select(&first, 0)? + per_object.index_select(&second, 0)?)?,
+    ))
 }
 
 /// `relu(margin − d)²`.
