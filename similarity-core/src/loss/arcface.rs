@@ -114,6 +114,10 @@ pub(super) fn class_kernel(
 /// embeddings' dtype) scaled to unit norm, clamped to `[−1, 1]`.
 pub(super) fn class_cosines(embeddings: &Tensor, kernel: &Tensor) -> Result<Tensor> {
     let kernel = kernel.to_dtype(embeddings.dtype())?;
+    // Class vectors are the kernel's columns: the rows of its transpose.
+    if let Some(cos) = crate::kernels::cosine_similarity_matrix(embeddings, Some(&kernel.t()?))? {
+        return Ok(cos.clamp(-1.0, 1.0)?);
+    }
     let kernel = normalize(&kernel.t()?)?.t()?;
     Ok(normalize(embeddings)?.matmul(&kernel)?.clamp(-1.0, 1.0)?)
 }
