@@ -758,6 +758,10 @@ fn time_loss<L: SimilarityLoss>(
     e: &Var,
     targets: &<L::Kind as LossKind>::Targets,
 ) -> Result<Value> {
+    // `--w4-only NAME` times one loss (the others are skipped and not printed).
+    if arg("--w4-only").is_some_and(|only| only != name) {
+        return Ok(Value::Null);
+    }
     let load = Load::start();
     let mut params = Params::new(&Device::Cpu, 0);
     let loss = L::new(DIM, config, &mut params.scope("loss"))?;
@@ -914,7 +918,7 @@ fn w4() -> Result<Vec<Value>> {
             &g,
         )?,
     ];
-    out.shrink_to_fit();
+    out.retain(|v| !v.is_null());
     Ok(out)
 }
 
@@ -1038,7 +1042,7 @@ fn main() -> Result<()> {
     if all || flag("--w3") {
         workloads.push("w3");
     }
-    let do_w4 = all || flag("--w4");
+    let do_w4 = all || flag("--w4") || arg("--w4-only").is_some();
     if workloads.is_empty() && !do_w4 {
         bail!("pick workloads: --w1 --w2 --w3 --w4 or --all (and --runs N)");
     }
