@@ -375,7 +375,7 @@ mod pair_losses {
     use crate::data::PairTargets;
     use crate::distance::Distance;
     use crate::loss::{
-        MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig, SimilarityLoss,
+        MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig, PairKind, SimilarityLoss,
     };
     use crate::metric::rank_against_candidates;
     use crate::nn::Params;
@@ -388,44 +388,65 @@ mod pair_losses {
         Tensor::from_vec(v, (rows, 16), &Device::Cpu).unwrap()
     }
 
+    /// The loss of `x` (cast to `dtype`) and its gradient: F32 takes the fused kernels,
+    /// F64 the composite path.
+    fn value_and_grad<L: SimilarityLoss<Kind = PairKind>>(
+        config: &L::Config,
+        x: &Tensor,
+        targets: &PairTargets,
+        dtype: DType,
+    ) -> (f64, Vec<f64>) {
+        let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let mut params = Params::new(&Device::Cpu, 0);
+        let loss = L::new(16, config.clone(), &mut params.scope("l")).unwrap();
+        let l = loss.forward(v.as_tensor(), targets).unwrap();
+        let g = l
+            .backward()
+            .unwrap()
+            .get(&v)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        (
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+            g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        )
+    }
+
+    /// The fused and the composite path agree on the loss and its gradient.
+    fn assert_fused_matches<L: SimilarityLoss<Kind = PairKind>>(
+        config: L::Config,
+        x: &Tensor,
+        targets: &PairTargets,
+    ) {
+        let (lf, gf) = value_and_grad::<L>(&config, x, targets, DType::F32);
+        let (lr, gr) = value_and_grad::<L>(&config, x, targets, DType::F64);
+        assert!((lf - lr).abs() < 1e-5 * (1.0 + lr.abs()), "{lf} vs {lr}");
+        for (a, b) in gf.iter().zip(&gr) {
+            assert!((a - b).abs() < 1e-5, "gradient {a} vs {b}");
+        }
+    }
+
+    /// Pairs `(i, i + n)` with the given scores and subgroups.
+    fn pair_targets(n: usize, labels: &[f32], subgroups: &[i64]) -> PairTargets {
+        let pairs: Vec<u32> = (0..n as u32).flat_map(|i| [i, i + n as u32]).collect();
+        PairTargets {
+            pairs: Tensor::from_vec(pairs, (n, 2), &Device::Cpu).unwrap(),
+            labels: Tensor::new(labels, &Device::Cpu).unwrap(),
+            subgroups: Tensor::new(subgroups, &Device::Cpu).unwrap(),
+        }
+    }
+
     #[test]
     fn fused_mnrl_matches_the_composite_path() {
         let n = 37;
-        let x = data(2 * n, 1);
-        let pairs: Vec<u32> = (0..n as u32).flat_map(|i| [i, i + n as u32]).collect();
-        let targets = PairTargets {
-            pairs: Tensor::from_vec(pairs, (n, 2), &Device::Cpu).unwrap(),
-            labels: Tensor::ones(n, DType::F32, &Device::Cpu).unwrap(),
-            subgroups: Tensor::zeros(2 * n, DType::I64, &Device::Cpu).unwrap(),
-        };
+        let targets = pair_targets(n, &vec![1.0; n], &vec![0; 2 * n]);
         for symmetric in [false, true] {
-            let run = |dtype: DType| {
-                let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-                let mut params = Params::new(&Device::Cpu, 0);
-                let config = MultipleNegativesRankingLossConfig {
-                    symmetric,
-                    ..Default::default()
-                };
-                let loss =
-                    MultipleNegativesRankingLoss::new(16, config, &mut params.scope("l")).unwrap();
-                let l = loss.forward(v.as_tensor(), &targets).unwrap();
-                let g = l
-                    .backward()
-                    .unwrap()
-                    .get(&v)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap();
-                (
-                    l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
-                    g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-                )
+            let config = MultipleNegativesRankingLossConfig {
+                symmetric,
+                ..Default::default()
             };
-            let ((lf, gf), (lr, gr)) = (run(DType::F32), run(DType::F64));
-            assert!((lf - lr).abs() < 1e-5 * (1.0 + lr.abs()), "{lf} vs {lr}");
-            for (a, b) in gf.iter().zip(&gr) {
-                assert!((a - b).abs() < 1e-5, "gradient {a} vs {b}");
-            }
+            assert_fused_matches::<MultipleNegativesRankingLoss>(config, &data(2 * n, 1), &targets);
         }
     }
 
@@ -433,45 +454,17 @@ mod pair_losses {
     fn fused_contrastive_subgroup_term_matches_the_composite_path() {
         use crate::loss::{ContrastiveLoss, ContrastiveLossConfig};
         let n = 23;
-        let x = data(2 * n, 4);
-        let pairs: Vec<u32> = (0..n as u32).flat_map(|i| [i, i + n as u32]).collect();
         let labels: Vec<f32> = (0..n).map(|i| (i % 3) as f32 / 2.0).collect();
-        // Pair partners share a subgroup; subgroup 4 has one pair only, and every object
-        // has a negative except when all share one subgroup (checked separately below).
+        // Pair partners share a subgroup; subgroup 4 has one pair only. With a single
+        // subgroup the term is absent on both paths.
         let sub: Vec<i64> = (0..2 * n).map(|k| ((k % n) % 5) as i64).collect();
         for subgroups in [sub, vec![7i64; 2 * n]] {
-            let targets = PairTargets {
-                pairs: Tensor::from_vec(pairs.clone(), (n, 2), &Device::Cpu).unwrap(),
-                labels: Tensor::new(labels.as_slice(), &Device::Cpu).unwrap(),
-                subgroups: Tensor::new(subgroups.as_slice(), &Device::Cpu).unwrap(),
-            };
-            let run = |dtype: DType| {
-                let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-                let mut params = Params::new(&Device::Cpu, 0);
-                let loss = ContrastiveLoss::new(
-                    16,
-                    ContrastiveLossConfig::default(),
-                    &mut params.scope("l"),
-                )
-                .unwrap();
-                let l = loss.forward(v.as_tensor(), &targets).unwrap();
-                let g = l
-                    .backward()
-                    .unwrap()
-                    .get(&v)
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap();
-                (
-                    l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
-                    g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-                )
-            };
-            let ((lf, gf), (lr, gr)) = (run(DType::F32), run(DType::F64));
-            assert!((lf - lr).abs() < 1e-5 * (1.0 + lr.abs()), "{lf} vs {lr}");
-            for (a, b) in gf.iter().zip(&gr) {
-                assert!((a - b).abs() < 1e-5, "gradient {a} vs {b}");
-            }
+            let targets = pair_targets(n, &labels, &subgroups);
+            assert_fused_matches::<ContrastiveLoss>(
+                ContrastiveLossConfig::default(),
+                &data(2 * n, 4),
+                &targets,
+            );
         }
     }
 
