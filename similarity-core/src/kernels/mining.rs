@@ -267,37 +267,36 @@ fn cosine_mine(
     Ok(Some(x.apply_op2_no_bwd(&y, &op)?))
 }
 
+/// The hardest candidates of every anchor for the cosine distance.
+pub(crate) struct Hardest {
+    /// Column of the farthest positive, `(n, 1)` u32 (0 when there is none).
+    pub pos: Tensor,
+    /// Whether the anchor has a positive, `(n)` `{0, 1}` f32.
+    pub has_pos: Tensor,
+    /// Column of the nearest negative, `(n, 1)` u32 (0 when there is none).
+    pub neg: Tensor,
+    /// Whether the anchor has a negative, `(n)` `{0, 1}` f32.
+    pub has_neg: Tensor,
+}
+
 /// Batch-hard mining for the cosine distance of `x: (n, d)` against `y: (m, d)` (`None`:
-/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`: per anchor the column of
-/// its farthest positive and of its nearest negative (`(n, 1)`, u32) and whether it has
-/// both (`(n)`, `{0, 1}`), without keeping the `(n, m)` matrix. `None` where this does not
-/// apply.
-pub(crate) fn cosine_hardest_pairs(
+/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`, without keeping the
+/// `(n, m)` matrix; `None` where this does not apply.
+pub(crate) fn cosine_hardest(
     x: &Tensor,
     y: Option<&Tensor>,
     a: &Tensor,
     b: Option<&Tensor>,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+) -> Result<Option<Hardest>> {
     let Some(mined) = cosine_mine(x, y, a, b)? else {
         return Ok(None);
     };
     let column = |k: usize| mined.narrow(1, k, 1)?.to_dtype(DType::U32);
-    let valid = mined
-        .narrow(1, 1, 1)?
-        .mul(&mined.narrow(1, 3, 1)?)?
-        .squeeze(1)?;
-    Ok(Some((column(0)?, column(2)?, valid)))
-}
-
-/// The nearest other-group row of every row of `x: (n, d)` by cosine, groups `a: (n)`:
-/// its column (`(n, 1)`, u32, 0 when there is none) and whether there is one (`(n)`,
-/// `{0, 1}`), without keeping the `(n, n)` matrix. `None` where this does not apply.
-pub(crate) fn cosine_nearest_negatives(x: &Tensor, a: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-    let Some(mined) = cosine_mine(x, None, a, None)? else {
-        return Ok(None);
-    };
-    Ok(Some((
-        mined.narrow(1, 2, 1)?.to_dtype(DType::U32)?,
-        mined.narrow(1, 3, 1)?.squeeze(1)?.contiguous()?,
-    )))
+    let flag = |k: usize| mined.narrow(1, k, 1)?.squeeze(1)?.contiguous();
+    Ok(Some(Hardest {
+        pos: column(0)?,
+        has_pos: flag(1)?,
+        neg: column(2)?,
+        has_neg: flag(3)?,
+    }))
 }

@@ -296,15 +296,21 @@ mod forms {
     }
 }
 
-mod triplet {
-    //! The fused batch-hard path of TripletLoss (`kernels::cosine_hardest_pairs` +
-    //! `cosine_pairs`) against the composite one (F64 takes it), values and gradients.
+mod hard_mining {
+    //! The fused batch-hard paths (`kernels::cosine_hardest` + `cosine_pairs`) of
+    //! TripletLoss and OnlineContrastiveLoss against the composite ones (F64 takes them),
+    //! values and gradients, in a batch and against a memory bank.
     use crate::data::GroupTargets;
-    use crate::loss::{MemoryLoss, SimilarityLoss, TripletLoss, TripletLossConfig};
+    use crate::loss::{GroupKind, MemoryLoss, OnlineContrastiveLoss, SimilarityLoss, TripletLoss};
     use crate::nn::Params;
     use candle_core::{DType, Device, Tensor, Var};
 
-    fn run(n: usize, m: usize, groups: i64, dtype: DType) -> (f64, Vec<f64>) {
+    fn run<L: SimilarityLoss<Kind = GroupKind> + MemoryLoss>(
+        n: usize,
+        m: usize,
+        groups: i64,
+        dtype: DType,
+    ) -> (f64, Vec<f64>) {
         use rand::{Rng, SeedableRng, rngs::StdRng};
         let dev = Device::Cpu;
         let mut rng = StdRng::seed_from_u64((n * 31 + m) as u64);
@@ -320,8 +326,7 @@ mod triplet {
             groups: Tensor::new(g.as_slice(), &dev).unwrap(),
         };
         let mut params = Params::new(&dev, 0);
-        let loss =
-            TripletLoss::new(24, TripletLossConfig::default(), &mut params.scope("l")).unwrap();
+        let loss = L::new(24, L::Config::default(), &mut params.scope("l")).unwrap();
         let mut l = loss.forward(v.as_tensor(), &targets).unwrap();
         if m > 0 {
             let mem = memory.to_dtype(dtype).unwrap();
@@ -344,16 +349,16 @@ mod triplet {
         )
     }
 
-    #[test]
-    fn fused_hard_mining_matches_the_composite_path() {
+    fn assert_fused_matches<L: SimilarityLoss<Kind = GroupKind> + MemoryLoss>() {
         // Small groups (anchors without positives), a batch larger than a mining block, and
         // a memory bank.
         for (n, m, groups) in [(9, 0, 4), (300, 0, 100), (64, 700, 10), (2000, 0, 100)] {
-            let (lf, gf) = run(n, m, groups, DType::F32);
-            let (lr, gr) = run(n, m, groups, DType::F64);
+            let (lf, gf) = run::<L>(n, m, groups, DType::F32);
+            let (lr, gr) = run::<L>(n, m, groups, DType::F64);
             assert!(
                 (lf - lr).abs() < 1e-5 * (1.0 + lr.abs()),
-                "n={n} m={m}: {lf} vs {lr}"
+                "{} n={n} m={m}: {lf} vs {lr}",
+                L::NAME
             );
             let worst = gf
                 .iter()
@@ -363,9 +368,20 @@ mod triplet {
             let scale = gr.iter().map(|v| v.abs()).fold(0.0, f64::max);
             assert!(
                 worst <= 1e-4 * scale.max(1e-6),
-                "n={n} m={m}: gradient off by {worst} (max {scale})"
+                "{} n={n} m={m}: gradient off by {worst} (max {scale})",
+                L::NAME
             );
         }
+    }
+
+    #[test]
+    fn fused_triplet_hard_mining_matches_the_composite_path() {
+        assert_fused_matches::<TripletLoss>();
+    }
+
+    #[test]
+    fn fused_online_contrastive_hard_mining_matches_the_composite_path() {
+        assert_fused_matches::<OnlineContrastiveLoss>();
     }
 }
 

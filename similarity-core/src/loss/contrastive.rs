@@ -158,8 +158,11 @@ fn nearest_other_subgroup_cosine(
     targets: &PairTargets,
     margin: f64,
 ) -> Result<Option<Tensor>> {
-    let Some((column, has)) =
-        crate::kernels::cosine_nearest_negatives(embeddings, &targets.subgroups)?
+    let Some(crate::kernels::Hardest {
+        neg: column,
+        has_neg: has,
+        ..
+    }) = crate::kernels::cosine_hardest(embeddings, None, &targets.subgroups, None)?
     else {
         return Ok(None);
     };

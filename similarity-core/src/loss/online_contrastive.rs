@@ -115,6 +115,45 @@ impl OnlineContrastiveLoss {
     }
 }
 
+impl OnlineContrastiveLoss {
+    /// `hard` mining with the cosine distance on the fused kernels: the hardest positive
+    /// and negative of every anchor are mined on detached similarities and only those pairs
+    /// are recomputed with gradient (no `n × m` matrix in the graph). `None` for other
+    /// settings or where the kernels do not apply.
+    fn hard_cosine(
+        &self,
+        a: &Tensor,
+        groups: &Tensor,
+        b: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        if self.config.mining != PairMining::Hard || self.config.distance != Distance::Cosine {
+            return Ok(None);
+        }
+        let Some(h) = crate::kernels::cosine_hardest(a, b.map(|b| b.0), groups, b.map(|b| b.1))?
+        else {
+            return Ok(None);
+        };
+        let idx = Tensor::cat(&[&h.pos, &h.neg], 1)?;
+        let Some(sim) = crate::kernels::cosine_pairs(a, b.map_or(a, |b| b.0), &idx)? else {
+            return Ok(None);
+        };
+        let d = (1.0 - sim)?;
+        let hardest_pos = d.narrow(1, 0, 1)?.squeeze(1)?;
+        let neg_hinge = d
+            .narrow(1, 1, 1)?
+            .squeeze(1)?
+            .neg()?
+            .affine(1.0, self.config.margin)?
+            .relu()?;
+        let pos_loss = masked_mean(
+            &(&h.has_pos * hardest_pos)?.sum_all()?,
+            &h.has_pos.sum_all()?,
+        )?;
+        let neg_loss = masked_mean(&(&h.has_neg * neg_hinge)?.sum_all()?, &h.has_neg.sum_all()?)?;
+        Ok(Some(((pos_loss + neg_loss)? * 0.5)?))
+    }
+}
+
 /// `total / max(count, 1)`: counts are whole numbers, so an empty set gives 0.
 fn masked_mean(total: &Tensor, count: &Tensor) -> Result<Tensor> {
     Ok(total.div(&count.clamp(1.0, f64::MAX)?)?)
@@ -144,6 +183,9 @@ impl SimilarityLoss for OnlineContrastiveLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
+        if let Some(loss) = self.hard_cosine(embeddings, &targets.groups, None)? {
+            return Ok(loss);
+        }
         let dtype = embeddings.dtype();
         let d = self.config.distance.distance_matrix(embeddings, None)?;
         let (pos, neg) = masks::group_masks(&targets.groups, None, dtype)?;
@@ -159,6 +201,10 @@ impl MemoryLoss for OnlineContrastiveLoss {
         memory_embeddings: &Tensor,
         memory_groups: &Tensor,
     ) -> Result<Tensor> {
+        let memory = Some((memory_embeddings, memory_groups));
+        if let Some(loss) = self.hard_cosine(embeddings, groups, memory)? {
+            return Ok(loss);
+        }
         let dtype = embeddings.dtype();
         let d = self
             .config

@@ -218,12 +218,12 @@ impl TripletLoss {
         groups_a: &Tensor,
         b: Option<(&Tensor, &Tensor)>,
     ) -> Result<Option<Tensor>> {
-        let Some((pos_idx, neg_idx, valid)) =
-            crate::kernels::cosine_hardest_pairs(a, b.map(|b| b.0), groups_a, b.map(|b| b.1))?
+        let Some(h) = crate::kernels::cosine_hardest(a, b.map(|b| b.0), groups_a, b.map(|b| b.1))?
         else {
             return Ok(None);
         };
-        let idx = Tensor::cat(&[&pos_idx, &neg_idx], 1)?;
+        let valid = h.has_pos.mul(&h.has_neg)?;
+        let idx = Tensor::cat(&[&h.pos, &h.neg], 1)?;
         let Some(sim) = crate::kernels::cosine_pairs(a, b.map_or(a, |b| b.0), &idx)? else {
             return Ok(None);
         };
