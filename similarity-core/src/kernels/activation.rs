@@ -56,45 +56,39 @@ simd_fn! {
 /// Exact (erf) GELU with its backward pass.
 pub(super) struct GeluErf;
 
-impl CustomOp1 for GeluErf {
-    fn name(&self) -> &'static str {
-        "gelu-erf"
-    }
+impl FusedOp<1> for GeluErf {
+    const NAME: &'static str = "gelu-erf";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "gelu-erf")?;
+    fn forward(&self, [s]: [Input<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = s.data;
         let mut y = vec![0.0f32; x.len()];
         par_rows(x, &mut y, 1, gelu_into);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((y, Shape::from(s.dims)))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)?,
-        ))
+    fn backward(
+        &self,
+        [x]: [&Tensor; 1],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        let backward = Fused(GeluErfBackward);
+        Ok([Some(x.apply_op2_no_bwd(&grad.contiguous()?, &backward)?)])
     }
 }
 
 /// `(x, ∂y) → ∂x` of [`GeluErf`].
 pub(super) struct GeluErfBackward;
 
-impl CustomOp2 for GeluErfBackward {
-    fn name(&self) -> &'static str {
-        "gelu-erf-backward"
-    }
+impl FusedOp<2> for GeluErfBackward {
+    const NAME: &'static str = "gelu-erf-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let g = slice(s2, l2, self.name())?;
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = s1.data;
+        let g = s2.data;
         let mut out = vec![0.0f32; x.len()];
         gelu_backward_into(x, g, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, Shape::from(s1.dims)))
     }
 }
 
@@ -104,7 +98,7 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Option<Tensor>> {
     if !applies(&[x]) {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1(GeluErf)?))
+    Ok(Some(x.contiguous()?.apply_op1(Fused(GeluErf))?))
 }
 
 simd_fn! {
@@ -136,47 +130,41 @@ simd_fn! {
 /// Softmax over the last dimension with its backward pass.
 pub(super) struct SoftmaxLastDim;
 
-impl CustomOp1 for SoftmaxLastDim {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim"
-    }
+impl FusedOp<1> for SoftmaxLastDim {
+    const NAME: &'static str = "softmax-last-dim";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, "softmax-last-dim")?;
-        let n = l.shape().dims().last().copied().unwrap_or(1).max(1);
+    fn forward(&self, [s]: [Input<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let x = s.data;
+        let n = s.dims.last().copied().unwrap_or(1).max(1);
         let mut y = vec![0.0f32; x.len()];
         par_rows(x, &mut y, n, |a, b| softmax_into(a, n, b));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((y, Shape::from(s.dims)))
     }
 
-    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward)?,
-        ))
+    fn backward(
+        &self,
+        _x: [&Tensor; 1],
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        let backward = Fused(SoftmaxBackward);
+        Ok([Some(res.apply_op2_no_bwd(&grad.contiguous()?, &backward)?)])
     }
 }
 
 /// `(y, ∂y) → ∂x` of [`SoftmaxLastDim`].
 pub(super) struct SoftmaxBackward;
 
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "softmax-last-dim-backward"
-    }
+impl FusedOp<2> for SoftmaxBackward {
+    const NAME: &'static str = "softmax-last-dim-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = slice(s1, l1, self.name())?;
-        let g = slice(s2, l2, self.name())?;
-        let n = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let y = s1.data;
+        let g = s2.data;
+        let n = s1.dims.last().copied().unwrap_or(1).max(1);
         let mut out = vec![0.0f32; y.len()];
         softmax_backward_into(y, g, n, &mut out);
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, Shape::from(s1.dims)))
     }
 }
 
@@ -186,5 +174,5 @@ pub(crate) fn softmax_last_dim(x: &Tensor) -> Result<Option<Tensor>> {
     if !applies(&[x]) {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1(SoftmaxLastDim)?))
+    Ok(Some(x.contiguous()?.apply_op1(Fused(SoftmaxLastDim))?))
 }

@@ -15,91 +15,70 @@ use super::*;
 /// `S = x̂ x̂ᵀ` (one input) or `S = x̂ ŷᵀ` (two inputs).
 pub(super) struct CosineMatrix;
 
-impl CustomOp1 for CosineMatrix {
-    fn name(&self) -> &'static str {
-        "cosine-matrix"
-    }
+impl FusedOp<1> for CosineMatrix {
+    const NAME: &'static str = "cosine-matrix";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l.shape().dims2()?;
-        let x = slice(s, l, "cosine-matrix")?;
+    fn forward(&self, [s]: [Input<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s.dims2()?;
+        let x = s.data;
         let (_, unit) = normalize_rows(x, d);
         let mut out = vec![0.0f32; n * n];
         gemm(&mut out, &unit, &unit, n, n, d, false, true);
-        Ok((CpuStorage::F32(out), Shape::from((n, n))))
+        Ok((out, Shape::from((n, n))))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &CosineSelfBackward,
-        )?))
+    fn backward(
+        &self,
+        [x]: [&Tensor; 1],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        let backward = Fused(CosineSelfBackward);
+        Ok([Some(x.apply_op2_no_bwd(&grad.contiguous()?, &backward)?)])
     }
 }
 
-impl CustomOp2 for CosineMatrix {
-    fn name(&self) -> &'static str {
-        "cosine-matrix"
-    }
+impl FusedOp<2> for CosineMatrix {
+    const NAME: &'static str = "cosine-matrix";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (m, _) = l2.shape().dims2()?;
-        let (_, xu) = normalize_rows(slice(s1, l1, "cosine-matrix")?, d);
-        let (_, yu) = normalize_rows(slice(s2, l2, "cosine-matrix")?, d);
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (m, _) = s2.dims2()?;
+        let (_, xu) = normalize_rows(s1.data, d);
+        let (_, yu) = normalize_rows(s2.data, d);
         let mut out = vec![0.0f32; n * m];
         gemm(&mut out, &xu, &yu, n, m, d, false, true);
-        Ok((CpuStorage::F32(out), Shape::from((n, m))))
+        Ok((out, Shape::from((n, m))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        y: &Tensor,
+        [x, y]: [&Tensor; 2],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
         let grad = grad.contiguous()?;
         // A side that is not part of the graph (a detached memory bank) gets no gradient,
         // which saves its matrix product.
-        let gx = if x.track_op() {
-            Some(x.apply_op3_no_bwd(y, &grad, &CosineCrossBackward { lhs: true })?)
-        } else {
-            None
+        let side = |this: &Tensor, other: &Tensor, lhs: bool| {
+            this.track_op()
+                .then(|| this.apply_op3_no_bwd(other, &grad, &Fused(CosineCrossBackward { lhs })))
+                .transpose()
         };
-        let gy = if y.track_op() {
-            Some(y.apply_op3_no_bwd(x, &grad, &CosineCrossBackward { lhs: false })?)
-        } else {
-            None
-        };
-        Ok((gx, gy))
+        Ok([side(x, y, true)?, side(y, x, false)?])
     }
 }
 
 /// `∂L/∂x` of `S = x̂ x̂ᵀ` given `G`: `normalize_backward((G + Gᵀ) x̂)`.
 pub(super) struct CosineSelfBackward;
 
-impl CustomOp2 for CosineSelfBackward {
-    fn name(&self) -> &'static str {
-        "cosine-matrix-backward"
-    }
+impl FusedOp<2> for CosineSelfBackward {
+    const NAME: &'static str = "cosine-matrix-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (norms, unit) = normalize_rows(slice(s1, l1, self.name())?, d);
-        let g = slice(s2, l2, self.name())?;
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (norms, unit) = normalize_rows(s1.data, d);
+        let g = s2.data;
         let mut sym = vec![0.0f32; n * n];
         for i in 0..n {
             for j in 0..n {
@@ -109,7 +88,7 @@ impl CustomOp2 for CosineSelfBackward {
         let mut out = vec![0.0f32; n * d];
         gemm(&mut out, &sym, &unit, n, d, n, false, false);
         normalize_backward(&mut out, &unit, &norms, d);
-        Ok((CpuStorage::F32(out), Shape::from((n, d))))
+        Ok((out, Shape::from((n, d))))
     }
 }
 
@@ -119,30 +98,20 @@ pub(super) struct CosineCrossBackward {
     lhs: bool,
 }
 
-impl candle_core::CustomOp3 for CosineCrossBackward {
-    fn name(&self) -> &'static str {
-        "cosine-matrix-backward"
-    }
+impl FusedOp<3> for CosineCrossBackward {
+    const NAME: &'static str = "cosine-matrix-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, d) = l1.shape().dims2()?;
-        let (other, _) = l2.shape().dims2()?;
-        let (norms, unit) = normalize_rows(slice(s1, l1, self.name())?, d);
-        let (_, other_unit) = normalize_rows(slice(s2, l2, self.name())?, d);
-        let g = slice(s3, l3, self.name())?;
+    fn forward(&self, [s1, s2, s3]: [Input<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (rows, d) = s1.dims2()?;
+        let (other, _) = s2.dims2()?;
+        let (norms, unit) = normalize_rows(s1.data, d);
+        let (_, other_unit) = normalize_rows(s2.data, d);
+        let g = s3.data;
         let mut out = vec![0.0f32; rows * d];
         // lhs: G (rows × other) · ŷ; rhs: Gᵀ (G stored as other × rows) · x̂.
         gemm(&mut out, g, &other_unit, rows, d, other, !self.lhs, false);
         normalize_backward(&mut out, &unit, &norms, d);
-        Ok((CpuStorage::F32(out), Shape::from((rows, d))))
+        Ok((out, Shape::from((rows, d))))
     }
 }
 
@@ -154,8 +123,8 @@ pub(crate) fn cosine_similarity_matrix(x: &Tensor, y: Option<&Tensor>) -> Result
     }
     let x = x.contiguous()?;
     Ok(Some(match y {
-        None => x.apply_op1(CosineMatrix)?,
-        Some(y) => x.apply_op2(&y.contiguous()?, CosineMatrix)?,
+        None => x.apply_op1(Fused(CosineMatrix))?,
+        Some(y) => x.apply_op2(&y.contiguous()?, Fused(CosineMatrix))?,
     }))
 }
 
@@ -175,25 +144,14 @@ impl CosinePairs {
     }
 }
 
-impl CustomOp2 for CosinePairs {
-    fn name(&self) -> &'static str {
-        "cosine-pairs"
-    }
+impl FusedOp<2> for CosinePairs {
+    const NAME: &'static str = "cosine-pairs";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (m, _) = l2.shape().dims2()?;
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (m, _) = s2.dims2()?;
         self.check(n, m)?;
-        let (x, y) = (
-            slice(s1, l1, "cosine-pairs")?,
-            slice(s2, l2, "cosine-pairs")?,
-        );
+        let (x, y) = (s1.data, s2.data);
         let (_, xu) = normalize_rows(x, d);
         let mut out = Vec::with_capacity(n * self.k);
         for (i, cols) in self.idx.chunks_exact(self.k.max(1)).enumerate().take(n) {
@@ -204,34 +162,33 @@ impl CustomOp2 for CosinePairs {
                 out.push(dot(xi, yj) / norm);
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, self.k))))
+        Ok((out, Shape::from((n, self.k))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        y: &Tensor,
+        [x, y]: [&Tensor; 2],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
         let (with_x, with_y) = (x.track_op(), y.track_op());
         if !with_x && !with_y {
-            return Ok((None, None));
+            return Ok([None, None]);
         }
         let (n, d) = x.dims2()?;
         let (m, _) = y.dims2()?;
         let packed = x.apply_op3_no_bwd(
             y,
             &grad.contiguous()?,
-            &CosinePairsBackward {
+            &Fused(CosinePairsBackward {
                 idx: self.idx.clone(),
                 k: self.k,
                 with_y,
-            },
+            }),
         )?;
         let gx = with_x.then(|| packed.narrow(0, 0, n * d)?.reshape((n, d)));
         let gy = with_y.then(|| packed.narrow(0, n * d, m * d)?.reshape((m, d)));
-        Ok((gx.transpose()?, gy.transpose()?))
+        Ok([gx.transpose()?, gy.transpose()?])
     }
 }
 
@@ -244,24 +201,14 @@ pub(super) struct CosinePairsBackward {
     with_y: bool,
 }
 
-impl candle_core::CustomOp3 for CosinePairsBackward {
-    fn name(&self) -> &'static str {
-        "cosine-pairs-backward"
-    }
+impl FusedOp<3> for CosinePairsBackward {
+    const NAME: &'static str = "cosine-pairs-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (m, _) = l2.shape().dims2()?;
-        let (xn, xu) = normalize_rows(slice(s1, l1, self.name())?, d);
-        let y = slice(s2, l2, self.name())?;
+    fn forward(&self, [s1, s2, s3]: [Input<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (m, _) = s2.dims2()?;
+        let (xn, xu) = normalize_rows(s1.data, d);
+        let y = s2.data;
         // Without ∂y only the chosen rows of ŷ are needed (a memory bank has many more).
         let (yn, yu) = if self.with_y {
             normalize_rows(y, d)
@@ -280,7 +227,7 @@ impl candle_core::CustomOp3 for CosinePairsBackward {
             }
             (Vec::new(), yu)
         };
-        let g = slice(s3, l3, self.name())?;
+        let g = s3.data;
         let total = n * d + if self.with_y { m * d } else { 0 };
         let mut out = vec![0.0f32; total];
         let (gx, gy) = out.split_at_mut(n * d);
@@ -306,7 +253,7 @@ impl candle_core::CustomOp3 for CosinePairsBackward {
         if self.with_y {
             normalize_backward(gy, &yu, &yn, d);
         }
-        Ok((CpuStorage::F32(out), Shape::from(total)))
+        Ok((out, Shape::from(total)))
     }
 }
 
@@ -330,7 +277,9 @@ pub(crate) fn cosine_pairs(x: &Tensor, y: &Tensor, idx: &Tensor) -> Result<Optio
             idx.dims(),
         ));
     }
-    Ok(Some(x.contiguous()?.apply_op2(&y.contiguous()?, op)?))
+    Ok(Some(
+        x.contiguous()?.apply_op2(&y.contiguous()?, Fused(op))?,
+    ))
 }
 
 /// Counts, for each query `i` of `which`, the candidates strictly closer in cosine than
@@ -339,25 +288,17 @@ pub(super) struct CosineRanks {
     which: Vec<u32>,
 }
 
-impl CustomOp2 for CosineRanks {
-    fn name(&self) -> &'static str {
-        "cosine-ranks"
-    }
+impl FusedOp<2> for CosineRanks {
+    const NAME: &'static str = "cosine-ranks";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (m, _) = l2.shape().dims2()?;
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (m, _) = s2.dims2()?;
         if self.which.iter().any(|&i| i as usize >= n.min(m)) {
             candle_core::bail!("cosine-ranks: query index out of range");
         }
-        let q = slice(s1, l1, "cosine-ranks")?;
-        let y = slice(s2, l2, "cosine-ranks")?;
+        let q = s1.data;
+        let y = s2.data;
         let inv = inverse_norms(y, d);
         let k = self.which.len();
         let mut qs = vec![0.0f32; k * d];
@@ -371,7 +312,7 @@ impl CustomOp2 for CosineRanks {
             .zip(&self.which)
             .map(|(row, &i)| closer_than(row, &inv, i as usize) as f32)
             .collect();
-        Ok((CpuStorage::F32(ranks), Shape::from(k)))
+        Ok((ranks, Shape::from(k)))
     }
 }
 
@@ -401,6 +342,6 @@ pub(crate) fn cosine_ranks(
     };
     let ranks = queries
         .contiguous()?
-        .apply_op2_no_bwd(&candidates.contiguous()?, &op)?;
+        .apply_op2_no_bwd(&candidates.contiguous()?, &Fused(op))?;
     Ok(Some(ranks.to_vec1::<f32>()?))
 }

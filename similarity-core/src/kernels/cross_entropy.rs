@@ -70,17 +70,15 @@ pub(super) struct DiagonalCrossEntropy {
     grad: Mutex<Option<Tensor>>,
 }
 
-impl CustomOp1 for DiagonalCrossEntropy {
-    fn name(&self) -> &'static str {
-        "diagonal-cross-entropy"
-    }
+impl FusedOp<1> for DiagonalCrossEntropy {
+    const NAME: &'static str = "diagonal-cross-entropy";
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, m) = l.shape().dims2()?;
+    fn forward(&self, [s]: [Input<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, m) = s.dims2()?;
         if n != m {
             candle_core::bail!("diagonal-cross-entropy: logits must be square, got ({n}, {m})");
         }
-        let z = slice(s, l, self.name())?;
+        let z = s.data;
         let w = if self.symmetric { 0.5f32 } else { 1.0 };
         let mut p = vec![0.0f32; n * n];
         let mut loss = f64::from(w) * softmax_rows(z, n, w, &mut p);
@@ -94,10 +92,15 @@ impl CustomOp1 for DiagonalCrossEntropy {
         *self.grad.lock().expect("diagonal-cross-entropy state") =
             Some(Tensor::from_vec(p, (n, n), &candle_core::Device::Cpu)?);
         let loss = ((loss - diag_sum) / n as f64) as f32;
-        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+        Ok((vec![loss], Shape::from(())))
     }
 
-    fn bwd(&self, z: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn backward(
+        &self,
+        [z]: [&Tensor; 1],
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
         let n = z.dim(0)?;
         let p = self
             .grad
@@ -106,7 +109,7 @@ impl CustomOp1 for DiagonalCrossEntropy {
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("diagonal-cross-entropy: no forward".into()))?;
         let scale = f64::from(grad.to_scalar::<f32>()?) / n as f64;
-        Ok(Some(p.affine(scale, 0.0)?))
+        Ok([Some(p.affine(scale, 0.0)?)])
     }
 }
 
@@ -120,7 +123,7 @@ pub(crate) fn diagonal_cross_entropy(logits: &Tensor, symmetric: bool) -> Result
         symmetric,
         grad: Mutex::new(None),
     };
-    Ok(Some(logits.contiguous()?.apply_op1(op)?))
+    Ok(Some(logits.contiguous()?.apply_op1(Fused(op))?))
 }
 
 /// MultipleNegativesRankingLoss with cosine similarity over `(a: (n, d), p: (n, d))`, the
@@ -132,24 +135,16 @@ pub(super) struct CosineMnrl {
     grad: Mutex<Option<std::sync::Arc<Vec<f32>>>>,
 }
 
-impl CustomOp2 for CosineMnrl {
-    fn name(&self) -> &'static str {
-        "cosine-mnrl"
-    }
+impl FusedOp<2> for CosineMnrl {
+    const NAME: &'static str = "cosine-mnrl";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        if l2.shape().dims2()? != (n, d) {
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        if s2.dims2()? != (n, d) {
             candle_core::bail!("cosine-mnrl: anchors and positives differ in shape");
         }
-        let (_, au) = normalize_rows(slice(s1, l1, "cosine-mnrl")?, d);
-        let (_, pu) = normalize_rows(slice(s2, l2, "cosine-mnrl")?, d);
+        let (_, au) = normalize_rows(s1.data, d);
+        let (_, pu) = normalize_rows(s2.data, d);
         let mut z = vec![0.0f32; n * n];
         gemm(&mut z, &au, &pu, n, n, d, false, true);
         z.iter_mut().for_each(|v| *v *= self.scale);
@@ -168,16 +163,15 @@ impl CustomOp2 for CosineMnrl {
         g.iter_mut().for_each(|v| *v *= k);
         *self.grad.lock().expect("cosine-mnrl state") = Some(std::sync::Arc::new(g));
         let loss = ((loss - diag) / n as f64) as f32;
-        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+        Ok((vec![loss], Shape::from(())))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        a: &Tensor,
-        p: &Tensor,
+        [a, p]: [&Tensor; 2],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
         let g = self
             .grad
             .lock()
@@ -188,11 +182,11 @@ impl CustomOp2 for CosineMnrl {
         let packed = a.apply_op3_no_bwd(
             p,
             &grad.contiguous()?,
-            &CosineMnrlBackward {
+            &Fused(CosineMnrlBackward {
                 g,
                 with_a: a.track_op(),
                 with_p: p.track_op(),
-            },
+            }),
         )?;
         let ga = a
             .track_op()
@@ -200,7 +194,7 @@ impl CustomOp2 for CosineMnrl {
         let gp = p
             .track_op()
             .then(|| packed.narrow(0, n * d, n * d)?.reshape((n, d)));
-        Ok((ga.transpose()?, gp.transpose()?))
+        Ok([ga.transpose()?, gp.transpose()?])
     }
 }
 
@@ -212,24 +206,14 @@ pub(super) struct CosineMnrlBackward {
     with_p: bool,
 }
 
-impl candle_core::CustomOp3 for CosineMnrlBackward {
-    fn name(&self) -> &'static str {
-        "cosine-mnrl-backward"
-    }
+impl FusedOp<3> for CosineMnrlBackward {
+    const NAME: &'static str = "cosine-mnrl-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (an, au) = normalize_rows(slice(s1, l1, self.name())?, d);
-        let (pn, pu) = normalize_rows(slice(s2, l2, self.name())?, d);
-        let scale = slice(s3, l3, self.name())?.first().copied().unwrap_or(1.0);
+    fn forward(&self, [s1, s2, s3]: [Input<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (an, au) = normalize_rows(s1.data, d);
+        let (pn, pu) = normalize_rows(s2.data, d);
+        let scale = s3.data.first().copied().unwrap_or(1.0);
         let mut out = vec![0.0f32; 2 * n * d];
         let (ga, gp) = out.split_at_mut(n * d);
         if self.with_a {
@@ -242,7 +226,7 @@ impl candle_core::CustomOp3 for CosineMnrlBackward {
             gp.iter_mut().for_each(|v| *v *= scale);
             normalize_backward(gp, &pu, &pn, d);
         }
-        Ok((CpuStorage::F32(out), Shape::from(2 * n * d)))
+        Ok((out, Shape::from(2 * n * d)))
     }
 }
 
@@ -262,5 +246,7 @@ pub(crate) fn cosine_mnrl(
         symmetric,
         grad: Mutex::new(None),
     };
-    Ok(Some(a.contiguous()?.apply_op2(&p.contiguous()?, op)?))
+    Ok(Some(
+        a.contiguous()?.apply_op2(&p.contiguous()?, Fused(op))?,
+    ))
 }

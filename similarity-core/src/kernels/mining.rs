@@ -183,20 +183,12 @@ pub(super) struct CosineMine {
     self_excluded: bool,
 }
 
-impl CustomOp2 for CosineMine {
-    fn name(&self) -> &'static str {
-        "cosine-mine"
-    }
+impl FusedOp<2> for CosineMine {
+    const NAME: &'static str = "cosine-mine";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let (m, _) = l2.shape().dims2()?;
+    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let (m, _) = s2.dims2()?;
         if self.ga.len() != n || self.gb.len() != m {
             candle_core::bail!(
                 "cosine-mine: {} and {} group ids for ({n}, {m}) rows",
@@ -204,8 +196,8 @@ impl CustomOp2 for CosineMine {
                 self.gb.len()
             );
         }
-        let (_, xu) = normalize_rows(slice(s1, l1, "cosine-mine")?, d);
-        let y = slice(s2, l2, "cosine-mine")?;
+        let (_, xu) = normalize_rows(s1.data, d);
+        let y = s2.data;
         // x̂ · y_j scaled by 1 / ‖y_j‖ inside the mining pass: ŷ is never written.
         let inv = inverse_norms(y, d);
         // Rows per block. Each gemm call packs all of y, so blocks are large: up to 16 MB
@@ -239,7 +231,7 @@ impl CustomOp2 for CosineMine {
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, 4))))
+        Ok((out, Shape::from((n, 4))))
     }
 }
 
@@ -264,7 +256,7 @@ fn cosine_mine(
     };
     let x = x.detach().contiguous()?;
     let y = y.map_or_else(|| x.clone(), |y| y.detach()).contiguous()?;
-    Ok(Some(x.apply_op2_no_bwd(&y, &op)?))
+    Ok(Some(x.apply_op2_no_bwd(&y, &Fused(op))?))
 }
 
 /// The hardest candidates of every anchor for the cosine distance.

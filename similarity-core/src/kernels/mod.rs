@@ -40,7 +40,7 @@
 use std::sync::Mutex;
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, InplaceOp2, Layout, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
     utils::get_num_threads,
 };
 
@@ -63,6 +63,137 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> candle_core::Re
     match l.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: input is not contiguous"),
+    }
+}
+
+/// One input of a fused op: its f32 data (row-major, contiguous) and its dims.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    data: &'a [f32],
+    dims: &'a [usize],
+}
+
+impl Input<'_> {
+    /// The dims of a matrix, `(rows, columns)`.
+    fn dims2(&self) -> candle_core::Result<(usize, usize)> {
+        match *self.dims {
+            [r, c] => Ok((r, c)),
+            _ => candle_core::bail!("expected a matrix, got dims {:?}", self.dims),
+        }
+    }
+}
+
+/// A fused f32 CPU op over `N` inputs: its forward pass and, optionally, its backward
+/// pass; [`Fused`] makes it a Candle custom op.
+trait FusedOp<const N: usize> {
+    /// The op's name in Candle's errors.
+    const NAME: &'static str;
+
+    /// The result, row-major, and its shape.
+    fn forward(&self, inputs: [Input<'_>; N]) -> candle_core::Result<(Vec<f32>, Shape)>;
+
+    /// The inputs' gradients from the result's; by default the op has no backward pass
+    /// (it is applied with `apply_op*_no_bwd`).
+    fn backward(
+        &self,
+        _inputs: [&Tensor; N],
+        _result: &Tensor,
+        _grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; N]> {
+        candle_core::bail!("{}: no backward pass", Self::NAME)
+    }
+}
+
+/// A [`FusedOp`] as Candle's `CustomOp1`/`2`/`3`.
+struct Fused<T>(T);
+
+/// The [`Input`] of a storage and its layout.
+fn input<'a>(s: &'a CpuStorage, l: &'a Layout, op: &'static str) -> candle_core::Result<Input<'a>> {
+    Ok(Input {
+        data: slice(s, l, op)?,
+        dims: l.dims(),
+    })
+}
+
+impl<T: FusedOp<1>> CustomOp1 for Fused<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, shape) = self.0.forward([input(s, l, T::NAME)?])?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(&self, a: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let [ga] = self.0.backward([a], res, grad)?;
+        Ok(ga)
+    }
+}
+
+impl<T: FusedOp<2>> CustomOp2 for Fused<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = [input(s1, l1, T::NAME)?, input(s2, l2, T::NAME)?];
+        let (out, shape) = self.0.forward(inputs)?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb] = self.0.backward([a, b], res, grad)?;
+        Ok((ga, gb))
+    }
+}
+
+impl<T: FusedOp<3>> CustomOp3 for Fused<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let inputs = [
+            input(s1, l1, T::NAME)?,
+            input(s2, l2, T::NAME)?,
+            input(s3, l3, T::NAME)?,
+        ];
+        let (out, shape) = self.0.forward(inputs)?;
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = self.0.backward([a, b, c], res, grad)?;
+        Ok((ga, gb, gc))
     }
 }
 

@@ -21,24 +21,14 @@ pub(super) struct SkipLayer {
     cache: Mutex<Option<std::sync::Arc<SkipCache>>>,
 }
 
-impl candle_core::CustomOp3 for SkipLayer {
-    fn name(&self) -> &'static str {
-        "skip-connection-layer"
-    }
+impl FusedOp<3> for SkipLayer {
+    const NAME: &'static str = "skip-connection-layer";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let x = slice(s1, l1, self.name())?;
-        let w = slice(s2, l2, self.name())?;
-        let bg = slice(s3, l3, self.name())?;
+    fn forward(&self, [s1, s2, s3]: [Input<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let x = s1.data;
+        let w = s2.data;
+        let bg = s3.data;
         if w.len() != d * d || bg.len() != 2 * d {
             candle_core::bail!("skip-connection-layer: weights do not match the input width {d}");
         }
@@ -59,17 +49,15 @@ impl candle_core::CustomOp3 for SkipLayer {
         }
         *self.cache.lock().expect("skip-connection-layer state") =
             Some(std::sync::Arc::new(SkipCache { z, s }));
-        Ok((CpuStorage::F32(y), Shape::from((n, d))))
+        Ok((y, Shape::from((n, d))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        _bg: &Tensor,
+        [x, w, _bg]: [&Tensor; 3],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<[Option<Tensor>; 3]> {
         let cache = self
             .cache
             .lock()
@@ -78,8 +66,11 @@ impl candle_core::CustomOp3 for SkipLayer {
             .ok_or_else(|| candle_core::Error::Msg("skip-connection-layer: no forward".into()))?;
         let (n, d) = x.dims2()?;
         let with_x = x.track_op();
-        let packed =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &SkipLayerBackward { cache, with_x })?;
+        let packed = x.apply_op3_no_bwd(
+            w,
+            &grad.contiguous()?,
+            &Fused(SkipLayerBackward { cache, with_x }),
+        )?;
         let gw = packed.narrow(0, 0, d * d)?.reshape((d, d))?;
         let gbg = packed.narrow(0, d * d, 2 * d)?.reshape((2, d))?;
         let gx = if with_x {
@@ -87,7 +78,7 @@ impl candle_core::CustomOp3 for SkipLayer {
         } else {
             None
         };
-        Ok((gx, Some(gw), Some(gbg)))
+        Ok([gx, Some(gw), Some(gbg)])
     }
 }
 
@@ -103,24 +94,14 @@ pub(super) struct SkipLayerBackward {
     with_x: bool,
 }
 
-impl candle_core::CustomOp3 for SkipLayerBackward {
-    fn name(&self) -> &'static str {
-        "skip-connection-layer-backward"
-    }
+impl FusedOp<3> for SkipLayerBackward {
+    const NAME: &'static str = "skip-connection-layer-backward";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, d) = l1.shape().dims2()?;
-        let x = slice(s1, l1, self.name())?;
-        let w = slice(s2, l2, self.name())?;
-        let g = slice(s3, l3, self.name())?;
+    fn forward(&self, [s1, s2, s3]: [Input<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (n, d) = s1.dims2()?;
+        let x = s1.data;
+        let w = s2.data;
+        let g = s3.data;
         let SkipCache { z, s } = &*self.cache;
         let total = d * d + 2 * d + if self.with_x { n * d } else { 0 };
         let mut out = vec![0.0f32; total];
@@ -151,7 +132,7 @@ impl candle_core::CustomOp3 for SkipLayerBackward {
                 *o += gi;
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from(total)))
+        Ok((out, Shape::from(total)))
     }
 }
 
@@ -173,6 +154,6 @@ pub(crate) fn skip_connection_layer(
     Ok(Some(x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bg,
-        op,
+        Fused(op),
     )?))
 }
