@@ -44,10 +44,12 @@
 //!
 //! Candle's fused kernels `candle_nn::ops::layer_norm`, `softmax_last_dim` and `rms_norm`
 //! have no backward pass: a gradient silently stops at them. This module therefore has
-//! its own BERT forward, written only with differentiable primitives: layer norm as
-//! mean and variance reductions, softmax as `exp(x − max) / Σ exp(x − max)` with the
-//! maximum detached (it cancels mathematically, so the gradient is exact), GELU via
-//! Candle's `gelu_erf`. The same code serves the frozen and the trainable encoder; a
+//! its own BERT forward in which every step is differentiable: layer norm as mean and
+//! variance reductions (Candle's fused layer norm only where nothing needs a gradient, as
+//! in a frozen encoder's cache fill), softmax and GELU as the crate's fused f32 CPU
+//! kernels, which have backward passes (elsewhere: softmax as `exp(x − max) / Σ exp(x −
+//! max)` with the maximum detached, which cancels mathematically so the gradient is exact,
+//! and Candle's `gelu_erf`). The same code serves the frozen and the trainable encoder; a
 //! trainable one ([`SentenceTransformer::from_pretrained_trainable`]) holds every weight
 //! as a [`Var`] and returns them all from [`Encoder::trainable_vars`]. Wrap a frozen one
 //! in [`Frozen`](super::Frozen) to cache its embeddings.
