@@ -280,8 +280,9 @@ fn persisted_cache_hit_encodes_nothing() {
 
 #[test]
 fn persisted_cache_is_used_after_an_evaluation_filled_the_cache() {
-    // `evaluate` before `fit` (a baseline score) puts the validation objects in the cache;
-    // `fit` must still take the rest from the file, not encode the training set again.
+    // An evaluation without the cache directory (a baseline score) puts the validation
+    // objects in the cache; `fit` must still take the rest from the file, not encode the
+    // training set again.
     let tmp = tempfile::tempdir().unwrap();
     let data = groups(30, 5);
     let (first, loss1) = cached_run(tmp.path(), 0, &data).unwrap();
@@ -291,7 +292,9 @@ fn persisted_cache_is_used_after_an_evaluation_filled_the_cache() {
         cache_dir: Some(tmp.path().to_path_buf()),
         ..config(1, 16)
     });
-    trainer.evaluate(&mut model, &data[..10]).unwrap();
+    Trainer::new(config(1, 16))
+        .evaluate(&mut model, &data[..10])
+        .unwrap();
     let by_evaluation = objects.load(Ordering::SeqCst);
     assert!(by_evaluation > 0);
     let report = trainer.fit(&mut model, &data, Some(&data[..10])).unwrap();
@@ -301,6 +304,32 @@ fn persisted_cache_is_used_after_an_evaluation_filled_the_cache() {
         "fit encoded nothing: the saved rows filled the rest"
     );
     assert_eq!(report.epochs[0].train_loss, loss1);
+}
+
+#[test]
+fn evaluate_reads_a_persisted_cache_without_rewriting_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = groups(30, 5);
+    cached_run(tmp.path(), 0, &data).unwrap();
+    let rows = tmp.path().join("text/rows.bin");
+    let before = std::fs::read(&rows).unwrap();
+    let (mut model, objects) = group_model(0);
+    let trainer = Trainer::new(TrainerConfig {
+        cache_dir: Some(tmp.path().to_path_buf()),
+        ..config(1, 16)
+    });
+    trainer.evaluate(&mut model, &data[..10]).unwrap();
+    assert_eq!(objects.load(Ordering::SeqCst), 0, "served from the file");
+    // Objects the file lacks are encoded, and the file keeps fit's key set.
+    let mut other = groups(3, 5);
+    other[0].obj = "an object the cache has never seen".into();
+    trainer.evaluate(&mut model, &other).unwrap();
+    assert_eq!(objects.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        std::fs::read(&rows).unwrap(),
+        before,
+        "evaluate never rewrites the file"
+    );
 }
 
 #[test]

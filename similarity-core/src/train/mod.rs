@@ -79,7 +79,8 @@ pub struct TrainerConfig {
     pub sampler: Sampler,
     /// Directory of persisted embedding caches (`<cache_dir>/<encoder field>/`): `fit`
     /// loads a cache whose encoder fingerprint matches before preparing the data and
-    /// writes it back after; see [`cache::store`](crate::cache::store). Default none.
+    /// writes it back after; `evaluate` loads it too but does not rewrite it (the file
+    /// keeps `fit`'s key set); see [`cache::store`](crate::cache::store). Default none.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
 }
@@ -655,14 +656,21 @@ impl Trainer {
         Ok(report)
     }
 
-    /// Loss and retrieval metrics of `model` on `samples` (filling caches as needed).
+    /// Loss and retrieval metrics of `model` on `samples` (filling caches as needed, from
+    /// the persisted caches of `cache_dir` when they match).
     pub fn evaluate<M: TrainableModel>(
         &self,
         model: &mut M,
         samples: &[SampleOf<M>],
     ) -> Result<Evaluation> {
-        let data = self.prepare(model, samples, "evaluation set")?;
-        self.evaluate_prepared(model, &data)
+        if let Some(dir) = &self.config.cache_dir {
+            model.state().begin_cache_store(dir);
+        }
+        let data = self.prepare(model, samples, "evaluation set");
+        // Read only: what the file holds is `fit`'s key set (the next `fit` that sees
+        // these objects writes them).
+        model.state().cancel_cache_store();
+        self.evaluate_prepared(model, &data?)
     }
 
     fn evaluate_prepared<M: TrainableModel>(
