@@ -209,24 +209,16 @@ impl FusedOp<3> for CosinePairsBackward {
         let (m, _) = s2.dims2()?;
         let (xn, xu) = normalize_rows(s1.data, d);
         let y = s2.data;
-        // Without ∂y only the chosen rows of ŷ are needed (a memory bank has many more).
-        let (yn, yu) = if self.with_y {
-            normalize_rows(y, d)
-        } else {
-            let mut yu = vec![0.0f32; m * d];
-            let mut done = vec![false; m];
-            for &j in self.idx.iter() {
-                let j = j as usize;
-                if !std::mem::replace(&mut done[j], true) {
-                    let row = &y[j * d..(j + 1) * d];
-                    let inv = 1.0 / dot(row, row).sqrt().max(NORM_EPS);
-                    for (o, v) in yu[j * d..(j + 1) * d].iter_mut().zip(row) {
-                        *o = v * inv;
-                    }
-                }
+        // ∂x̂ needs the chosen rows of ŷ only: their scales 1 / max(‖y_j‖, ε), not a
+        // normalised copy of y (a memory bank has many more rows than are chosen).
+        let mut inv = vec![0.0f32; m];
+        for &j in self.idx.iter() {
+            let j = j as usize;
+            if inv[j] == 0.0 {
+                let row = &y[j * d..(j + 1) * d];
+                inv[j] = 1.0 / dot(row, row).sqrt().max(NORM_EPS);
             }
-            (Vec::new(), yu)
-        };
+        }
         let g = s3.data;
         let total = n * d + if self.with_y { m * d } else { 0 };
         let mut out = vec![0.0f32; total];
@@ -238,9 +230,13 @@ impl FusedOp<3> for CosinePairsBackward {
                     continue;
                 }
                 let j = j as usize;
-                let (xi, yj) = (&xu[i * d..(i + 1) * d], &yu[j * d..(j + 1) * d]);
+                let (xi, yj, scaled) = (
+                    &xu[i * d..(i + 1) * d],
+                    &y[j * d..(j + 1) * d],
+                    gik * inv[j],
+                );
                 for (o, &v) in gx[i * d..(i + 1) * d].iter_mut().zip(yj) {
-                    *o += gik * v;
+                    *o += scaled * v;
                 }
                 if self.with_y {
                     for (o, &v) in gy[j * d..(j + 1) * d].iter_mut().zip(xi) {
@@ -251,35 +247,30 @@ impl FusedOp<3> for CosinePairsBackward {
         }
         normalize_backward(gx, &xu, &xn, d);
         if self.with_y {
+            let (yn, yu) = normalize_rows(y, d);
             normalize_backward(gy, &yu, &yn, d);
         }
         Ok((out, Shape::from(total)))
     }
 }
 
-/// `s_ik = cos(x_i, y_{idx_ik})` for `idx: (n, k)` column indices into `y: (m, d)`, as one
-/// op whose backward pass touches only the chosen rows; `None` where the kernel does not
-/// apply.
-pub(crate) fn cosine_pairs(x: &Tensor, y: &Tensor, idx: &Tensor) -> Result<Option<Tensor>> {
-    if !applies(&[x, y]) {
-        return Ok(None);
+/// `s_ik = cos(x_i, y_{cols[i·k + k']})`: `k` chosen columns of `y: (m, d)` for every row of
+/// `x: (n, d)`, `(n, k)`, as one op whose backward pass touches only the chosen rows. Both
+/// are f32 on the CPU (the caller has checked).
+pub(super) fn cosine_pairs(x: &Tensor, y: &Tensor, cols: Vec<u32>, k: usize) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    if cols.len() != n * k {
+        return Err(crate::error::Error::shape(
+            "cosine_pairs",
+            format!("{n} rows of {k} columns"),
+            cols.len(),
+        ));
     }
-    let (n, k) = idx.dims2()?;
-    let cols = idx.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
     let op = CosinePairs {
         idx: std::sync::Arc::new(cols),
         k,
     };
-    if x.dim(0)? != n {
-        return Err(crate::error::Error::shape(
-            "cosine_pairs",
-            format!("({}, k) indices", x.dim(0)?),
-            idx.dims(),
-        ));
-    }
-    Ok(Some(
-        x.contiguous()?.apply_op2(&y.contiguous()?, Fused(op))?,
-    ))
+    Ok(x.contiguous()?.apply_op2(&y.contiguous()?, Fused(op))?)
 }
 
 /// Counts, for each query `i` of `which`, the candidates strictly closer in cosine than

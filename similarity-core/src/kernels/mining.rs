@@ -259,21 +259,23 @@ fn cosine_mine(
     Ok(Some(x.apply_op2_no_bwd(&y, &Fused(op))?))
 }
 
-/// The hardest candidates of every anchor for the cosine distance.
+/// The hardest candidates of every anchor for the cosine distance `1 − cos`, as distances
+/// whose gradient reaches only those pairs.
 pub(crate) struct Hardest {
-    /// Column of the farthest positive, `(n, 1)` u32 (0 when there is none).
+    /// Distance to the farthest positive, `(n)` (to an arbitrary row when there is none).
     pub pos: Tensor,
     /// Whether the anchor has a positive, `(n)` `{0, 1}` f32.
     pub has_pos: Tensor,
-    /// Column of the nearest negative, `(n, 1)` u32 (0 when there is none).
+    /// Distance to the nearest negative, `(n)` (to an arbitrary row when there is none).
     pub neg: Tensor,
     /// Whether the anchor has a negative, `(n)` `{0, 1}` f32.
     pub has_neg: Tensor,
 }
 
 /// Batch-hard mining for the cosine distance of `x: (n, d)` against `y: (m, d)` (`None`:
-/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`, without keeping the
-/// `(n, m)` matrix; `None` where this does not apply.
+/// `x` itself, the anchor excluded), groups `a: (n)`, `b: (m)`: the columns are mined on
+/// detached similarities (no `(n, m)` matrix in the graph) and only the chosen pairs are
+/// recomputed with gradient, `O(n·d)` backward. `None` where this does not apply.
 pub(crate) fn cosine_hardest(
     x: &Tensor,
     y: Option<&Tensor>,
@@ -283,12 +285,21 @@ pub(crate) fn cosine_hardest(
     let Some(mined) = cosine_mine(x, y, a, b)? else {
         return Ok(None);
     };
-    let column = |k: usize| mined.narrow(1, k, 1)?.to_dtype(DType::U32);
-    let flag = |k: usize| mined.narrow(1, k, 1)?.squeeze(1)?.contiguous();
+    // Rows of [positive column, has one, negative column, has one].
+    let rows = mined.to_vec2::<f32>()?;
+    let cols = rows
+        .iter()
+        .flat_map(|r| [r[0] as u32, r[2] as u32])
+        .collect();
+    let d = (1.0 - super::cosine::cosine_pairs(x, y.unwrap_or(x), cols, 2)?)?;
+    let flag = |k: usize| {
+        let v: Vec<f32> = rows.iter().map(|r| r[k]).collect();
+        Tensor::from_vec(v, rows.len(), x.device())
+    };
     Ok(Some(Hardest {
-        pos: column(0)?,
+        pos: d.narrow(1, 0, 1)?.squeeze(1)?,
         has_pos: flag(1)?,
-        neg: column(2)?,
+        neg: d.narrow(1, 1, 1)?.squeeze(1)?,
         has_neg: flag(3)?,
     }))
 }

@@ -465,7 +465,7 @@ mod tests;
 #[cfg(feature = "transformers")]
 pub(crate) use activation::{gelu_erf, softmax_last_dim};
 pub(crate) use adam::{AdamStep, adam_applies, adam_step};
-pub(crate) use cosine::{cosine_pairs, cosine_ranks, cosine_similarity_matrix};
+pub(crate) use cosine::{cosine_ranks, cosine_similarity_matrix};
 pub(crate) use cross_entropy::{cosine_mnrl, diagonal_cross_entropy};
-pub(crate) use mining::{Hardest, cosine_hardest, group_masks, hardest_pairs};
+pub(crate) use mining::{cosine_hardest, group_masks, hardest_pairs};
 pub(crate) use skip::skip_connection_layer;

@@ -1,9 +1,28 @@
 //! Every kernel against the composite Candle form it replaces (values and gradients).
 
+/// A scalar loss and its gradient with respect to `v`, in f64.
+fn loss_and_grad(loss: &candle_core::Tensor, v: &candle_core::Var) -> (f64, Vec<f64>) {
+    use candle_core::DType;
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(v)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    (
+        loss.to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        grad.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+    )
+}
+
 mod forms {
     use super::super::*;
     use super::super::{activation::*, cosine::*, cross_entropy::*, mining::*, skip::*};
-    use crate::distance::{Distance, cosine_similarity_matrix as composite_cosine};
+    use crate::distance::cosine_similarity_matrix as composite_cosine;
     use crate::loss::diagonal_cross_entropy_composite;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -243,8 +262,6 @@ mod forms {
                 }
             }
         }
-        // The cosine distance feeding the mining is the fused one as well.
-        let _ = Distance::Cosine;
     }
 
     #[test]
@@ -336,17 +353,7 @@ mod hard_mining {
                 .unwrap())
             .unwrap();
         }
-        let grad = l
-            .backward()
-            .unwrap()
-            .get(&v)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        (
-            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
-            grad.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-        )
+        super::loss_and_grad(&l, &v)
     }
 
     fn assert_fused_matches<L: SimilarityLoss<Kind = GroupKind> + MemoryLoss>() {
@@ -416,17 +423,7 @@ mod pair_losses {
         let mut params = Params::new(&Device::Cpu, 0);
         let loss = L::new(16, config.clone(), &mut params.scope("l")).unwrap();
         let l = loss.forward(v.as_tensor(), targets).unwrap();
-        let g = l
-            .backward()
-            .unwrap()
-            .get(&v)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        (
-            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
-            g.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
-        )
+        super::loss_and_grad(&l, &v)
     }
 
     /// The fused and the composite path agree on the loss and its gradient.

@@ -158,18 +158,11 @@ fn nearest_other_subgroup_cosine(
     targets: &PairTargets,
     margin: f64,
 ) -> Result<Option<Tensor>> {
-    let Some(crate::kernels::Hardest {
-        neg: column,
-        has_neg: has,
-        ..
-    }) = crate::kernels::cosine_hardest(embeddings, None, &targets.subgroups, None)?
+    let Some(h) = crate::kernels::cosine_hardest(embeddings, None, &targets.subgroups, None)?
     else {
         return Ok(None);
     };
-    let Some(sim) = crate::kernels::cosine_pairs(embeddings, embeddings, &column)? else {
-        return Ok(None);
-    };
-    let per_object = hinge_sq(&(1.0 - sim.squeeze(1)?)?, margin)?.mul(&has)?;
+    let per_object = hinge_sq(&h.neg, margin)?.mul(&h.has_neg)?;
     let first = targets.pairs.narrow(1, 0, 1)?.squeeze(1)?;
     let second = targets.pairs.narrow(1, 1, 1)?.squeeze(1)?;
     Ok(Some(

@@ -8,7 +8,8 @@
 //! negative[i, j] = [aᵢ ≠ bⱼ]
 //! ```
 //!
-//! Shapes: `(n, m)`. Masks are built from a broadcast comparison, never a loop.
+//! Shapes: `(n, m)`. For f32 on the CPU with `i64` ids, [`group_masks`] is one pass of the
+//! fused kernels; elsewhere the masks come from a broadcast comparison.
 
 use candle_core::{DType, Tensor};
 

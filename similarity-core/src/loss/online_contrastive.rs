@@ -133,22 +133,8 @@ impl OnlineContrastiveLoss {
         else {
             return Ok(None);
         };
-        let idx = Tensor::cat(&[&h.pos, &h.neg], 1)?;
-        let Some(sim) = crate::kernels::cosine_pairs(a, b.map_or(a, |b| b.0), &idx)? else {
-            return Ok(None);
-        };
-        let d = (1.0 - sim)?;
-        let hardest_pos = d.narrow(1, 0, 1)?.squeeze(1)?;
-        let neg_hinge = d
-            .narrow(1, 1, 1)?
-            .squeeze(1)?
-            .neg()?
-            .affine(1.0, self.config.margin)?
-            .relu()?;
-        let pos_loss = masked_mean(
-            &(&h.has_pos * hardest_pos)?.sum_all()?,
-            &h.has_pos.sum_all()?,
-        )?;
+        let neg_hinge = h.neg.neg()?.affine(1.0, self.config.margin)?.relu()?;
+        let pos_loss = masked_mean(&(&h.has_pos * &h.pos)?.sum_all()?, &h.has_pos.sum_all()?)?;
         let neg_loss = masked_mean(&(&h.has_neg * neg_hinge)?.sum_all()?, &h.has_neg.sum_all()?)?;
         Ok(Some(((pos_loss + neg_loss)? * 0.5)?))
     }

@@ -223,14 +223,7 @@ impl TripletLoss {
             return Ok(None);
         };
         let valid = h.has_pos.mul(&h.has_neg)?;
-        let idx = Tensor::cat(&[&h.pos, &h.neg], 1)?;
-        let Some(sim) = crate::kernels::cosine_pairs(a, b.map_or(a, |b| b.0), &idx)? else {
-            return Ok(None);
-        };
-        let d = (1.0 - sim)?;
-        let hardest_pos = d.narrow(1, 0, 1)?.squeeze(1)?;
-        let hardest_neg = d.narrow(1, 1, 1)?.squeeze(1)?;
-        Ok(Some(self.hard_from(&hardest_pos, &hardest_neg, &valid)?))
+        Ok(Some(self.hard_from(&h.pos, &h.neg, &valid)?))
     }
 
     /// Hard mining once the hardest positive and negative column of every anchor
