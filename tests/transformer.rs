@@ -327,13 +327,11 @@ fn a_bert_prefix_on_weight_names_is_accepted() {
     assert_eq!(embed(&enc, &texts), embed(frozen(), &texts));
 }
 
-#[test]
-fn a_large_mixed_length_batch_equals_texts_embedded_one_at_a_time() {
-    // 300 texts of 3 to 60 words: one collated batch is run in several chunks, each
-    // trimmed to its own longest text; every row must match the text embedded alone.
+/// 300 texts of 3 to 60 words, lengths in no order.
+fn mixed_length_texts() -> Vec<String> {
     let words = "the quick brown fox jumps over a lazy dog while clouds drift";
     let words: Vec<&str> = words.split(' ').collect();
-    let texts: Vec<String> = (0..300)
+    (0..300)
         .map(|i| {
             let n = 3 + (i * 37) % 58;
             (0..n)
@@ -341,7 +339,14 @@ fn a_large_mixed_length_batch_equals_texts_embedded_one_at_a_time() {
                 .collect::<Vec<_>>()
                 .join(" ")
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_large_mixed_length_batch_equals_texts_embedded_one_at_a_time() {
+    // One collated batch is run in several chunks, rows sorted by length and each chunk
+    // trimmed to its own longest text; every row must match the text embedded alone.
+    let texts = mixed_length_texts();
     let enc = frozen();
     let refs: Vec<&String> = texts.iter().collect();
     let batch = enc.collate(&refs, &Device::Cpu).unwrap();
@@ -360,4 +365,24 @@ fn a_large_mixed_length_batch_equals_texts_embedded_one_at_a_time() {
         let d = max_abs_diff(&all[i..=i], &one);
         assert!(d < 1e-5, "text {i}: max |diff| {d}");
     }
+}
+
+#[test]
+fn the_frozen_fused_forward_equals_the_differentiable_one() {
+    // A frozen encoder evaluates with the fused CPU kernels (packed Q/K/V, attention,
+    // dense layers with bias, residual, GELU and layer norm in one op each); a trainable
+    // one with the composite, differentiable ops. Same weights, same embeddings.
+    let texts = mixed_length_texts();
+    let trainable =
+        SentenceTransformer::from_pretrained_trainable(common::minilm_dir(), &Device::Cpu).unwrap();
+    let refs: Vec<&String> = texts.iter().collect();
+    let batch = frozen().collate(&refs, &Device::Cpu).unwrap();
+    let run = |enc: &SentenceTransformer| {
+        enc.forward(&batch, &mut Mode::Eval)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let d = max_abs_diff(&run(frozen()), &run(&trainable));
+    assert!(d < 1e-5, "max |diff| {d}");
 }

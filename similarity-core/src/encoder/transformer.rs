@@ -54,6 +54,14 @@
 //! as a [`Var`] and returns them all from [`Encoder::trainable_vars`]. Wrap a frozen one
 //! in [`Frozen`](super::Frozen) to cache its embeddings.
 //!
+//! # Evaluating a frozen encoder
+//!
+//! Where nothing needs a gradient (a frozen encoder on the CPU, evaluation mode: a cache
+//! fill), each layer runs as five fused f32 kernels instead: one projection to packed
+//! `[Q | K | V]`, attention read from it per sequence, and the output and feed-forward
+//! projections with their bias, residual, GELU and layer norm applied in the same op. The
+//! tests check that both forms give the same embeddings.
+//!
 //! # Saving
 //!
 //! [`Encoder::save`] writes a sentence-transformers directory again (`config.json`,
@@ -64,6 +72,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -71,6 +80,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use super::Encoder;
 use crate::error::{Error, Result};
+use crate::kernels::{Epilogue, attention, dense};
 use crate::nn::{Mode, dropout};
 
 const CONFIG: &str = "config.json";
@@ -81,8 +91,9 @@ const SBERT_CONFIG: &str = "sentence_bert_config.json";
 const MODULES: &str = "modules.json";
 const OWN_CONFIG: &str = "similarity_encoder.json";
 /// Token positions (rows × padded length) per forward chunk; see `Encoder::forward`.
-/// Measured on the FAQ cache fill (2 cores): 2,048 took 86 s and 323 MB peak, 8,192
-/// 110 s and 573 MB, 32,768 155 s and 1.4 GB (larger intermediates cost page faults).
+/// Measured on the FAQ cache fill (2 cores, before chunks ran in parallel and rows were
+/// sorted by length): 2,048 took 86 s and 323 MB peak, 8,192 110 s and 573 MB, 32,768
+/// 155 s and 1.4 GB (larger intermediates cost page faults).
 const TOKENS_PER_CHUNK: usize = 2048;
 const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
 /// Added to the attention scores of padding tokens.
@@ -218,6 +229,56 @@ pub struct SentenceTransformer {
     /// storage with `vars`.
     weights: BTreeMap<String, Tensor>,
     vars: Vec<(String, Var)>,
+    /// A frozen encoder's layers as the fused CPU kernels take them; `None` for a
+    /// trainable encoder or another device.
+    fused: Option<Arc<[FusedLayer]>>,
+}
+
+/// One layer's constant weights for the fused forward pass (`kernels::dense` and
+/// `kernels::attention`): Q, K and V stacked into one `(3H, H)` projection, the vectors
+/// as host slices.
+#[derive(Debug)]
+struct FusedLayer {
+    qkv_weight: Tensor,
+    qkv_bias: Vec<f32>,
+    out_weight: Tensor,
+    out_bias: Vec<f32>,
+    attention_norm: (Vec<f32>, Vec<f32>),
+    inter_weight: Tensor,
+    inter_bias: Vec<f32>,
+    ffn_weight: Tensor,
+    ffn_bias: Vec<f32>,
+    output_norm: (Vec<f32>, Vec<f32>),
+}
+
+impl FusedLayer {
+    /// Layer `i`'s weights from `weights` (names without a `bert.` prefix).
+    fn new(weights: &BTreeMap<String, Tensor>, i: usize) -> Result<Self> {
+        let p = format!("encoder.layer.{i}");
+        let w = |name: &str| &weights[&format!("{p}.{name}")];
+        let v = |name: &str| -> Result<Vec<f32>> { Ok(w(name).to_vec1::<f32>()?) };
+        let qkv = ["query", "key", "value"].map(|n| format!("attention.self.{n}"));
+        let qkv_weight = Tensor::cat(&qkv.clone().map(|n| w(&format!("{n}.weight"))), 0)?;
+        let mut qkv_bias = Vec::new();
+        for n in &qkv {
+            qkv_bias.extend(v(&format!("{n}.bias"))?);
+        }
+        Ok(FusedLayer {
+            qkv_weight,
+            qkv_bias,
+            out_weight: w("attention.output.dense.weight").clone(),
+            out_bias: v("attention.output.dense.bias")?,
+            attention_norm: (
+                v("attention.output.LayerNorm.weight")?,
+                v("attention.output.LayerNorm.bias")?,
+            ),
+            inter_weight: w("intermediate.dense.weight").clone(),
+            inter_bias: v("intermediate.dense.bias")?,
+            ffn_weight: w("output.dense.weight").clone(),
+            ffn_bias: v("output.dense.bias")?,
+            output_norm: (v("output.LayerNorm.weight")?, v("output.LayerNorm.bias")?),
+        })
+    }
 }
 
 impl std::fmt::Debug for SentenceTransformer {
@@ -484,6 +545,14 @@ impl SentenceTransformer {
             weights.insert(name, t);
         }
 
+        let fused = if trainable || !device.is_cpu() {
+            None
+        } else {
+            let layers = (0..config.num_hidden_layers)
+                .map(|i| FusedLayer::new(&weights, i))
+                .collect::<Result<Vec<_>>>()?;
+            Some(layers.into())
+        };
         Ok(SentenceTransformer {
             config,
             raw_config,
@@ -495,6 +564,7 @@ impl SentenceTransformer {
             max_seq_length,
             weights,
             vars,
+            fused,
         })
     }
 
@@ -601,6 +671,34 @@ impl SentenceTransformer {
             Ok(t.reshape((b, l, n_h, d))?.transpose(1, 2)?.contiguous()?)
         };
 
+        if let Some(layers) = self.fused.as_ref().filter(|_| !mode.is_train()) {
+            // Constant weights, no dropout: the fused kernels, five ops a layer.
+            let eps = c.layer_norm_eps as f32;
+            fn norm((gamma, beta): &(Vec<f32>, Vec<f32>), eps: f32) -> Epilogue<'_> {
+                Epilogue::LayerNorm { gamma, beta, eps }
+            }
+            let mask = &batch.attention_mask;
+            for f in layers.iter() {
+                let qkv = dense(&x, &f.qkv_weight, &f.qkv_bias, None, Epilogue::None)?;
+                let ctx = attention(&qkv, mask, n_h)?;
+                let a = dense(
+                    &ctx,
+                    &f.out_weight,
+                    &f.out_bias,
+                    Some(&x),
+                    norm(&f.attention_norm, eps),
+                )?;
+                let g = dense(&a, &f.inter_weight, &f.inter_bias, None, Epilogue::Gelu)?;
+                x = dense(
+                    &g,
+                    &f.ffn_weight,
+                    &f.ffn_bias,
+                    Some(&a),
+                    norm(&f.output_norm, eps),
+                )?;
+            }
+            return Ok(x.reshape((b, l, h))?);
+        }
         for i in 0..c.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let q = heads(self.linear(&x, &format!("{p}.attention.self.query"))?)?;
@@ -757,29 +855,62 @@ impl Encoder for SentenceTransformer {
             .into_iter()
             .map(|n| (n.round() as usize).clamp(1, l))
             .collect();
-        let rows = (TOKENS_PER_CHUNK / l).max(1);
-        let mut parts = Vec::with_capacity(b.div_ceil(rows));
-        for start in (0..b).step_by(rows) {
-            let n = rows.min(b - start);
-            let len = lengths[start..start + n].iter().copied().max().unwrap_or(l);
-            if n == b && len == l {
-                parts.push(self.embed_rows(batch, mode)?);
-                break;
+        // Rows longest first; each chunk takes rows while they fit in TOKENS_PER_CHUNK
+        // positions at its first (longest) row's length, and is trimmed to it.
+        let mut order: Vec<usize> = (0..b).collect();
+        order.sort_by_key(|&r| std::cmp::Reverse(lengths[r]));
+        let mut spans = Vec::new();
+        let mut start = 0;
+        while start < b {
+            let len = lengths[order[start]];
+            let n = (TOKENS_PER_CHUNK / len).clamp(1, b - start);
+            spans.push((start, n, len));
+            start += n;
+        }
+        let sorted = order.iter().enumerate().all(|(k, &r)| k == r);
+        if sorted && spans.len() == 1 && spans[0].2 == l {
+            return self.embed_rows(batch, mode);
+        }
+        let device = batch.input_ids.device();
+        let chunk = |&(start, n, len): &(usize, usize, usize)| -> Result<TransformerBatch> {
+            let rows: Vec<u32> = order[start..start + n].iter().map(|&r| r as u32).collect();
+            let rows = Tensor::from_vec(rows, n, device)?;
+            let take = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.index_select(&rows, 0)?.narrow(1, 0, len)?.contiguous()?)
+            };
+            Ok(TransformerBatch {
+                input_ids: take(&batch.input_ids)?,
+                token_type_ids: take(&batch.token_type_ids)?,
+                attention_mask: take(&batch.attention_mask)?,
+            })
+        };
+        let parts = if mode.is_train() || !device.is_cpu() {
+            // Dropout draws from one generator, in order; an accelerator runs one chunk
+            // at a time anyway.
+            let mut parts = Vec::with_capacity(spans.len());
+            for span in &spans {
+                parts.push(self.embed_rows(&chunk(span)?, mode)?);
             }
-            let narrow = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.narrow(0, start, n)?.narrow(1, 0, len)?.contiguous()?)
-            };
-            let chunk = TransformerBatch {
-                input_ids: narrow(&batch.input_ids)?,
-                token_type_ids: narrow(&batch.token_type_ids)?,
-                attention_mask: narrow(&batch.attention_mask)?,
-            };
-            parts.push(self.embed_rows(&chunk, mode)?);
+            parts
+        } else {
+            // Evaluation on the CPU: chunks are independent, one per core, each running
+            // its element-wise passes and matmuls on its own thread.
+            use rayon::prelude::*;
+            spans
+                .par_iter()
+                .map(|span| self.embed_rows(&chunk(span)?, &mut Mode::Eval))
+                .collect::<Result<Vec<_>>>()?
+        };
+        let out = Tensor::cat(&parts, 0)?;
+        if sorted {
+            return Ok(out);
         }
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
+        // Back to the batch's row order.
+        let mut inverse = vec![0u32; b];
+        for (k, &r) in order.iter().enumerate() {
+            inverse[r] = k as u32;
         }
-        Ok(Tensor::cat(&parts, 0)?)
+        Ok(out.index_select(&Tensor::from_vec(inverse, b, device)?, 0)?)
     }
 
     fn trainable_vars(&self) -> Vec<Var> {

@@ -1,7 +1,8 @@
 //! Fused f32 CPU kernels for what runs at every step of a training run: the cosine
 //! similarity matrix, batch-hard mining, MultipleNegativesRankingLoss, the
-//! SkipConnectionHead block, the Adam update, and, in a frozen transformer's cache fill,
-//! GELU and softmax.
+//! SkipConnectionHead block, the Adam update, and a transformer's layers (GELU and softmax
+//! with backward passes; forward-only dense layers and attention for a frozen encoder's
+//! cache fill).
 //!
 //! Why: Candle builds a loss from small tensor ops. On the CPU each op allocates and fills
 //! its output, and each edge of the backward pass adds a zero-filled gradient buffer and an
@@ -19,6 +20,7 @@
 //! | `skip`          | `x + (x Wᵀ + b) ⊙ σ(gate)`              | `(n, d) → (n, d)`             |
 //! | `adam`          | Adam / AdamW in place                   | any variable                  |
 //! | `activation`    | GELU, softmax over the last dimension   | any → same                    |
+//! | `bert`          | dense layer + epilogue, attention       | `(n, k) → (n, m)`, `(b·L, 3H) → (b·L, H)` |
 //!
 //! Shared here: the row normalisation every cosine kernel uses, with `ε = 1e-8`,
 //!
@@ -199,7 +201,7 @@ impl<T: FusedOp<3>> CustomOp3 for Fused<T> {
 
 /// `dst (m × n) = lhs (m × k) · rhs (k × n)`, all row-major, `dst` overwritten. `lhs_t`:
 /// `lhs` is stored as its transpose `(k × m)`; `rhs_t`: `rhs` is stored as `(n × k)` (so
-/// `dst = lhs · stored_rhsᵀ`). Runs on Candle's thread count (rayon).
+/// `dst = lhs · stored_rhsᵀ`). See [`gemm_into`] for the threads.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     dst: &mut [f32],
@@ -211,6 +213,24 @@ fn gemm(
     lhs_t: bool,
     rhs_t: bool,
 ) {
+    gemm_into(dst, lhs, rhs, m, n, k, lhs_t, rhs_t, false);
+}
+
+/// [`gemm`], adding the product to `dst` when `accumulate`. Runs on Candle's thread count
+/// (rayon), or on the calling thread alone when that is already one of rayon's workers
+/// (the caller splits the work itself, as a transformer's cache fill does by chunk).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs_t: bool,
+    rhs_t: bool,
+    accumulate: bool,
+) {
     // The unsafe call below relies on these (cheap next to the product).
     assert_eq!(dst.len(), m * n, "gemm: dst size");
     assert_eq!(lhs.len(), m * k, "gemm: lhs size");
@@ -219,10 +239,12 @@ fn gemm(
         return;
     }
     if k == 0 {
-        dst.fill(0.0);
+        if !accumulate {
+            dst.fill(0.0);
+        }
         return;
     }
-    let parallelism = if threads() > 1 {
+    let parallelism = if threads() > 1 && rayon::current_thread_index().is_none() {
         gemm::Parallelism::Rayon(threads())
     } else {
         gemm::Parallelism::None
@@ -248,14 +270,14 @@ fn gemm(
             dst.as_mut_ptr(),
             1,
             n as isize,
-            false,
+            accumulate,
             lhs.as_ptr(),
             lhs_cs,
             lhs_rs,
             rhs.as_ptr(),
             rhs_cs,
             rhs_rs,
-            0.0,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -376,6 +398,19 @@ fn par_rows(input: &[f32], out: &mut [f32], width: usize, f: impl Fn(&[f32], &mu
         .for_each(|(a, b)| f(a, b));
 }
 
+/// `f(rows)` over blocks of whole rows of width `width` of `out`, in place, split across
+/// [`threads`] like [`par_rows`].
+fn par_rows_mut(out: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    let (width, t) = (width.max(1), threads());
+    let rows = out.len() / width;
+    if t <= 1 || out.len() < PAR_MIN || rows < 2 {
+        f(out);
+        return;
+    }
+    out.par_chunks_mut(rows.div_ceil(t) * width).for_each(&f);
+}
+
 /// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a
 /// row-major `(rows × d)` matrix.
 fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {
@@ -455,6 +490,7 @@ fn exp_f32(x: f32) -> f32 {
 
 mod activation;
 mod adam;
+mod bert;
 mod cosine;
 mod cross_entropy;
 mod mining;
@@ -465,6 +501,8 @@ mod tests;
 #[cfg(feature = "transformers")]
 pub(crate) use activation::{gelu_erf, softmax_last_dim};
 pub(crate) use adam::{AdamStep, adam_applies, adam_step};
+#[cfg(feature = "transformers")]
+pub(crate) use bert::{Epilogue, attention, dense};
 pub(crate) use cosine::{cosine_ranks, cosine_similarity_matrix};
 pub(crate) use cross_entropy::{cosine_mnrl, diagonal_cross_entropy};
 pub(crate) use mining::{cosine_hardest, group_masks, hardest_pairs};

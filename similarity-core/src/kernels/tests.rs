@@ -167,6 +167,106 @@ mod forms {
         close(gf.get(&x).unwrap(), gr.get(&x).unwrap(), 1e-5, "softmax ∂x");
     }
 
+    /// `softmax(x)` over the last dimension, composite.
+    fn softmax_rows(x: &Tensor) -> Tensor {
+        let e = x
+            .broadcast_sub(&x.max_keepdim(candle_core::D::Minus1).unwrap())
+            .unwrap()
+            .exp()
+            .unwrap();
+        e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn dense_matches_the_composite_form_for_each_epilogue() {
+        use super::super::bert::{Epilogue, dense};
+        let (n, k, m) = (45, 19, 23);
+        let dev = &Device::Cpu;
+        let x = Tensor::from_vec(random((n, k), 11), (n, k), dev).unwrap();
+        let w = Tensor::from_vec(random((m, k), 12), (m, k), dev).unwrap();
+        let r = Tensor::from_vec(random((n, m), 13), (n, m), dev).unwrap();
+        let bias = random((1, m), 14);
+        let gamma: Vec<f32> = random((1, m), 15).iter().map(|v| 1.0 + v).collect();
+        let beta = random((1, m), 16);
+        let row = |v: &[f32]| Tensor::from_slice(v, m, dev).unwrap();
+        let affine = x
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&row(&bias))
+            .unwrap();
+        let fused = dense(&x, &w, &bias, None, Epilogue::None).unwrap();
+        close(&fused, &affine, 1e-5, "x Wᵀ + b");
+        let fused = dense(&x, &w, &bias, None, Epilogue::Gelu).unwrap();
+        close(&fused, &affine.gelu_erf().unwrap(), 1e-5, "GELU(x Wᵀ + b)");
+        let eps = 1e-12;
+        let ln = Epilogue::LayerNorm {
+            gamma: &gamma,
+            beta: &beta,
+            eps,
+        };
+        let fused = dense(&x, &w, &bias, Some(&r), ln).unwrap();
+        let z = (&affine + &r).unwrap();
+        let expected = candle_nn::ops::layer_norm(&z, &row(&gamma), &row(&beta), eps).unwrap();
+        close(&fused, &expected, 1e-5, "LN(x Wᵀ + b + r)");
+        // Shapes that do not fit are errors, not panics.
+        assert!(dense(&x, &w, &bias[..m - 1], None, Epilogue::None).is_err());
+        assert!(dense(&x, &w.t().unwrap(), &bias, None, Epilogue::None).is_err());
+        assert!(dense(&x, &w, &bias, Some(&x), Epilogue::None).is_err());
+    }
+
+    #[test]
+    fn attention_matches_the_composite_form() {
+        use super::super::bert::attention;
+        // 3 sequences of 13 positions (not a whole number of blocks), 2 heads of 40 (a group
+        // of four column blocks and a single one); the
+        // second sequence has 4 padding positions, the third all but one.
+        let (b, l, heads, d) = (3, 13, 2, 40);
+        let h = heads * d;
+        let dev = &Device::Cpu;
+        let qkv = Tensor::from_vec(random((b * l, 3 * h), 21), (b * l, 3 * h), dev).unwrap();
+        let mut mask = vec![1.0f32; b * l];
+        mask[l + l - 4..2 * l].fill(0.0);
+        mask[2 * l + 1..3 * l].fill(0.0);
+        let mask = Tensor::from_vec(mask, (b, l), dev).unwrap();
+        let fused = attention(&qkv, &mask, heads).unwrap();
+        // The composite form: heads split, scaled scores plus the mask bias, softmax,
+        // context merged back.
+        let split = |i: usize| {
+            qkv.narrow(1, i * h, h)
+                .unwrap()
+                .reshape((b, l, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(0), split(1), split(2));
+        let bias = ((mask.ones_like().unwrap() - &mask).unwrap() * -1e9)
+            .unwrap()
+            .reshape((b, 1, 1, l))
+            .unwrap();
+        let scores = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap()
+            * (1.0 / (d as f64).sqrt()))
+        .unwrap()
+        .broadcast_add(&bias)
+        .unwrap();
+        let expected = softmax_rows(&scores)
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b * l, h))
+            .unwrap();
+        close(&fused, &expected, 1e-5, "attention");
+        // A head size that is not a whole number of blocks, and a mask of the wrong size.
+        assert!(attention(&qkv, &mask, 3).is_err());
+        assert!(attention(&qkv, &mask.narrow(1, 0, l - 1).unwrap(), heads).is_err());
+    }
+
     #[test]
     fn exp_is_accurate_over_the_range_softmax_uses() {
         let mut worst = 0.0f32;
