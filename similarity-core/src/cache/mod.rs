@@ -331,6 +331,12 @@ impl EncoderCache {
             .rows
             .as_ref()
             .ok_or_else(|| Error::invalid("embedding cache", "looked up before it was filled"))?;
+        if rows.device().is_cpu()
+            && rows.dtype() == candle_core::DType::U32
+            && let Some(out) = crate::kernels::gather_rows(store, &rows.to_vec1::<u32>()?)?
+        {
+            return Ok(out.to_device(device)?);
+        }
         Ok(store
             .index_select(&rows.to_device(&self.device)?, 0)?
             .to_device(device)?)

@@ -898,7 +898,9 @@ impl Encoder for SentenceTransformer {
             use rayon::prelude::*;
             spans
                 .par_iter()
-                .map(|span| self.embed_rows(&chunk(span)?, &mut Mode::Eval))
+                .map(|span| {
+                    crate::kernels::serial(|| self.embed_rows(&chunk(span)?, &mut Mode::Eval))
+                })
                 .collect::<Result<Vec<_>>>()?
         };
         let out = Tensor::cat(&parts, 0)?;

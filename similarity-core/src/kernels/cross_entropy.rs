@@ -7,6 +7,12 @@
 //! ∂L/∂Z = (softmax_rows(Z) − I) / n   (symmetric: ½ P_rows + ½ P_cols − I, / n)
 //! fused:  Z = scale · â p̂ᵀ, a, p: (n, d);  ∂â = scale · ∂Z p̂,  ∂p̂ = scale · ∂Zᵀ â
 //! ```
+//!
+//! In the fused form the logits are bounded, `|Z_ij| ≤ |scale|` (cosines), so every
+//! log-sum-exp can use the same shift `c = |scale|` instead of a row or column maximum:
+//! `lse_i = c + ln Σ_j e^{Z_ij − c}`, with `e^{Z − c} ≥ e^{−2c}` still a normal f32 for
+//! `|scale| ≤` [`FIXED_SHIFT_MAX`]. One exponential per entry then serves the row and the
+//! column softmax, in one parallel sweep, and `e^{Z − c}` is computed in place of `Z`.
 
 use super::*;
 
@@ -58,6 +64,58 @@ simd_fn! {
             .zip(&total)
             .map(|(&m, &t)| f64::from(m) + f64::from(t.ln()))
             .sum()
+    }
+}
+
+/// The largest `|scale|` for which the fused form shifts by `|scale|` (module docs):
+/// `e^{−2·40}` ≈ 1.8·10⁻³⁵ is still a normal f32.
+const FIXED_SHIFT_MAX: f32 = 40.0;
+
+simd_fn! {
+    /// `z ← e^{scale·z − shift}` over a block of rows of width `n`; returns the block's row
+    /// sums and its column sums.
+    fn exp_block(z: &mut [f32], n: usize, scale: f32, shift: f32) -> (Vec<f32>, Vec<f32>) {
+        let mut rows = Vec::with_capacity(z.len() / n);
+        let mut cols = vec![0.0f32; n];
+        for row in z.chunks_exact_mut(n) {
+            for v in row.iter_mut() {
+                *v = exp_f32(*v * scale - shift);
+            }
+            rows.push(sum(row));
+            for (c, &v) in cols.iter_mut().zip(row.iter()) {
+                *c += v;
+            }
+        }
+        (rows, cols)
+    }
+}
+
+/// [`exp_block`] over the whole `(n × n)` matrix in parallel blocks of rows: the row sums
+/// `r_i` and the column sums `c_j` of `e^{scale·z − shift}`, which replaces `z`.
+fn exp_sums(z: &mut [f32], n: usize, scale: f32, shift: f32) -> (Vec<f32>, Vec<f32>) {
+    use rayon::prelude::*;
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = z
+        .par_chunks_mut(par_block_rows(n, n) * n)
+        .map(|block| exp_block(block, n, scale, shift))
+        .collect();
+    let mut rows = Vec::with_capacity(n);
+    let mut cols = vec![0.0f32; n];
+    for (r, c) in blocks {
+        rows.extend(r);
+        cols.iter_mut().zip(&c).for_each(|(t, v)| *t += v);
+    }
+    (rows, cols)
+}
+
+simd_fn! {
+    /// `e_ij ← e_ij · (a_i + b_j)` over a block of rows (`a`: the block's rows, `b`: the
+    /// columns).
+    fn scale_rows_cols(e: &mut [f32], a: &[f32], b: &[f32]) {
+        for (row, &ai) in e.chunks_exact_mut(b.len()).zip(a) {
+            for (v, &bj) in row.iter_mut().zip(b) {
+                *v *= ai + bj;
+            }
+        }
     }
 }
 
@@ -132,6 +190,8 @@ pub(crate) fn diagonal_cross_entropy(logits: &Tensor, symmetric: bool) -> Result
 pub(super) struct CosineMnrl {
     scale: f32,
     symmetric: bool,
+    /// Whether an input needs a gradient (else the forward pass keeps nothing).
+    with_grad: bool,
     grad: Mutex<Option<std::sync::Arc<Vec<f32>>>>,
 }
 
@@ -145,24 +205,61 @@ impl FusedOp<2> for CosineMnrl {
         }
         let (_, au) = normalize_rows(s1.data, d);
         let (_, pu) = normalize_rows(s2.data, d);
+        let scale = self.scale;
+        let w = if self.symmetric { 0.5f32 } else { 1.0 };
+        // Cosines; then ∂L/∂S = scale · (P − I) / n takes their place.
         let mut z = vec![0.0f32; n * n];
         gemm(&mut z, &au, &pu, n, n, d, false, true);
-        z.iter_mut().for_each(|v| *v *= self.scale);
-        let w = if self.symmetric { 0.5f32 } else { 1.0 };
-        let mut g = vec![0.0f32; n * n];
-        let mut loss = f64::from(w) * softmax_rows(&z, n, w, &mut g);
-        if self.symmetric {
-            loss += f64::from(w) * add_softmax_columns(&z, n, w, &mut g);
+        let diag: f64 = (0..n).map(|i| f64::from(z[i * n + i] * scale)).sum();
+        let k = scale / n as f32;
+        let lse_sum = if scale.abs() <= FIXED_SHIFT_MAX {
+            let shift = scale.abs();
+            let (rows, cols) = exp_sums(&mut z, n, scale, shift);
+            let lse = |t: &f32| f64::from(shift) + f64::from(t.ln());
+            let mut total = f64::from(w) * rows.iter().map(lse).sum::<f64>();
+            if self.symmetric {
+                total += f64::from(w) * cols.iter().map(lse).sum::<f64>();
+            }
+            if self.with_grad {
+                // P_ij = w e_ij / r_i (+ w e_ij / c_j), times k, minus k on the diagonal.
+                let inv_r: Vec<f32> = rows.iter().map(|r| w * k / r).collect();
+                let inv_c: Vec<f32> = if self.symmetric {
+                    cols.iter().map(|c| w * k / c).collect()
+                } else {
+                    vec![0.0; n]
+                };
+                let per = par_block_rows(n, n);
+                use rayon::prelude::*;
+                z.par_chunks_mut(per * n)
+                    .zip(inv_r.par_chunks(per))
+                    .enumerate()
+                    .for_each(|(b, (block, ir))| {
+                        scale_rows_cols(block, ir, &inv_c);
+                        for (r, row) in block.chunks_exact_mut(n).enumerate() {
+                            row[b * per + r] -= k;
+                        }
+                    });
+            }
+            total
+        } else {
+            // Unbounded shift: the max-shifted passes of the plain cross-entropy.
+            z.iter_mut().for_each(|v| *v *= scale);
+            let mut g = vec![0.0f32; n * n];
+            let mut total = f64::from(w) * softmax_rows(&z, n, w, &mut g);
+            if self.symmetric {
+                total += f64::from(w) * add_softmax_columns(&z, n, w, &mut g);
+            }
+            for i in 0..n {
+                g[i * n + i] -= 1.0;
+            }
+            g.iter_mut().for_each(|v| *v *= k);
+            z = g;
+            total
+        };
+        if self.with_grad {
+            *self.grad.lock().expect("cosine-mnrl state") = Some(std::sync::Arc::new(z));
         }
-        let diag: f64 = (0..n).map(|i| f64::from(z[i * n + i])).sum();
-        // ∂L/∂S = scale · (P − I) / n.
-        let k = self.scale / n as f32;
-        for i in 0..n {
-            g[i * n + i] -= 1.0;
-        }
-        g.iter_mut().for_each(|v| *v *= k);
-        *self.grad.lock().expect("cosine-mnrl state") = Some(std::sync::Arc::new(g));
-        let loss = ((loss - diag) / n as f64) as f32;
+        let loss = ((lse_sum - diag) / n as f64) as f32;
         Ok((vec![loss], Shape::from(())))
     }
 
@@ -241,12 +338,17 @@ pub(crate) fn cosine_mnrl(
     if !applies(&[a, p]) {
         return Ok(None);
     }
+    let with_grad = a.track_op() || p.track_op();
     let op = CosineMnrl {
         scale: scale as f32,
         symmetric,
+        with_grad,
         grad: Mutex::new(None),
     };
-    Ok(Some(
-        a.contiguous()?.apply_op2(&p.contiguous()?, Fused(op))?,
-    ))
+    let (a, p) = (a.contiguous()?, p.contiguous()?);
+    Ok(Some(if with_grad {
+        a.apply_op2(&p, Fused(op))?
+    } else {
+        a.apply_op2_no_bwd(&p, &Fused(op))?
+    }))
 }

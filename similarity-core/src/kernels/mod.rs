@@ -216,9 +216,24 @@ fn gemm(
     gemm_into(dst, lhs, rhs, m, n, k, lhs_t, rhs_t, false);
 }
 
+thread_local! {
+    /// Set by [`serial`]: the kernels' matrix products stay on this thread.
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the kernels' matrix products on the calling thread alone, for a caller
+/// that already splits its work across threads (a transformer's cache fill runs one chunk
+/// per core).
+#[cfg_attr(not(feature = "transformers"), allow(dead_code))]
+pub(crate) fn serial<R>(f: impl FnOnce() -> R) -> R {
+    let before = SERIAL.replace(true);
+    let out = f();
+    SERIAL.set(before);
+    out
+}
+
 /// [`gemm`], adding the product to `dst` when `accumulate`. Runs on Candle's thread count
-/// (rayon), or on the calling thread alone when that is already one of rayon's workers
-/// (the caller splits the work itself, as a transformer's cache fill does by chunk).
+/// (rayon), or on the calling thread alone inside [`serial`].
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     dst: &mut [f32],
@@ -244,11 +259,6 @@ fn gemm_into(
         }
         return;
     }
-    let parallelism = if threads() > 1 && rayon::current_thread_index().is_none() {
-        gemm::Parallelism::Rayon(threads())
-    } else {
-        gemm::Parallelism::None
-    };
     // Row-major (r × c): row stride c, column stride 1; a stored transpose swaps them.
     let (lhs_rs, lhs_cs) = if lhs_t {
         (1, m as isize)
@@ -260,32 +270,54 @@ fn gemm_into(
     } else {
         (n as isize, 1)
     };
-    // SAFETY: the pointers cover m·k, k·n and m·n elements (asserted above) and the strides
-    // stay inside them; dst does not alias the inputs (it is a fresh &mut slice).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs,
-            lhs_rs,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            if accumulate { 1.0 } else { 0.0 },
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
+    // Rows `i0..i0 + rows` of the product into `block` (those rows of dst), on this thread.
+    let product = |block: &mut [f32], i0: usize| {
+        let rows = block.len() / n;
+        let lhs_at = if lhs_t { i0 } else { i0 * k };
+        // SAFETY: lhs holds m·k elements (asserted above), and rows i0..i0 + rows of the
+        // (m × k) operand at these strides lie inside it; rhs covers k·n; block holds
+        // rows·n elements and does not alias the inputs (it is part of a &mut slice).
+        unsafe {
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                block.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                lhs.as_ptr().add(lhs_at),
+                lhs_cs,
+                lhs_rs,
+                rhs.as_ptr(),
+                rhs_cs,
+                rhs_rs,
+                if accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    let t = if SERIAL.get() { 1 } else { threads() };
+    if t <= 1 || m * n * k < GEMM_PAR_MIN || m < 2 * t {
+        product(dst, 0);
+        return;
     }
+    // One block of rows per thread, each a single-threaded product: on a training step's
+    // shapes that ran at 190 to 213 GFLOP/s on 2 cores, where the gemm crate's own split
+    // of one product reached 162 to 213 (BENCHMARKS.md, "Matrix products split by rows").
+    use rayon::prelude::*;
+    let per = m.div_ceil(t);
+    dst.par_chunks_mut(per * n)
+        .enumerate()
+        .for_each(|(b, block)| product(block, b * per));
 }
+
+/// Multiply-adds below which a product runs on the calling thread.
+const GEMM_PAR_MIN: usize = 1 << 18;
 
 /// Defines `fn $name(..) -> ..` twice, once compiled for AVX2 + FMA and once for the
 /// baseline, and picks the AVX2 one at run time where the CPU has it (the check is a cached
@@ -409,6 +441,53 @@ fn par_rows_mut(out: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync) {
         return;
     }
     out.par_chunks_mut(rows.div_ceil(t) * width).for_each(&f);
+}
+
+/// Rows `rows` of the f32 CPU matrix `src`, `(rows.len(), d)`, copied in parallel blocks
+/// (a cached embedding lookup: Candle's `index_select` copies on one thread). `None` where
+/// it does not apply; an error for a row out of range.
+pub(crate) fn gather_rows(src: &Tensor, rows: &[u32]) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    let (n, d) = match src.dims() {
+        [n, d] if applies(&[src]) => (*n, *d),
+        _ => return Ok(None),
+    };
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= n) {
+        return Err(candle_core::Error::Msg(format!(
+            "row {bad} looked up in a matrix of {n} rows"
+        ))
+        .into());
+    }
+    let src = src.contiguous()?;
+    let (storage, layout) = src.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let data = slice(cpu, layout, "gather-rows")?;
+    let mut out = vec![0.0f32; rows.len() * d];
+    if d > 0 {
+        let per = par_block_rows(rows.len(), d);
+        out.par_chunks_mut(per * d)
+            .zip(rows.par_chunks(per))
+            .for_each(|(block, ids)| {
+                for (o, &r) in block.chunks_exact_mut(d).zip(ids) {
+                    o.copy_from_slice(&data[r as usize * d..(r as usize + 1) * d]);
+                }
+            });
+    }
+    drop(storage);
+    Ok(Some(Tensor::from_vec(out, (rows.len(), d), src.device())?))
+}
+
+/// Rows per parallel block of a pass over `n` rows of width `width`: all of them below
+/// [`PAR_MIN`] entries, else an even split over [`threads`].
+fn par_block_rows(n: usize, width: usize) -> usize {
+    let t = threads();
+    if t <= 1 || n * width < PAR_MIN {
+        n.max(1)
+    } else {
+        n.div_ceil(t).max(1)
+    }
 }
 
 /// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a

@@ -268,6 +268,19 @@ mod forms {
     }
 
     #[test]
+    fn gather_rows_matches_index_select_and_names_a_bad_row() {
+        // 600 rows of 128: large enough for the parallel blocks.
+        let (n, d) = (600, 128);
+        let src = Tensor::from_vec(random((n, d), 31), (n, d), &Device::Cpu).unwrap();
+        let rows: Vec<u32> = (0..900).map(|i| ((i * 7919) % n) as u32).collect();
+        let fused = gather_rows(&src, &rows).unwrap().unwrap();
+        let ids = Tensor::from_slice(&rows, rows.len(), &Device::Cpu).unwrap();
+        close(&fused, &src.index_select(&ids, 0).unwrap(), 0.0, "gather");
+        let err = gather_rows(&src, &[3, n as u32]).unwrap_err().to_string();
+        assert!(err.contains("row 600") && err.contains("600 rows"), "{err}");
+    }
+
+    #[test]
     fn exp_is_accurate_over_the_range_softmax_uses() {
         let mut worst = 0.0f32;
         for i in -8700..=8800 {
@@ -552,14 +565,33 @@ mod pair_losses {
 
     #[test]
     fn fused_mnrl_matches_the_composite_path() {
-        let n = 37;
-        let targets = pair_targets(n, &vec![1.0; n], &vec![0; 2 * n]);
-        for symmetric in [false, true] {
-            let config = MultipleNegativesRankingLossConfig {
-                symmetric,
-                ..Default::default()
-            };
-            assert_fused_matches::<MultipleNegativesRankingLoss>(config, &data(2 * n, 1), &targets);
+        // 300 pairs: the exponential sweep runs in parallel blocks; scale 50: above
+        // FIXED_SHIFT_MAX, the max-shifted passes.
+        for (n, scale) in [(37, 20.0), (300, 20.0), (37, 50.0)] {
+            let targets = pair_targets(n, &vec![1.0; n], &vec![0; 2 * n]);
+            for symmetric in [false, true] {
+                let config = MultipleNegativesRankingLossConfig {
+                    symmetric,
+                    scale,
+                    ..Default::default()
+                };
+                let x = data(2 * n, 1);
+                assert_fused_matches::<MultipleNegativesRankingLoss>(config.clone(), &x, &targets);
+                // Without a gradient to compute (a validation pass), the same value.
+                let mut params = Params::new(&Device::Cpu, 0);
+                let loss =
+                    MultipleNegativesRankingLoss::new(16, config, &mut params.scope("l")).unwrap();
+                let value = |x: &Tensor| {
+                    loss.forward(x, &targets)
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap()
+                };
+                let (fused, composite) = (value(&x.to_dtype(DType::F32).unwrap()), value(&x));
+                assert!((fused - composite).abs() < 1e-5 * (1.0 + composite.abs()));
+            }
         }
     }
 

@@ -680,23 +680,8 @@ impl Trainer {
     ) -> Result<Evaluation> {
         let n = data.metas.len();
         let mut scratch = Vec::new();
-        let (mut sum, mut count) = (0.0, 0usize);
-        let order = DataLoader {
-            batch_size: self.config.batch_size,
-            shuffle: false,
-            drop_last: false,
-            seed: 0,
-        };
-        for samples in order.batches(n, 0)? {
-            let ids = Prepared::<M>::object_ids(&samples);
-            let batch = data.batch(model, &ids, &mut scratch)?;
-            let batch_metas: Vec<_> = samples.iter().map(|&i| data.metas[i]).collect();
-            let targets = <SampleOf<M>>::targets(&batch_metas, model.state().device())?;
-            let emb = model.embed(&batch, &mut Mode::Eval)?;
-            sum += scalar(&model.loss().forward(&emb, &targets)?)?;
-            count += 1;
-        }
-        // Every object of the set, slot-major, through the head.
+        // Every object of the set through the encoders and the head once, slot-major
+        // (object `s` of sample `i` is row `s·n + i`), without a gradient graph.
         let all: Vec<usize> = (0..n).collect();
         let ids = Prepared::<M>::object_ids(&all);
         let mut parts = Vec::new();
@@ -705,6 +690,30 @@ impl Trainer {
             parts.push(model.embed(&batch, &mut Mode::Eval)?.detach());
         }
         let embeddings = Tensor::cat(&parts, 0)?;
+        // The loss over batches of the training batch size, in order, from those rows.
+        let (mut sum, mut count) = (0.0, 0usize);
+        let order = DataLoader {
+            batch_size: self.config.batch_size,
+            shuffle: false,
+            drop_last: false,
+            seed: 0,
+        };
+        let device = model.state().device();
+        for samples in order.batches(n, 0)? {
+            let ids = Prepared::<M>::object_ids(&samples);
+            let rows: Vec<u32> = ids
+                .iter()
+                .map(|id| ((id % Prepared::<M>::K) * n + id / Prepared::<M>::K) as u32)
+                .collect();
+            let emb = match crate::kernels::gather_rows(&embeddings, &rows)? {
+                Some(emb) => emb,
+                None => embeddings.index_select(&Tensor::from_vec(rows, ids.len(), device)?, 0)?,
+            };
+            let batch_metas: Vec<_> = samples.iter().map(|&i| data.metas[i]).collect();
+            let targets = <SampleOf<M>>::targets(&batch_metas, device)?;
+            sum += scalar(&model.loss().forward(&emb, &targets)?)?;
+            count += 1;
+        }
         let mut metrics: Vec<(String, f64)> =
             <<M::Loss as SimilarityLoss>::Kind as LossKind>::evaluate(
                 &embeddings,
