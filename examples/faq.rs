@@ -9,13 +9,13 @@
 //!
 //! With `--minilm DIR` the encoder is all-MiniLM-L6-v2 (frozen, cached, raw embeddings)
 //! and the defaults become the tutorial's: Adam 1e-4, 500 epochs of batch 1024
-//! (`--cache-batch N` sets the cache fill's batch, default 1,024; the encoder runs it in
-//! chunks of 2,048 token positions, longest texts first). Measured over the full validation
-//! set (release, 2-core machine, 2026-11-28; the same recipe as
-//! `bench -- --faq DIR`, whose JSON gives the timings): precision@1 0.6498 → 0.6920, MRR
-//! 0.7349 → 0.7729; the validation texts are embedded in 21 to 24 s by the first
-//! evaluation, the training texts in 65 to 73 s, then 0.24 to 0.29 s per epoch with
-//! validation.
+//! (`--cache-batch N` sets the cache fill's batch, default 1,024; the encoder sorts it by
+//! token count and runs it in chunks of at most 2,048 token positions, one chunk per
+//! core). Measured over the full validation set (release, 2-core machine, 2026-11-28; the
+//! same recipe as `bench -- --faq DIR`, whose JSON gives the timings): precision@1 0.6498
+//! → 0.6920, MRR 0.7349 → 0.7729; the validation texts are embedded in 12.5 to 13.1 s by
+//! the first evaluation, the training texts in 36 to 38 s, then 0.21 to 0.23 s per epoch
+//! with validation.
 //! Quaterion's tutorial reports 0.700 / 0.777 from its validation loop, which ranks within
 //! each validation batch of 1,024 pairs, not from this full-set ranking.
 //!

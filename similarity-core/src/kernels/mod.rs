@@ -306,9 +306,10 @@ fn gemm_into(
         product(dst, 0);
         return;
     }
-    // One block of rows per thread, each a single-threaded product: on a training step's
-    // shapes that ran at 190 to 213 GFLOP/s on 2 cores, where the gemm crate's own split
-    // of one product reached 162 to 213 (BENCHMARKS.md, "Matrix products split by rows").
+    // One block of rows per thread, each a single-threaded product: on the square-ish
+    // shapes of a training step (1024 × 1024 × 384, 384 × 384 × 2048) the gemm crate's
+    // own split of one product kept the two cores less busy (BENCHMARKS.md, "The FAQ
+    // task after the encoder and epoch work").
     use rayon::prelude::*;
     let per = m.div_ceil(t);
     dst.par_chunks_mut(per * n)
