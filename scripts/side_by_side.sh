@@ -17,6 +17,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 R=$ROOT/bench-results
 LOG=$R/side_by_side_$TAG.log
 Q=$QBENCH/venv/bin/python
+if compgen -G "$R/*_${TAG}.*" > /dev/null; then
+  echo "bench-results already has files for tag $TAG; pick another tag" >&2
+  exit 1
+fi
 cargo build --release --features transformers --example bench --manifest-path "$ROOT/Cargo.toml"
 B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 CANDLE_NUM_THREADS=1
