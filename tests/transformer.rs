@@ -386,3 +386,34 @@ fn the_frozen_fused_forward_equals_the_differentiable_one() {
     let d = max_abs_diff(&run(frozen()), &run(&trainable));
     assert!(d < 1e-5, "max |diff| {d}");
 }
+
+#[test]
+fn heads_the_fused_attention_does_not_take_use_the_differentiable_forward() {
+    // 128 heads of 3: not a whole number of the attention kernel's register blocks. The
+    // weights' shapes do not depend on the head count, so MiniLM's serve; a frozen encoder
+    // must then evaluate with the composite ops and agree with a trainable one.
+    let src = common::minilm_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
+    for f in [
+        "tokenizer.json",
+        "1_Pooling/config.json",
+        "modules.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    config["num_attention_heads"] = 128.into();
+    std::fs::write(d.join("config.json"), config.to_string()).unwrap();
+    let texts = vec![
+        "how do i create a new virtual machine?".to_string(),
+        "resize a disk".to_string(),
+    ];
+    let frozen = SentenceTransformer::from_pretrained(d, &Device::Cpu).unwrap();
+    let trainable = SentenceTransformer::from_pretrained_trainable(d, &Device::Cpu).unwrap();
+    let diff = max_abs_diff(&embed(&frozen, &texts), &embed(&trainable, &texts));
+    assert!(diff < 1e-5, "max |diff| {diff}");
+}

@@ -57,7 +57,8 @@
 //! # Evaluating a frozen encoder
 //!
 //! Where nothing needs a gradient (a frozen encoder on the CPU, evaluation mode: a cache
-//! fill), each layer runs as five fused f32 kernels instead: one projection to packed
+//! fill) and the head size is a multiple of 8, each layer runs as five fused f32 kernels
+//! instead: one projection to packed
 //! `[Q | K | V]`, attention read from it per sequence, and the output and feed-forward
 //! projections with their bias, residual, GELU and layer norm applied in the same op. The
 //! tests check that both forms give the same embeddings.
@@ -545,7 +546,11 @@ impl SentenceTransformer {
             weights.insert(name, t);
         }
 
-        let fused = if trainable || !device.is_cpu() {
+        let head_size = config.hidden_size / config.num_attention_heads.max(1);
+        let fused = if trainable
+            || !device.is_cpu()
+            || !crate::kernels::attention_takes_head_size(head_size)
+        {
             None
         } else {
             let layers = (0..config.num_hidden_layers)

@@ -366,6 +366,11 @@ impl FusedOp<2> for Attention {
     }
 }
 
+/// Whether [`attention`] takes heads of this size (a whole number of register blocks).
+pub(crate) fn attention_takes_head_size(d: usize) -> bool {
+    d > 0 && d % BLOCK == 0
+}
+
 /// Multi-head attention: `qkv (b·L, 3H)` packed `[Q | K | V]`, `mask (b, L)` with 1 for a
 /// token and 0 for padding, scores scaled by `1/√d` → context `(b·L, H)`. One op, no
 /// backward pass; an error where the tensors are not f32 on the CPU or do not fit.

@@ -582,7 +582,7 @@ mod tests;
 pub(crate) use activation::{gelu_erf, softmax_last_dim};
 pub(crate) use adam::{AdamStep, adam_applies, adam_step};
 #[cfg(feature = "transformers")]
-pub(crate) use bert::{Epilogue, attention, dense};
+pub(crate) use bert::{Epilogue, attention, attention_takes_head_size, dense};
 pub(crate) use cosine::{cosine_ranks, cosine_similarity_matrix};
 pub(crate) use cross_entropy::{cosine_mnrl, diagonal_cross_entropy};
 pub(crate) use mining::{cosine_hardest, group_masks, hardest_pairs};
