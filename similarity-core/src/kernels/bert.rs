@@ -368,7 +368,7 @@ impl FusedOp<2> for Attention {
 
 /// Whether [`attention`] takes heads of this size (a whole number of register blocks).
 pub(crate) fn attention_takes_head_size(d: usize) -> bool {
-    d > 0 && d % BLOCK == 0
+    d > 0 && d.is_multiple_of(BLOCK)
 }
 
 /// Multi-head attention: `qkv (b·L, 3H)` packed `[Q | K | V]`, `mask (b, L)` with 1 for a
