@@ -297,20 +297,27 @@ fn missing_or_corrupt_files_are_named() {
     assert!(err.contains("1_Pooling"), "{err}");
 }
 
-#[test]
-fn a_bert_prefix_on_weight_names_is_accepted() {
+/// A temporary directory with MiniLM's tokenizer, pooling and modules files and `extra`
+/// (the test writes whatever else it changes).
+fn minilm_copy(extra: &[&str]) -> tempfile::TempDir {
     let src = common::minilm_dir();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
-    for f in [
-        "config.json",
-        "tokenizer.json",
-        "1_Pooling/config.json",
-        "modules.json",
-    ] {
+    for f in ["tokenizer.json", "1_Pooling/config.json", "modules.json"]
+        .iter()
+        .chain(extra)
+    {
         std::fs::copy(src.join(f), d.join(f)).unwrap();
     }
+    dir
+}
+
+#[test]
+fn a_bert_prefix_on_weight_names_is_accepted() {
+    let src = common::minilm_dir();
+    let dir = minilm_copy(&["config.json"]);
+    let d = dir.path();
     let weights = similarity_core::candle_core::safetensors::load(
         src.join("model.safetensors"),
         &Device::Cpu,
@@ -393,17 +400,8 @@ fn heads_the_fused_attention_does_not_take_use_the_differentiable_forward() {
     // weights' shapes do not depend on the head count, so MiniLM's serve; a frozen encoder
     // must then evaluate with the composite ops and agree with a trainable one.
     let src = common::minilm_dir();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = minilm_copy(&["model.safetensors"]);
     let d = dir.path();
-    std::fs::create_dir_all(d.join("1_Pooling")).unwrap();
-    for f in [
-        "tokenizer.json",
-        "1_Pooling/config.json",
-        "modules.json",
-        "model.safetensors",
-    ] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
     let mut config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
     config["num_attention_heads"] = 128.into();
