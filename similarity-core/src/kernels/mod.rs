@@ -306,10 +306,11 @@ fn gemm_into(
         product(dst, 0);
         return;
     }
-    // One block of rows per thread, each a single-threaded product: on the square-ish
-    // shapes of a training step (1024 × 1024 × 384, 384 × 384 × 2048) the gemm crate's
-    // own split of one product kept the two cores less busy (BENCHMARKS.md, "The FAQ
-    // task after the encoder and epoch work").
+    // One block of rows per thread, each a single-threaded product, rather than the gemm
+    // crate splitting one product: on the square-ish shapes of a training step
+    // (1024 × 1024 × 384, 384 × 384 × 2048) a throwaway timing loop in development found
+    // its own split slower; end to end the difference is within this machine's noise
+    // (BENCHMARKS.md, "The FAQ task after the encoder and epoch work").
     use rayon::prelude::*;
     let per = m.div_ceil(t);
     dst.par_chunks_mut(per * n)
@@ -413,18 +414,29 @@ fn threads() -> usize {
 /// costs more than it saves.
 const PAR_MIN: usize = 1 << 16;
 
+/// Rows per parallel block of a pass over `n` rows of width `width`: all of them below
+/// [`PAR_MIN`] entries, else an even split over [`threads`].
+fn par_block_rows(n: usize, width: usize) -> usize {
+    let t = threads();
+    if t <= 1 || n * width < PAR_MIN {
+        n.max(1)
+    } else {
+        n.div_ceil(t).max(1)
+    }
+}
+
 /// `f(input rows, output rows)` over blocks of whole rows of width `width`, split across
 /// [`threads`] when the pass is large (`input` and `out` have the same row count).
 fn par_rows(input: &[f32], out: &mut [f32], width: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) {
     use rayon::prelude::*;
-    let (width, t) = (width.max(1), threads());
+    let width = width.max(1);
     let rows = input.len() / width;
-    if t <= 1 || input.len() < PAR_MIN || rows < 2 {
+    let per = par_block_rows(rows, width);
+    if per >= rows {
         f(input, out);
         return;
     }
-    let per = rows.div_ceil(t);
-    let out_width = out.len() / rows.max(1);
+    let out_width = out.len() / rows;
     input
         .par_chunks(per * width)
         .zip(out.par_chunks_mut(per * out_width))
@@ -435,13 +447,14 @@ fn par_rows(input: &[f32], out: &mut [f32], width: usize, f: impl Fn(&[f32], &mu
 /// [`threads`] like [`par_rows`].
 fn par_rows_mut(out: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync) {
     use rayon::prelude::*;
-    let (width, t) = (width.max(1), threads());
+    let width = width.max(1);
     let rows = out.len() / width;
-    if t <= 1 || out.len() < PAR_MIN || rows < 2 {
+    let per = par_block_rows(rows, width);
+    if per >= rows {
         f(out);
         return;
     }
-    out.par_chunks_mut(rows.div_ceil(t) * width).for_each(&f);
+    out.par_chunks_mut(per * width).for_each(&f);
 }
 
 /// Rows `rows` of the f32 CPU matrix `src`, `(rows.len(), d)`, copied in parallel blocks
@@ -478,17 +491,6 @@ pub(crate) fn gather_rows(src: &Tensor, rows: &[u32]) -> Result<Option<Tensor>> 
     }
     drop(storage);
     Ok(Some(Tensor::from_vec(out, (rows.len(), d), src.device())?))
-}
-
-/// Rows per parallel block of a pass over `n` rows of width `width`: all of them below
-/// [`PAR_MIN`] entries, else an even split over [`threads`].
-fn par_block_rows(n: usize, width: usize) -> usize {
-    let t = threads();
-    if t <= 1 || n * width < PAR_MIN {
-        n.max(1)
-    } else {
-        n.div_ceil(t).max(1)
-    }
 }
 
 /// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a
