@@ -208,6 +208,7 @@ pub fn save(
 
 /// Reads the cache in `dir` if it was written for `encoder`, placing rows on `device`.
 pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result<Loaded> {
+    let dir = &crate::model::resolve_saved_dir(dir);
     let header_path = dir.join(FINGERPRINT);
     if !header_path.exists() {
         return Ok(Loaded::Missing);

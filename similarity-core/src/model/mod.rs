@@ -11,7 +11,8 @@
 //!
 //! Writes are atomic at the directory level: everything is written into a hidden sibling
 //! directory, then swapped into place by renames, so a crash leaves either the previous
-//! model or the new one, never a half-written directory. Loading checks the format
+//! model or the new one, never a half-written directory (a crash between the two renames
+//! leaves the previous one under a hidden name, which readers then use). Loading checks the format
 //! version, the model type and each encoder's name, type and embedding size, and names
 //! the file at fault.
 
@@ -116,6 +117,44 @@ fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
         name.to_string_lossy(),
         std::process::id()
     )))
+}
+
+/// The directory to read for `target`, written by [`write_dir_atomically`]: `target`
+/// itself, or, when a crash stopped a replacement between its two renames (`target`
+/// moved aside, the new directory not yet moved in), the previous directory it moved
+/// aside (the newest, if several). Nothing is renamed: a writer in that window finishes
+/// undisturbed.
+pub(crate) fn resolve_saved_dir(target: &Path) -> PathBuf {
+    if target.exists() {
+        return target.to_path_buf();
+    }
+    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
+        return target.to_path_buf();
+    };
+    let prefix = format!(".{}.old-", name.to_string_lossy());
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return target.to_path_buf();
+    };
+    // `.{name}.old-{pid}-{nanoseconds}`: the largest stamp is the latest move.
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let stamp: u128 = file
+                .strip_prefix(&prefix)?
+                .rsplit('-')
+                .next()?
+                .parse()
+                .ok()?;
+            e.path().is_dir().then_some((stamp, e.path()))
+        })
+        .max_by_key(|(stamp, _)| *stamp)
+        .map_or_else(|| target.to_path_buf(), |(_, path)| path)
 }
 
 impl ServableWriter {
@@ -230,6 +269,7 @@ pub struct ServableReader {
 impl ServableReader {
     /// Opens `dir`, which must hold a model of type `model`.
     pub fn open(dir: &Path, model: &str) -> Result<Self> {
+        let dir = &resolve_saved_dir(dir);
         let path = dir.join(MANIFEST);
         let raw: serde_json::Value = read_json(&path)?;
         let version = raw
@@ -373,4 +413,48 @@ impl ServableReader {
 fn to_value<T: Serialize>(path: &Path, config: &T) -> Result<serde_json::Value> {
     serde_json::to_value(config)
         .map_err(|e| Error::format(path, format!("cannot serialise config: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `text` as `file` into a new version of `target`.
+    fn save(target: &Path, text: &str) {
+        write_dir_atomically(target, |tmp| {
+            fs::write(tmp.join("file"), text).map_err(|e| Error::io("write", tmp, e))
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_crash_between_the_two_renames_leaves_the_previous_directory_readable() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("model");
+        save(&target, "v1");
+        save(&target, "v2");
+        assert_eq!(resolve_saved_dir(&target), target);
+        // What a kill after the first rename of the next save leaves: the previous
+        // directory under its hidden "old" name and a complete temporary one.
+        let old = sibling(&target, "old").unwrap();
+        fs::rename(&target, &old).unwrap();
+        let tmp = sibling(&target, "tmp").unwrap();
+        fs::create_dir_all(&tmp).unwrap();
+        fs::write(tmp.join("file"), "v3").unwrap();
+        // An older leftover must not win over the latest move.
+        let stale = target.with_file_name(".model.old-1-1");
+        fs::create_dir_all(&stale).unwrap();
+        let read = resolve_saved_dir(&target);
+        assert_eq!(read, old);
+        assert_eq!(fs::read_to_string(read.join("file")).unwrap(), "v2");
+        // The next save puts a whole directory in place again.
+        save(&target, "v4");
+        assert_eq!(resolve_saved_dir(&target), target);
+        assert_eq!(fs::read_to_string(target.join("file")).unwrap(), "v4");
+        // Nothing saved at all: the target itself, so errors name it.
+        assert_eq!(
+            resolve_saved_dir(&root.path().join("none")),
+            root.path().join("none")
+        );
+    }
 }

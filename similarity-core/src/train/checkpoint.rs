@@ -118,6 +118,7 @@ pub(super) fn restore(
     state: &ModelState,
     optimizer: &mut Optimizer,
 ) -> Result<(TrainerState, HashMap<String, Tensor>)> {
+    let dir = &crate::model::resolve_saved_dir(dir);
     let path = dir.join("state.json");
     let file: StateFile = read_json(&path)?;
     if file.format_version != FORMAT_VERSION {
