@@ -116,8 +116,8 @@ fn overwriting_is_atomic_and_leaves_no_temporary_files() {
     model.save(&dir).unwrap();
     assert_eq!(
         entries(tmp.path()),
-        vec![dir.clone()],
-        "only the model directory remains"
+        vec![tmp.path().join(".model.lock"), dir.clone()],
+        "only the model directory and its lock file remain"
     );
     let loaded = FaqModel::load(&dir, &Device::Cpu).unwrap();
     assert_eq!(

@@ -48,6 +48,16 @@ pub enum Error {
         message: String,
     },
 
+    /// Another writer holds the lock of a file or directory this library was about to
+    /// write (see [`files`](crate::files)).
+    #[error("`{path}` is in use by {}: another writer holds its lock; wait for it to finish, or write elsewhere", pid.map_or_else(|| "another process".to_string(), |p| format!("process {p}")))]
+    InUse {
+        /// The file or directory being written.
+        path: PathBuf,
+        /// The process holding the lock, when it could be read.
+        pid: Option<u32>,
+    },
+
     /// A model repository could not be fetched from the Hugging Face Hub (feature
     /// `hf-hub`).
     #[error("cannot fetch `{file}` of `{repo}` from the Hugging Face Hub: {message}")]

@@ -51,6 +51,7 @@ pub mod data;
 pub mod distance;
 pub mod encoder;
 pub mod error;
+pub mod files;
 pub mod head;
 mod kernels;
 pub mod loss;

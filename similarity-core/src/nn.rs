@@ -118,15 +118,26 @@ impl Params {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
-        candle_core::safetensors::save(&tensors, path)?;
-        Ok(())
+        crate::files::write_tensors(path, &tensors)
+    }
+
+    /// The name of the first variable (in name order) holding a NaN or an infinity.
+    pub fn first_non_finite(&self) -> Result<Option<String>> {
+        for (name, var) in &self.vars {
+            if !all_finite(var.as_tensor())? {
+                return Ok(Some(name.clone()));
+            }
+        }
+        Ok(None)
     }
 
     /// Sets every variable from a safetensors file, which must hold exactly these names
     /// with these shapes. The values are moved to this store's device.
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {
-        let loaded = candle_core::safetensors::load(path, &Device::Cpu)
-            .map_err(|e| Error::format(path, format!("not a readable safetensors file: {e}")))?;
+        let loaded = crate::files::read_tensors(path)?;
+        // Every tensor is checked before any variable is set, so a bad file leaves the
+        // variables as they were.
+        let mut values = Vec::with_capacity(self.vars.len());
         for (name, var) in &self.vars {
             let t = loaded
                 .get(name)
@@ -141,7 +152,8 @@ impl Params {
                     ),
                 ));
             }
-            var.set(&t.to_dtype(DType::F32)?.to_device(&self.device)?)?;
+            let t = checked_tensor(path, name, t)?;
+            values.push((var, t.to_device(&self.device)?));
         }
         if let Some(extra) = loaded.keys().find(|k| !self.vars.contains_key(*k)) {
             return Err(Error::format(
@@ -149,8 +161,51 @@ impl Params {
                 format!("unexpected tensor `{extra}`: the file was saved by another model"),
             ));
         }
+        for (var, t) in values {
+            var.set(&t)?;
+        }
         Ok(())
     }
+}
+
+/// `t` as `f32`, when it is a floating-point tensor whose values are all finite;
+/// otherwise an error naming the file and the tensor.
+pub(crate) fn checked_tensor(path: &Path, name: &str, t: &Tensor) -> Result<Tensor> {
+    if !t.dtype().is_float() {
+        return Err(Error::format(
+            path,
+            format!(
+                "tensor `{name}` has dtype {:?}, a floating-point one is expected",
+                t.dtype()
+            ),
+        ));
+    }
+    let t = t.to_dtype(DType::F32)?;
+    if !all_finite(&t)? {
+        return Err(Error::format(
+            path,
+            format!("tensor `{name}` holds NaN or infinite values"),
+        ));
+    }
+    Ok(t)
+}
+
+/// Whether every value of the floating-point tensor `t` is finite: one reduction, and a
+/// scan only when the sum is not finite (huge finite values can overflow it).
+pub(crate) fn all_finite(t: &Tensor) -> Result<bool> {
+    let sum = t
+        .abs()?
+        .sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?;
+    if sum.is_finite() {
+        return Ok(true);
+    }
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .iter()
+        .all(|v| v.is_finite()))
 }
 
 /// A prefixed view of [`Params`], handed to a component's constructor.

@@ -231,7 +231,7 @@ fn expand(model: &Model) -> TokenStream {
             }
 
             fn load_extra_state(&mut self, state: &#p::HashMap<::std::string::String, #p::Tensor>) -> #p::Result<()> {
-                self.#x.load_state(state)
+                self.#x.load_state(state, #p::Head::output_size(&self.#head_ident))
             }
         }
     });

@@ -3,8 +3,10 @@
 //!
 //! # Layout
 //!
-//! One directory per cached encoder field, `<cache_dir>/<field>/`, written atomically
-//! (`write_dir_atomically`: a crash leaves the previous directory or the new one):
+//! One directory per cached encoder field, `<cache_dir>/<field>/`, written atomically by
+//! [`files::write_dir`](crate::files::write_dir) (a crash leaves the previous directory or
+//! the new one; a second process writing the same cache is told it is in use) and read as
+//! one version of the directory:
 //!
 //! ```text
 //! fingerprint.json   format_version, encoder type, encoder content hash, embedding size d,
@@ -52,7 +54,7 @@ use xxhash_rust::xxh3::{Xxh3Default, xxh3_128};
 use super::CacheKey;
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
-use crate::model::{read_json, write_dir_atomically, write_json};
+use crate::files::{self, read_json, write_json};
 
 /// Version of the on-disk cache layout.
 pub const CACHE_FORMAT_VERSION: u32 = 1;
@@ -118,29 +120,26 @@ pub enum Loaded {
 /// The default [`Encoder::fingerprint`]: saves `encoder` into a fresh temporary
 /// directory and hashes every file (relative path, length, bytes) in path order.
 pub fn fingerprint_by_saving<E: Encoder>(encoder: &E) -> Result<u128> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        ".similarity-fingerprint-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
-    let result = encoder.save(&dir).and_then(|()| hash_dir(&dir));
-    let _ = fs::remove_dir_all(&dir);
-    result
+    let dir = files::ScratchDir::new("fingerprint")?;
+    encoder.save(dir.path())?;
+    hash_dir(dir.path())
 }
 
-/// xxh3-128 over every file under `dir`: relative path, length and bytes, in path order.
+/// xxh3-128 over every file under `dir`: relative path, length and bytes, in path order
+/// (this library's [`MARKER`](files::MARKER) files excluded; anything but regular files
+/// and directories is an error).
 pub fn hash_dir(dir: &Path) -> Result<u128> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let entries = fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
         for entry in entries {
-            let path = entry.map_err(|e| Error::io("cannot list", dir, e))?.path();
-            if path.is_dir() {
+            let entry = entry.map_err(|e| Error::io("cannot list", dir, e))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| Error::io("cannot stat", &path, e))?;
+            if kind.is_dir() {
                 walk(root, &path, out)?;
-            } else {
+            } else if entry.file_name() != files::MARKER {
                 out.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
             }
         }
@@ -152,7 +151,7 @@ pub fn hash_dir(dir: &Path) -> Result<u128> {
     let mut h = Xxh3Default::new();
     for rel in files {
         let path = dir.join(&rel);
-        let bytes = fs::read(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+        let bytes = files::read_bytes(&path, files::limits::TENSORS)?;
         h.update(rel.to_string_lossy().as_bytes());
         h.update(&[0]);
         h.update(&(bytes.len() as u64).to_le_bytes());
@@ -195,20 +194,18 @@ pub fn save(
         items: u,
         checksum: format!("{:032x}", xxh3_128(&bytes)),
     };
-    write_dir_atomically(dir, |tmp| {
-        let path = tmp.join(ROWS);
-        let mut f = fs::File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?;
-        std::io::Write::write_all(&mut f, &bytes)
-            .map_err(|e| Error::io("cannot write", &path, e))?;
-        f.sync_all()
-            .map_err(|e| Error::io("cannot sync", &path, e))?;
+    files::write_dir(dir, |tmp| {
+        files::write_bytes(&tmp.join(ROWS), &bytes)?;
         write_json(&tmp.join(FINGERPRINT), &header)
     })
 }
 
 /// Reads the cache in `dir` if it was written for `encoder`, placing rows on `device`.
 pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result<Loaded> {
-    let dir = &crate::model::resolve_saved_dir(dir);
+    files::read_dir_consistently(dir, |dir| load_once(dir, encoder, device))
+}
+
+fn load_once(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result<Loaded> {
     let header_path = dir.join(FINGERPRINT);
     if !header_path.exists() {
         return Ok(Loaded::Missing);
@@ -252,11 +249,7 @@ pub fn load(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Result
                 "{u} items of dimension {d} overflow the address space"
             ))
         })?;
-    let file = fs::File::open(&path).map_err(|e| Error::io("cannot open", &path, e))?;
-    let actual = file
-        .metadata()
-        .map_err(|e| Error::io("cannot stat", &path, e))?
-        .len();
+    let (file, actual) = files::open_regular(&path, u64::MAX)?;
     if actual != expected as u64 {
         return Err(bad(format!(
             "is {actual} bytes, but {u} items of dimension {d} take {expected}"

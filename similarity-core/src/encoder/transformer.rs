@@ -294,8 +294,10 @@ impl std::fmt::Debug for SentenceTransformer {
     }
 }
 
+/// A JSON or tokenizer file of the model directory, bounded (a tokenizer is the
+/// largest text the directory holds).
 fn read_text(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))
+    crate::files::read_text(path, crate::files::limits::TOKENIZER)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
@@ -516,8 +518,7 @@ impl SentenceTransformer {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             ));
         }
-        let loaded = candle_core::safetensors::load(&path, &Device::Cpu)
-            .map_err(|e| Error::format(&path, format!("not a readable safetensors file: {e}")))?;
+        let loaded = crate::files::read_tensors(&path)?;
         let mut weights = BTreeMap::new();
         let mut vars = Vec::new();
         for (name, shape) in expected_weights(&config) {
@@ -928,7 +929,7 @@ impl Encoder for SentenceTransformer {
         use crate::model::write_json;
         write_json(&dir.join(CONFIG), &self.raw_config)?;
         let path = dir.join(TOKENIZER);
-        fs::write(&path, &self.tokenizer_json).map_err(|e| Error::io("cannot write", &path, e))?;
+        crate::files::write_bytes(&path, self.tokenizer_json.as_bytes())?;
         let pool_dir = dir.join("1_Pooling");
         fs::create_dir_all(&pool_dir).map_err(|e| Error::io("cannot create", &pool_dir, e))?;
         write_json(
@@ -975,9 +976,7 @@ impl Encoder for SentenceTransformer {
             .map(|(k, t)| (k.clone(), t.clone()))
             .collect();
         let path = dir.join(WEIGHTS);
-        candle_core::safetensors::save(&tensors, &path)
-            .map_err(|e| Error::format(&path, format!("cannot write safetensors: {e}")))?;
-        Ok(())
+        crate::files::write_tensors(&path, &tensors)
     }
 
     fn load(dir: &Path, device: &Device) -> Result<Self> {

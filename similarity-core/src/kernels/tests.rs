@@ -410,7 +410,7 @@ mod forms {
                         .unwrap();
                     opt.step(&loss.backward().unwrap(), 0.7, 0.9).unwrap();
                 }
-                let state = opt.state_tensors();
+                let state = opt.state_tensors().unwrap();
                 (
                     v.as_tensor().to_dtype(DType::F32).unwrap(),
                     state["m.w"].to_dtype(DType::F32).unwrap(),

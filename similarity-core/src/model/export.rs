@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -112,42 +112,12 @@ pub fn write_points_jsonl<I: Serialize>(
     })
 }
 
-/// Writes through `body` into a temporary sibling of `path`, syncs it and renames it
-/// over `path`. On failure the temporary file is removed and the error names `path`.
+/// Writes through `body` atomically ([`files::write_file_with`]).
 fn atomic_write(
     path: &Path,
     body: impl FnOnce(&mut BufWriter<fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let tmp = temp_sibling(path)?;
-    let result = (|| {
-        let file = fs::File::create(&tmp)?;
-        let mut w = BufWriter::new(file);
-        body(&mut w)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
-}
-
-fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    let name = path.file_name().ok_or_else(|| {
-        Error::invalid(
-            "export path",
-            format!("`{}` has no file name", path.display()),
-        )
-    })?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    Ok(path.with_file_name(format!(
-        ".{}.tmp-{}-{stamp}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
+    crate::files::write_file_with(path, body)
 }
 
 #[cfg(test)]

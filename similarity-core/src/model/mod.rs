@@ -9,10 +9,11 @@
 //!   encoders/<field>/      each encoder's own files (Encoder::save)
 //! ```
 //!
-//! Writes are atomic at the directory level: everything is written into a hidden sibling
-//! directory, then swapped into place by renames, so a crash leaves either the previous
-//! model or the new one, never a half-written directory (a crash between the two renames
-//! leaves the previous one under a hidden name, which readers then use). Loading checks the format
+//! Writes go through [`files::write_dir`](crate::files::write_dir): atomic at the
+//! directory level (a crash leaves the previous model or the new one, never a mix), only
+//! over a directory this library wrote (or an empty one), one writer at a time, and never
+//! with NaN or infinite weights. Loading reads one version of the directory (a save that
+//! swaps it meanwhile makes the load fail rather than mix two models), checks the format
 //! version, the model type and each encoder's name, type and embedding size, and names
 //! the file at fault.
 
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
+use crate::files::{DirWriter, Version};
 use crate::head::Head;
 use crate::loss::SimilarityLoss;
 use crate::train::ModelState;
@@ -79,103 +81,33 @@ pub struct ComponentEntry {
     pub output_size: usize,
 }
 
-/// Writes `value` as pretty JSON to `path`, synced to disk.
-pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let text = serde_json::to_vec_pretty(value)
-        .map_err(|e| Error::format(path, format!("cannot serialise: {e}")))?;
-    let mut f = fs::File::create(path).map_err(|e| Error::io("cannot create", path, e))?;
-    std::io::Write::write_all(&mut f, &text).map_err(|e| Error::io("cannot write", path, e))?;
-    f.sync_all().map_err(|e| Error::io("cannot sync", path, e))
-}
-
-/// Reads JSON from `path`; an error names the file and the position of the fault.
-pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::format(path, e.to_string()))
-}
+pub use crate::files::{read_json, write_json};
 
 /// Builds a saved model in a hidden sibling directory, then moves it into place.
 #[derive(Debug)]
 pub struct ServableWriter {
+    dir: DirWriter,
     target: PathBuf,
-    tmp: PathBuf,
     encoders: Vec<EncoderEntry>,
 }
 
-fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
-    let name = dir.file_name().ok_or_else(|| {
-        Error::invalid(
-            "model directory",
-            format!("`{}` has no final component", dir.display()),
-        )
-    })?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    Ok(dir.with_file_name(format!(
-        ".{}.{tag}-{}-{stamp}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
-}
-
-/// The directory to read for `target`, written by [`write_dir_atomically`]: `target`
-/// itself, or, when a crash stopped a replacement between its two renames (`target`
-/// moved aside, the new directory not yet moved in), the previous directory it moved
-/// aside (the newest, if several). Nothing is renamed: a writer in that window finishes
-/// undisturbed.
-pub(crate) fn resolve_saved_dir(target: &Path) -> PathBuf {
-    if target.exists() {
-        return target.to_path_buf();
-    }
-    let (Some(parent), Some(name)) = (target.parent(), target.file_name()) else {
-        return target.to_path_buf();
-    };
-    let prefix = format!(".{}.old-", name.to_string_lossy());
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    let Ok(entries) = fs::read_dir(parent) else {
-        return target.to_path_buf();
-    };
-    // `.{name}.old-{pid}-{nanoseconds}`: the largest stamp is the latest move.
-    entries
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let file = e.file_name().to_string_lossy().into_owned();
-            let stamp: u128 = file
-                .strip_prefix(&prefix)?
-                .rsplit('-')
-                .next()?
-                .parse()
-                .ok()?;
-            e.path().is_dir().then_some((stamp, e.path()))
-        })
-        .max_by_key(|(stamp, _)| *stamp)
-        .map_or_else(|| target.to_path_buf(), |(_, path)| path)
-}
-
 impl ServableWriter {
-    /// Starts writing a model that will end up at `dir`.
+    /// Starts writing a model that will end up at `dir`. Nothing is written until
+    /// [`finish`](Self::finish), which writes the whole directory atomically.
     pub fn create(dir: &Path) -> Result<Self> {
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
-        }
-        let tmp = sibling(dir, "tmp")?;
-        fs::create_dir_all(tmp.join("encoders"))
-            .map_err(|e| Error::io("cannot create", &tmp, e))?;
+        let writer = DirWriter::begin(dir)?;
+        let encoders = writer.path().join("encoders");
+        fs::create_dir(&encoders).map_err(|e| Error::io("cannot create", &encoders, e))?;
         Ok(ServableWriter {
+            dir: writer,
             target: dir.to_path_buf(),
-            tmp,
             encoders: Vec::new(),
         })
     }
 
     /// Saves encoder `name` into `encoders/<name>/`.
     pub fn encoder<E: Encoder>(&mut self, name: &str, encoder: &E) -> Result<()> {
-        let dir = self.tmp.join("encoders").join(name);
+        let dir = self.dir.path().join("encoders").join(name);
         fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
         encoder.save(&dir)?;
         self.encoders.push(EncoderEntry {
@@ -211,51 +143,19 @@ impl ServableWriter {
                 output_size: head.output_size(),
             },
         };
-        state.params().save_safetensors(&self.tmp.join(WEIGHTS))?;
-        write_json(&self.tmp.join(MANIFEST), &manifest)?;
-        self.commit()
-    }
-
-    fn commit(self) -> Result<()> {
-        swap_into_place(&self.tmp, &self.target)
-    }
-}
-
-/// Writes a directory atomically: `write` fills a hidden sibling of `target`, which then
-/// replaces `target`. On error the sibling is removed and `target` is untouched.
-pub fn write_dir_atomically(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
-    }
-    let tmp = sibling(target, "tmp")?;
-    fs::create_dir_all(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
-    let result = write(&tmp).and_then(|()| swap_into_place(&tmp, target));
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
-    result
-}
-
-/// Moves the finished directory `tmp` to `target`, replacing what was there.
-fn swap_into_place(tmp: &Path, target: &Path) -> Result<()> {
-    let old = if target.exists() {
-        let old = sibling(target, "old")?;
-        fs::rename(target, &old).map_err(|e| Error::io("cannot move aside", target, e))?;
-        Some(old)
-    } else {
-        None
-    };
-    fs::rename(tmp, target).map_err(|e| Error::io("cannot move into place", target, e))?;
-    if let Some(old) = old {
-        fs::remove_dir_all(&old).map_err(|e| Error::io("cannot remove", &old, e))?;
-    }
-    Ok(())
-}
-
-impl Drop for ServableWriter {
-    fn drop(&mut self) {
-        // After a successful commit the temporary directory no longer exists.
-        let _ = fs::remove_dir_all(&self.tmp);
+        if let Some(name) = state.params().first_non_finite()? {
+            return Err(Error::invalid(
+                format!("saving `{}`", self.target.display()),
+                format!(
+                    "variable `{name}` holds NaN or infinite values; the model was not written"
+                ),
+            ));
+        }
+        state
+            .params()
+            .save_safetensors(&self.dir.path().join(WEIGHTS))?;
+        write_json(&self.dir.path().join(MANIFEST), &manifest)?;
+        self.dir.commit()
     }
 }
 
@@ -264,12 +164,13 @@ impl Drop for ServableWriter {
 pub struct ServableReader {
     dir: PathBuf,
     manifest: Manifest,
+    version: Version,
 }
 
 impl ServableReader {
     /// Opens `dir`, which must hold a model of type `model`.
     pub fn open(dir: &Path, model: &str) -> Result<Self> {
-        let dir = &resolve_saved_dir(dir);
+        let snapshot = Version::of(dir);
         let path = dir.join(MANIFEST);
         let raw: serde_json::Value = read_json(&path)?;
         let version = raw
@@ -303,6 +204,7 @@ impl ServableReader {
         Ok(ServableReader {
             dir: dir.to_path_buf(),
             manifest,
+            version: snapshot,
         })
     }
 
@@ -406,55 +308,13 @@ impl ServableReader {
                 ),
             ));
         }
-        state.params().load_safetensors(&self.dir.join(WEIGHTS))
+        state.params().load_safetensors(&self.dir.join(WEIGHTS))?;
+        // Everything read must come from one version of the directory.
+        self.version.check()
     }
 }
 
 fn to_value<T: Serialize>(path: &Path, config: &T) -> Result<serde_json::Value> {
     serde_json::to_value(config)
         .map_err(|e| Error::format(path, format!("cannot serialise config: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Writes `text` as `file` into a new version of `target`.
-    fn save(target: &Path, text: &str) {
-        write_dir_atomically(target, |tmp| {
-            fs::write(tmp.join("file"), text).map_err(|e| Error::io("write", tmp, e))
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn a_crash_between_the_two_renames_leaves_the_previous_directory_readable() {
-        let root = tempfile::tempdir().unwrap();
-        let target = root.path().join("model");
-        save(&target, "v1");
-        save(&target, "v2");
-        assert_eq!(resolve_saved_dir(&target), target);
-        // What a kill after the first rename of the next save leaves: the previous
-        // directory under its hidden "old" name and a complete temporary one.
-        let old = sibling(&target, "old").unwrap();
-        fs::rename(&target, &old).unwrap();
-        let tmp = sibling(&target, "tmp").unwrap();
-        fs::create_dir_all(&tmp).unwrap();
-        fs::write(tmp.join("file"), "v3").unwrap();
-        // An older leftover must not win over the latest move.
-        let stale = target.with_file_name(".model.old-1-1");
-        fs::create_dir_all(&stale).unwrap();
-        let read = resolve_saved_dir(&target);
-        assert_eq!(read, old);
-        assert_eq!(fs::read_to_string(read.join("file")).unwrap(), "v2");
-        // The next save puts a whole directory in place again.
-        save(&target, "v4");
-        assert_eq!(resolve_saved_dir(&target), target);
-        assert_eq!(fs::read_to_string(target.join("file")).unwrap(), "v4");
-        // Nothing saved at all: the target itself, so errors name it.
-        assert_eq!(
-            resolve_saved_dir(&root.path().join("none")),
-            root.path().join("none")
-        );
-    }
 }

@@ -14,15 +14,16 @@
 //! improves (the early-stopping monitor, else `val_loss`, else `train_loss`).
 
 use std::collections::HashMap;
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::optim::Optimizer;
-use super::{EpochStats, ModelState};
+use super::{EpochStats, ModelState, TrainableModel};
 use crate::error::{Error, Result};
-use crate::model::{read_json, write_dir_atomically, write_json};
+use crate::files;
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -52,7 +53,19 @@ struct StateFile {
     model: String,
     optimizer_steps: usize,
     trainer: TrainerState,
+    /// The tensors of `optimizer.safetensors` (absent in checkpoints of earlier versions).
+    #[serde(default)]
+    optimizer_tensors: Option<Vec<String>>,
+    /// The tensors of `extra.safetensors`, which is written only when there are any
+    /// (absent in checkpoints of earlier versions).
+    #[serde(default)]
+    extra_tensors: Option<Vec<String>>,
 }
+
+const STATE: &str = "state.json";
+const WEIGHTS: &str = "weights.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const EXTRA: &str = "extra.safetensors";
 
 #[allow(clippy::too_many_arguments)]
 pub(super) fn save_epoch(
@@ -65,6 +78,12 @@ pub(super) fn save_epoch(
     trainer: &TrainerState,
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
+    if let Some(name) = state.params().first_non_finite()? {
+        return Err(Error::invalid(
+            format!("checkpoint of epoch {epoch} in `{}`", config.dir.display()),
+            format!("variable `{name}` holds NaN or infinite values; no checkpoint was written"),
+        ));
+    }
     let write = |dir: PathBuf| write(&dir, model, state, optimizer, trainer, extra);
     write(config.dir.join("last"))?;
     if config.every_n_epochs > 0 && (epoch + 1).is_multiple_of(config.every_n_epochs) {
@@ -76,6 +95,12 @@ pub(super) fn save_epoch(
     Ok(())
 }
 
+fn sorted_keys(map: &HashMap<String, Tensor>) -> Vec<String> {
+    let mut keys: Vec<String> = map.keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
 fn write(
     dir: &Path,
     model: &str,
@@ -84,43 +109,43 @@ fn write(
     trainer: &TrainerState,
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    write_dir_atomically(dir, |tmp| {
+    let moments = optimizer.state_tensors()?;
+    files::write_dir(dir, |tmp| {
         let weights: HashMap<String, Tensor> = state
             .named_trainable_vars()
             .into_iter()
             .map(|(name, var)| (name, var.as_tensor().clone()))
             .collect();
-        candle_core::safetensors::save(&weights, tmp.join("weights.safetensors"))?;
-        candle_core::safetensors::save(
-            &optimizer.state_tensors(),
-            tmp.join("optimizer.safetensors"),
-        )?;
+        files::write_tensors(&tmp.join(WEIGHTS), &weights)?;
+        files::write_tensors(&tmp.join(OPTIMIZER), &moments)?;
         if !extra.is_empty() {
-            candle_core::safetensors::save(extra, tmp.join("extra.safetensors"))?;
+            files::write_tensors(&tmp.join(EXTRA), extra)?;
         }
-        write_json(
-            &tmp.join("state.json"),
+        files::write_json(
+            &tmp.join(STATE),
             &StateFile {
                 format_version: FORMAT_VERSION,
                 model: model.to_string(),
                 optimizer_steps: optimizer.steps(),
                 trainer: trainer.clone(),
+                optimizer_tensors: Some(sorted_keys(&moments)),
+                extra_tensors: Some(sorted_keys(extra)),
             },
         )
     })
 }
 
-/// Restores weights and optimiser state; returns the trainer's state and the model's
-/// extra state (empty when the checkpoint has none).
-pub(super) fn restore(
-    dir: &Path,
-    model: &str,
-    state: &ModelState,
-    optimizer: &mut Optimizer,
-) -> Result<(TrainerState, HashMap<String, Tensor>)> {
-    let dir = &crate::model::resolve_saved_dir(dir);
-    let path = dir.join("state.json");
-    let file: StateFile = read_json(&path)?;
+/// What a checkpoint directory holds, read from one version of it.
+struct Read {
+    file: StateFile,
+    weights: HashMap<String, Tensor>,
+    moments: HashMap<String, Tensor>,
+    extra: HashMap<String, Tensor>,
+}
+
+fn read(dir: &Path, model: &str) -> Result<Read> {
+    let path = dir.join(STATE);
+    let file: StateFile = files::read_json(&path)?;
     if file.format_version != FORMAT_VERSION {
         return Err(Error::format(
             &path,
@@ -141,17 +166,54 @@ pub(super) fn restore(
     }
     let load = |name: &str| -> Result<HashMap<String, Tensor>> {
         let p = dir.join(name);
-        if !p.exists() {
+        if fs::symlink_metadata(&p).is_err() {
             return Err(Error::format(&p, "missing from the checkpoint"));
         }
-        candle_core::safetensors::load(&p, &Device::Cpu)
-            .map_err(|e| Error::format(&p, format!("not a readable safetensors file: {e}")))
+        files::read_tensors(&p)
     };
-    let weights = load("weights.safetensors")?;
-    let weights_path = dir.join("weights.safetensors");
-    for (name, var) in state.named_trainable_vars() {
-        let t = weights
-            .get(&name)
+    let weights = load(WEIGHTS)?;
+    let moments = load(OPTIMIZER)?;
+    let extra = match &file.extra_tensors {
+        Some(keys) if keys.is_empty() => HashMap::new(),
+        Some(keys) => {
+            let extra = load(EXTRA)?;
+            if sorted_keys(&extra) != *keys {
+                return Err(Error::format(
+                    dir.join(EXTRA),
+                    format!("holds {:?}, state.json lists {keys:?}", sorted_keys(&extra)),
+                ));
+            }
+            extra
+        }
+        // Written before the list existed: the file is there exactly when there was state.
+        None if fs::symlink_metadata(dir.join(EXTRA)).is_ok() => load(EXTRA)?,
+        None => HashMap::new(),
+    };
+    Ok(Read {
+        file,
+        weights,
+        moments,
+        extra,
+    })
+}
+
+/// Restores weights, optimiser state and the model's extra state (its memory); returns
+/// the trainer's state. Every tensor is checked (name, dtype, shape, finite values)
+/// before anything is set, so a checkpoint that fails to load leaves the model and the
+/// optimiser as they were.
+pub(super) fn restore<M: TrainableModel>(
+    dir: &Path,
+    model: &mut M,
+    optimizer: &mut Optimizer,
+) -> Result<TrainerState> {
+    let read = files::read_dir_consistently(dir, |dir| read(dir, M::NAME))?;
+    let weights_path = dir.join(WEIGHTS);
+    let vars = model.state().named_trainable_vars();
+    let mut values = Vec::with_capacity(vars.len());
+    for (name, var) in &vars {
+        let t = read
+            .weights
+            .get(name)
             .ok_or_else(|| Error::format(&weights_path, format!("missing variable `{name}`")))?;
         if t.dims() != var.dims() {
             return Err(Error::format(
@@ -163,13 +225,31 @@ pub(super) fn restore(
                 ),
             ));
         }
-        var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        let t = crate::nn::checked_tensor(&weights_path, name, t)?;
+        values.push((var, t.to_dtype(var.dtype())?.to_device(var.device())?));
     }
-    optimizer.load_state(&load("optimizer.safetensors")?, file.optimizer_steps)?;
-    let extra = if dir.join("extra.safetensors").exists() {
-        load("extra.safetensors")?
-    } else {
-        HashMap::new()
-    };
-    Ok((file.trainer, extra))
+    if let Some(extra) = read
+        .weights
+        .keys()
+        .find(|k| !vars.iter().any(|(n, _)| n == *k))
+    {
+        return Err(Error::format(
+            &weights_path,
+            format!("unexpected variable `{extra}`: the checkpoint is of another model"),
+        ));
+    }
+    // The memory checks everything before it changes; after it nothing can fail.
+    let moments = optimizer.checked_state(
+        &dir.join(OPTIMIZER),
+        &read.moments,
+        read.file.optimizer_tensors.as_deref(),
+    )?;
+    model
+        .load_extra_state(&read.extra)
+        .map_err(|e| Error::format(dir.join(EXTRA), e.to_string()))?;
+    for (var, t) in values {
+        var.set(&t)?;
+    }
+    optimizer.set_state(moments, read.file.optimizer_steps);
+    Ok(read.file.trainer)
 }

@@ -1,17 +1,20 @@
 //! Per-epoch metric logs a person can read and plot: `metrics.csv`, `metrics.jsonl` and
 //! `curves.svg` (training and validation loss on the left, validation metrics on the
-//! right), rewritten after every epoch in the logs directory.
+//! right), rewritten after every epoch in the logs directory. Each file is replaced
+//! atomically (a reader or a crash sees the previous epoch's file or the new one), and
+//! the directory must be new, empty, or one this library wrote logs into before
+//! ([`files::claim_dir`]): a directory of other files is refused, untouched.
 
 use std::fmt::Write as _;
-use std::fs;
 use std::path::Path;
 
 use super::EpochStats;
 use crate::error::{Error, Result};
+use crate::files;
 
 /// Writes the three files for `history` into `dir` (created if needed).
 pub fn write_logs(dir: &Path, history: &[EpochStats]) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+    files::claim_dir(dir)?;
     let metric_names: Vec<String> = history
         .iter()
         .find_map(|e| e.validation.as_ref())
@@ -61,10 +64,7 @@ pub fn write_logs(dir: &Path, history: &[EpochStats]) -> Result<()> {
         );
         jsonl.push('\n');
     }
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))
-    };
+    let write = |name: &str, text: &str| files::write_bytes(&dir.join(name), text.as_bytes());
     write("metrics.csv", &csv)?;
     write("metrics.jsonl", &jsonl)?;
     write("curves.svg", &svg(history, &metric_names))

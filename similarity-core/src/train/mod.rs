@@ -425,6 +425,23 @@ impl Trainer {
                 ),
             ));
         }
+        // One run at a time writes a checkpoint or logs directory: a second one is told
+        // which process holds it before it trains, rather than failing at a write.
+        let mut outputs: Vec<&Path> = [
+            c.checkpoints.as_ref().map(|cp| cp.dir.as_path()),
+            c.logs_dir.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        outputs.dedup();
+        let _locks = outputs
+            .into_iter()
+            .map(crate::files::PathLock::acquire)
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(dir) = &c.logs_dir {
+            crate::files::claim_dir(dir)?;
+        }
         let started = Instant::now();
         if let Some(dir) = &c.cache_dir {
             model.state().begin_cache_store(dir);
@@ -479,8 +496,7 @@ impl Trainer {
             best: None,
         };
         if let Some(dir) = resume {
-            let (state, extra) = checkpoint::restore(dir, M::NAME, model.state(), &mut optimizer)?;
-            model.load_extra_state(&extra)?;
+            let state = checkpoint::restore(dir, model, &mut optimizer)?;
             report.epochs = state.history;
             report.best = state.best;
         }

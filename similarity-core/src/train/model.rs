@@ -230,7 +230,8 @@ impl ModelState {
 
     /// Closes the session and writes back each cache the session touched whose content
     /// differs from its file (something was encoded, or the run's key set is not the
-    /// file's): exactly the keys the run asked for, atomically. Returns, per encoder
+    /// file's): exactly the keys the run asked for, atomically. A cache another process
+    /// is writing at that moment is left to it (with a warning). Returns, per encoder
     /// field touched, how many objects were encoded during the session.
     pub fn finish_cache_store(&self) -> Result<Vec<(&'static str, usize)>> {
         let session = self
@@ -254,7 +255,16 @@ impl ModelState {
             let mut keys: Vec<CacheKey> = s.seen.into_iter().collect();
             keys.sort_unstable();
             let rows = cache.rows_of(&keys)?;
-            store::save(&session.dir.join(name), &s.fingerprint, &keys, &rows)?;
+            match store::save(&session.dir.join(name), &s.fingerprint, &keys, &rows) {
+                // Another process is writing this cache (the same rows for the same
+                // encoder): its file will do, and this run's rows are in memory.
+                Err(Error::InUse { path, pid }) => tracing::warn!(
+                    path = %path.display(),
+                    pid,
+                    "persisted cache in use by another process: not written by this run"
+                ),
+                other => other?,
+            }
         }
         Ok(out)
     }

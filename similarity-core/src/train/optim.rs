@@ -17,6 +17,7 @@
 //! trainable variables together (PyTorch's `clip_grad_norm_`).
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -212,6 +213,9 @@ impl std::fmt::Debug for Optimizer {
     }
 }
 
+/// Moments checked against an optimiser's variables, one entry per variable.
+pub(crate) struct CheckedState(Vec<Option<(Tensor, Tensor)>>);
+
 impl Optimizer {
     /// An optimiser for `vars` (name, variable), with learning-rate `groups`.
     pub fn new(
@@ -378,7 +382,7 @@ impl Optimizer {
     }
 
     /// The state to checkpoint: `m.<name>`/`v.<name>` per variable that has stepped.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for s in &self.slots {
             if let Some((a, b)) = &s.state {
@@ -389,33 +393,111 @@ impl Optimizer {
                 let shape = s.var.shape();
                 let device = s.var.device();
                 for (key, data) in [("m", a), ("v", b)] {
-                    let t = Tensor::from_slice(data, shape, device)
-                        .expect("host moments have the variable's size");
-                    out.insert(format!("{key}.{}", s.name), t);
+                    out.insert(
+                        format!("{key}.{}", s.name),
+                        Tensor::from_slice(data, shape, device)?,
+                    );
                 }
             }
         }
-        out
+        Ok(out)
     }
 
-    /// Restores a checkpointed state taken after `steps` steps.
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, steps: usize) -> Result<()> {
-        for s in &mut self.slots {
-            let (m, v) = (
-                tensors.get(&format!("m.{}", s.name)),
-                tensors.get(&format!("v.{}", s.name)),
-            );
-            s.state = match (m, v) {
+    /// Restores a checkpointed state taken after `steps` steps, read from `path`.
+    /// Every tensor is checked first (each `m.<name>` has its `v.<name>`, names a
+    /// variable of this optimiser, has its shape and holds finite floats; no other
+    /// tensor is present; when `expected` is given, exactly those names are present), so
+    /// a bad state leaves the optimiser as it was.
+    pub fn load_state(
+        &mut self,
+        path: &Path,
+        tensors: &HashMap<String, Tensor>,
+        expected: Option<&[String]>,
+        steps: usize,
+    ) -> Result<()> {
+        let state = self.checked_state(path, tensors, expected)?;
+        self.set_state(state, steps);
+        Ok(())
+    }
+
+    /// The moments of [`load_state`](Self::load_state), checked, without setting them.
+    pub(crate) fn checked_state(
+        &self,
+        path: &Path,
+        tensors: &HashMap<String, Tensor>,
+        expected: Option<&[String]>,
+    ) -> Result<CheckedState> {
+        let mut next = Vec::with_capacity(self.slots.len());
+        for s in &self.slots {
+            let (mk, vk) = (format!("m.{}", s.name), format!("v.{}", s.name));
+            let state = match (tensors.get(&mk), tensors.get(&vk)) {
                 (Some(m), Some(v)) => {
-                    let device = s.var.device();
-                    Some((m.to_device(device)?, v.to_device(device)?))
+                    let mut pair = Vec::with_capacity(2);
+                    for (key, t) in [(&mk, m), (&vk, v)] {
+                        if t.dims() != s.var.dims() {
+                            return Err(Error::format(
+                                path,
+                                format!(
+                                    "moment `{key}` has shape {:?}, the variable has {:?}",
+                                    t.dims(),
+                                    s.var.dims()
+                                ),
+                            ));
+                        }
+                        pair.push(
+                            crate::nn::checked_tensor(path, key, t)?
+                                .to_dtype(s.var.dtype())?
+                                .to_device(s.var.device())?,
+                        );
+                    }
+                    let v = pair.pop();
+                    let m = pair.pop();
+                    m.zip(v)
                 }
-                _ => None,
+                (None, None) => None,
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(Error::format(
+                        path,
+                        format!("holds only one of the moments `{mk}` and `{vk}`"),
+                    ));
+                }
             };
+            next.push(state);
+        }
+        if let Some(extra) = tensors.keys().find(|k| {
+            !self
+                .slots
+                .iter()
+                .any(|s| **k == format!("m.{}", s.name) || **k == format!("v.{}", s.name))
+        }) {
+            return Err(Error::format(
+                path,
+                format!("unexpected tensor `{extra}`: the optimiser has no such variable"),
+            ));
+        }
+        if let Some(expected) = expected {
+            let mut have: Vec<&String> = tensors.keys().collect();
+            let mut want: Vec<&String> = expected.iter().collect();
+            have.sort();
+            want.sort();
+            if have != want {
+                let missing: Vec<&&String> = want.iter().filter(|k| !have.contains(k)).collect();
+                return Err(Error::format(
+                    path,
+                    format!("is missing the moments {missing:?} that state.json lists"),
+                ));
+            }
+        }
+        Ok(CheckedState(next))
+    }
+
+    /// Sets moments checked by [`checked_state`](Self::checked_state).
+    pub(crate) fn set_state(&mut self, state: CheckedState, steps: usize) {
+        for (s, state) in self.slots.iter_mut().zip(state.0) {
+            s.state = state;
             s.host = None;
         }
         self.step = steps;
-        Ok(())
     }
 }
 

@@ -219,50 +219,88 @@ impl Xbm {
         out
     }
 
-    /// Restores a state written by [`state_tensors`](Self::state_tensors).
-    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<()> {
-        let (Some(e), Some(g), Some(m)) = (
-            tensors.get("xbm.embeddings"),
-            tensors.get("xbm.groups"),
-            tensors.get("xbm.pointer_len"),
-        ) else {
+    /// Restores a state written by [`state_tensors`](Self::state_tensors) for a model
+    /// whose embeddings have `dim` columns. Everything is checked before the memory
+    /// changes: the three tensors come together, `xbm.embeddings` is `(size, dim)` of
+    /// finite floats, `xbm.groups` is `(size)` of integers, `xbm.pointer_len` holds a
+    /// pointer below `size` and a length up to `size`. An empty map empties the memory.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, dim: usize) -> Result<()> {
+        const WHERE: &str = "XBM checkpoint state";
+        let keys = ["xbm.embeddings", "xbm.groups", "xbm.pointer_len"];
+        let found: Vec<Option<&Tensor>> = keys.iter().map(|k| tensors.get(*k)).collect();
+        if let Some(k) = tensors.keys().find(|k| !keys.contains(&k.as_str())) {
+            return Err(Error::invalid(WHERE, format!("unexpected tensor `{k}`")));
+        }
+        let (Some(e), Some(g), Some(m)) = (found[0], found[1], found[2]) else {
+            if found.iter().any(Option::is_some) {
+                let missing: Vec<&str> = keys
+                    .iter()
+                    .zip(&found)
+                    .filter(|(_, t)| t.is_none())
+                    .map(|(k, _)| *k)
+                    .collect();
+                return Err(Error::invalid(WHERE, format!("is missing {missing:?}")));
+            }
             *self = Xbm::new(self.config.clone(), &self.device)?;
             return Ok(());
         };
-        let meta = m.to_vec1::<i64>()?;
-        let (&[pointer, len], Ok((rows, _))) = (meta.as_slice(), e.dims2()) else {
+        let size = self.config.size;
+        if e.dims() != [size, dim] {
             return Err(Error::invalid(
-                "XBM checkpoint state",
+                WHERE,
                 format!(
-                    "`xbm.pointer_len` must hold 2 values and `xbm.embeddings` be 2-d, got {} \
-                     values and shape {:?}",
-                    meta.len(),
+                    "`xbm.embeddings` has shape {:?}, the memory is ({size}, {dim}) (size, the \
+                     head's output size)",
                     e.dims()
                 ),
             ));
-        };
-        let (Ok(pointer), Ok(len)) = (usize::try_from(pointer), usize::try_from(len)) else {
+        }
+        if g.dims() != [size] || g.dtype().is_float() {
             return Err(Error::invalid(
-                "XBM checkpoint state",
-                format!("`xbm.pointer_len` holds negative values ({pointer}, {len})"),
-            ));
-        };
-        if rows != self.config.size
-            || g.dims() != [rows]
-            || pointer >= self.config.size
-            || len > self.config.size
-        {
-            return Err(Error::invalid(
-                "XBM checkpoint state",
+                WHERE,
                 format!(
-                    "holds {} rows (pointer {pointer}, len {len}), the memory has size {}",
-                    e.dim(0)?,
-                    self.config.size
+                    "`xbm.groups` must be ({size}) integers, got {:?} of {:?}",
+                    g.dims(),
+                    g.dtype()
                 ),
             ));
         }
+        if m.dims() != [2] || m.dtype() != DType::I64 {
+            return Err(Error::invalid(
+                WHERE,
+                format!(
+                    "`xbm.pointer_len` must be 2 i64 values, got {:?} of {:?}",
+                    m.dims(),
+                    m.dtype()
+                ),
+            ));
+        }
+        let meta = m.to_vec1::<i64>()?;
+        let (pointer, len) = (meta[0], meta[1]);
+        let (Ok(pointer), Ok(len)) = (usize::try_from(pointer), usize::try_from(len)) else {
+            return Err(Error::invalid(
+                WHERE,
+                format!("`xbm.pointer_len` holds negative values ({pointer}, {len})"),
+            ));
+        };
+        if pointer >= size || len > size {
+            return Err(Error::invalid(
+                WHERE,
+                format!("pointer {pointer} and length {len} do not fit a memory of size {size}"),
+            ));
+        }
+        if !e.dtype().is_float() || !crate::nn::all_finite(e)? {
+            return Err(Error::invalid(
+                WHERE,
+                format!(
+                    "`xbm.embeddings` must hold finite floats, got {:?} with NaN or infinite values or of an integer type",
+                    e.dtype()
+                ),
+            ));
+        }
+        let embeddings = e.to_dtype(DType::F32)?;
         // Own copies, contiguous: enqueue writes into them in place.
-        self.embeddings = Some(e.to_dtype(DType::F32)?.to_device(&self.device)?.copy()?);
+        self.embeddings = Some(embeddings.to_device(&self.device)?.copy()?);
         self.groups = Some(g.to_dtype(DType::I64)?.to_device(&self.device)?.copy()?);
         self.pointer = pointer;
         self.len = len;
@@ -338,7 +376,7 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
-        r.load_state(&m.state_tensors()).unwrap();
+        r.load_state(&m.state_tensors(), 1).unwrap();
         let (e2, g2) = batch(3, 2);
         m.enqueue(&e2, &g2).unwrap();
         r.enqueue(&e2, &g2).unwrap();
@@ -398,8 +436,67 @@ mod tests {
                 "xbm.pointer_len".into(),
                 Tensor::new(meta.as_slice(), &Device::Cpu).unwrap(),
             );
-            let err = m.load_state(&state).unwrap_err().to_string();
+            let err = m.load_state(&state, 1).unwrap_err().to_string();
             assert!(err.contains("xbm.pointer_len"), "{meta:?}: {err}");
+        }
+        // A bank of another width, one of another size, a NaN row, a missing part: each
+        // named, and the memory keeps its rows.
+        let good = m.state_tensors();
+        let cases: Vec<(&str, HashMap<String, Tensor>, usize)> = vec![
+            ("(4, 2)", good.clone(), 2),
+            (
+                "xbm.embeddings",
+                {
+                    let mut s = good.clone();
+                    s.insert(
+                        "xbm.embeddings".into(),
+                        Tensor::zeros((3, 1), DType::F32, &Device::Cpu).unwrap(),
+                    );
+                    s
+                },
+                1,
+            ),
+            (
+                "NaN",
+                {
+                    let mut s = good.clone();
+                    s.insert(
+                        "xbm.embeddings".into(),
+                        Tensor::new(&[[f32::NAN], [0.0], [0.0], [0.0]], &Device::Cpu).unwrap(),
+                    );
+                    s
+                },
+                1,
+            ),
+            (
+                "missing",
+                {
+                    let mut s = good.clone();
+                    s.remove("xbm.groups");
+                    s
+                },
+                1,
+            ),
+            (
+                "xbm.groups",
+                {
+                    let mut s = good.clone();
+                    s.insert(
+                        "xbm.groups".into(),
+                        Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                    s
+                },
+                1,
+            ),
+        ];
+        for (needle, state, dim) in cases {
+            let err = m.load_state(&state, dim).unwrap_err().to_string();
+            assert!(err.contains(needle), "{needle}: {err}");
+            assert_eq!(
+                m.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap(),
+                vec![0, 1, 2, 3]
+            );
         }
     }
 }
