@@ -1,6 +1,10 @@
-//! Faults: a process killed while it writes a servable model or a checkpoint leaves the
-//! previous one intact. The test re-runs this test binary as a child that writes in a
+//! Faults: a process killed while it writes a servable model, a checkpoint, a persisted
+//! cache or its logs leaves the previous version intact, and the next write sweeps what
+//! the killed one left. The test re-runs this test binary as a child that writes in a
 //! loop, kills it (SIGKILL) at varying moments, and checks what is on disk.
+//!
+//! Each loop runs a few rounds in the test suite; `SIMILARITY_FAULT_ROUNDS=N` runs `N`
+//! rounds of each (the long loop of docs/robustness.md).
 
 mod common;
 
@@ -79,8 +83,38 @@ fn fault_child() {
                 std::fs::write(dir.join("saved"), run.to_string()).unwrap();
             }
         }
+        "logs" => {
+            let cfg = TrainerConfig {
+                epochs: 100_000,
+                batch_size: 20,
+                progress: false,
+                logs_dir: Some(dir.join("logs")),
+                ..Default::default()
+            };
+            let _ = Trainer::new(cfg).fit(&mut model(0), &common::faq_pairs("train", 40), None);
+        }
         other => panic!("unknown mode {other}"),
     }
+}
+
+/// Kill delays in milliseconds for a loop: `default` rounds, or
+/// `SIMILARITY_FAULT_ROUNDS`, spread over 0..80 ms.
+fn delays(default: usize) -> Vec<u64> {
+    let n = std::env::var("SIMILARITY_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    (0..n as u64).map(|i| 3 + (i * 37) % 80).collect()
+}
+
+/// The names in `dir`, sorted, hidden ones included.
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
 }
 
 fn run_and_kill(mode: &str, dir: &Path, after: Duration, ready: impl Fn() -> bool) {
@@ -112,7 +146,7 @@ fn run_and_kill(mode: &str, dir: &Path, after: Duration, ready: impl Fn() -> boo
 
 #[test]
 fn a_killed_save_leaves_a_loadable_model() {
-    for (round, delay) in [3u64, 11, 29, 47].into_iter().enumerate() {
+    for (round, delay) in delays(4).into_iter().enumerate() {
         let dir = tempfile::tempdir().unwrap();
         run_and_kill("servable", dir.path(), Duration::from_millis(delay), || {
             dir.path().join("saved").exists()
@@ -138,12 +172,22 @@ fn a_killed_save_leaves_a_loadable_model() {
             matches,
             "round {round}: the model on disk is none of the saved ones"
         );
+        // The next save sweeps what the killed one left: the model and its lock remain.
+        model(0).save(&dir.path().join("model")).unwrap();
+        assert_eq!(
+            names(dir.path()),
+            [".model.lock", "model", "saved"],
+            "round {round}"
+        );
+        // A model the user deletes stays deleted.
+        std::fs::remove_dir_all(dir.path().join("model")).unwrap();
+        assert!(FaqModel::load(&dir.path().join("model"), &Device::Cpu).is_err());
     }
 }
 
 #[test]
 fn a_killed_training_run_leaves_a_checkpoint_it_can_resume_from() {
-    for delay in [7u64, 23, 61] {
+    for delay in delays(3) {
         let dir = tempfile::tempdir().unwrap();
         let last = dir.path().join("ckpt/last");
         run_and_kill(
@@ -171,12 +215,28 @@ fn a_killed_training_run_leaves_a_checkpoint_it_can_resume_from() {
             .resume(&mut model(0), &last, &common::faq_pairs("train", 40), None)
             .unwrap();
         assert_eq!(report.epochs.len(), epochs_done + 1);
+        // Resuming from `last` wrote nothing; a run that checkpoints sweeps the leftovers.
+        let cfg = TrainerConfig {
+            epochs: 1,
+            batch_size: 20,
+            progress: false,
+            checkpoints: Some(CheckpointConfig {
+                dir: dir.path().join("ckpt"),
+                every_n_epochs: 0,
+                save_best: false,
+            }),
+            ..Default::default()
+        };
+        Trainer::new(cfg)
+            .fit(&mut model(0), &common::faq_pairs("train", 40), None)
+            .unwrap();
+        assert_eq!(names(&dir.path().join("ckpt")), [".last.lock", "last"]);
     }
 }
 
 #[test]
 fn a_killed_cache_write_leaves_a_usable_cache() {
-    for delay in [5u64, 19, 43] {
+    for delay in delays(3) {
         let dir = tempfile::tempdir().unwrap();
         run_and_kill("cache", dir.path(), Duration::from_millis(delay), || {
             dir.path().join("saved").exists()
@@ -192,5 +252,42 @@ fn a_killed_cache_write_leaves_a_usable_cache() {
         Trainer::new(cfg)
             .fit(&mut model(0), &common::faq_pairs("train", 60), None)
             .unwrap();
+        // That run rewrote the cache (a new key set) and swept the killed write's leftovers.
+        assert_eq!(names(&dir.path().join("cache")), [".text.lock", "text"]);
+    }
+}
+
+#[test]
+fn killed_log_writes_leave_complete_logs_that_agree() {
+    for (round, delay) in delays(3).into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        run_and_kill("logs", dir.path(), Duration::from_millis(delay), || {
+            logs.join("metrics.jsonl").exists()
+        });
+        let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap();
+        let (csv, jsonl, svg) = (read("metrics.csv"), read("metrics.jsonl"), read("curves.svg"));
+        let epochs = jsonl.lines().count();
+        assert!(epochs >= 1, "round {round}: empty logs");
+        for line in jsonl.lines() {
+            serde_json::from_str::<serde_json::Value>(line)
+                .unwrap_or_else(|e| panic!("round {round}: torn metrics.jsonl: {e}"));
+        }
+        assert_eq!(csv.lines().count(), epochs + 1, "round {round}: csv and jsonl disagree");
+        assert!(svg.trim_end().ends_with("</svg>"), "round {round}: torn curves.svg");
+        // At most the killed write's temporary directory is left, and the next run
+        // sweeps it.
+        assert!(names(dir.path()).len() <= 3, "round {round}: {:?}", names(dir.path()));
+        let cfg = TrainerConfig {
+            epochs: 1,
+            batch_size: 20,
+            progress: false,
+            logs_dir: Some(logs.clone()),
+            ..Default::default()
+        };
+        Trainer::new(cfg)
+            .fit(&mut model(0), &common::faq_pairs("train", 40), None)
+            .unwrap();
+        assert_eq!(names(dir.path()), [".logs.lock", "logs"], "round {round}");
     }
 }

@@ -16,8 +16,10 @@
 //!   between them leaves no directory at the target (the previous one is swept by the next
 //!   write; it is never read back, so a model the user deleted never comes back).
 //! * **Ownership.** Every directory this library writes holds a marker file
-//!   [`MARKER`]. A target directory is replaced only when it is empty or holds the
-//!   marker; anything else is an error that names it, and nothing in it is touched.
+//!   [`MARKER`] that names its [`DirKind`] (model, checkpoint, cache, logs). A target
+//!   directory is replaced only when it is empty or holds the marker of the same kind
+//!   (a model is never saved over a logs directory); anything else is an error that names
+//!   it, and nothing in it is touched.
 //! * **One writer.** A writer holds an advisory lock (`flock`, through
 //!   [`std::fs::File::try_lock`]) on the sibling `.<name>.lock` while it writes; a second
 //!   writer gets [`Error::InUse`] naming the process that holds it, instead of damaging
@@ -54,9 +56,33 @@ use crate::error::{Error, Result};
 /// checkpoints, caches).
 pub const MARKER: &str = ".similarity";
 
-/// Name of the marker file in a directory this library writes files into, one by one
-/// (a logs directory). It does not make the directory replaceable as a whole.
-pub const FILES_MARKER: &str = ".similarity-files";
+/// What a directory written by [`write_dir`] holds; its [`MARKER`] names it, and a
+/// directory is only ever replaced by one of the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirKind {
+    /// A servable model.
+    Model,
+    /// A training checkpoint.
+    Checkpoint,
+    /// A persisted embedding cache.
+    Cache,
+    /// Training logs (`metrics.csv`, `metrics.jsonl`, `curves.svg`).
+    Logs,
+    /// Anything else written through [`write_dir`].
+    Other,
+}
+
+impl DirKind {
+    fn name(self) -> &'static str {
+        match self {
+            DirKind::Model => "model",
+            DirKind::Checkpoint => "checkpoint",
+            DirKind::Cache => "cache",
+            DirKind::Logs => "logs",
+            DirKind::Other => "directory",
+        }
+    }
+}
 
 /// Upper bounds on the size of the files this library reads, decided before reading.
 pub mod limits {
@@ -314,6 +340,7 @@ fn check_file_target(path: &Path) -> Result<()> {
 /// error the temporary file is removed and `path` is untouched. `path` must not exist or
 /// be a regular file.
 pub fn write_file_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    file_name(path)?;
     check_file_target(path)?;
     create_parent(path)?;
     sweep_file_temporaries(path);
@@ -424,8 +451,8 @@ impl PathLock {
     /// (in this process or another) holds it. On a filesystem without locks the write
     /// goes on unlocked.
     pub fn acquire(path: &Path) -> Result<Self> {
-        create_parent(path)?;
         let name = file_name(path)?;
+        create_parent(path)?;
         let lock_path = path.with_file_name(format!(".{name}.lock"));
         if let Ok(meta) = fs::symlink_metadata(&lock_path)
             && !meta.file_type().is_file()
@@ -465,18 +492,33 @@ impl PathLock {
     }
 }
 
-/// Whether `dir` (which exists) may be replaced or written into: it is empty or holds
-/// [`MARKER`].
-fn owned_or_empty(dir: &Path) -> Result<bool> {
-    if dir.join(MARKER).is_file() {
-        return Ok(true);
-    }
+/// The kind named by `dir`'s marker (`None` without one; `Some(None)` for a marker of a
+/// kind this version does not know).
+fn marked_kind(dir: &Path) -> Option<Option<DirKind>> {
+    let id = marker_id(dir)?;
+    let word = id.split_whitespace().next().unwrap_or("");
+    Some(
+        [
+            DirKind::Model,
+            DirKind::Checkpoint,
+            DirKind::Cache,
+            DirKind::Logs,
+            DirKind::Other,
+        ]
+        .into_iter()
+        .find(|k| k.name() == word),
+    )
+}
+
+fn is_empty_dir(dir: &Path) -> Result<bool> {
     let mut entries = fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
     Ok(entries.next().is_none())
 }
 
-/// Refuses a directory target that this library may not replace.
-fn check_dir_target(target: &Path) -> Result<()> {
+/// Refuses a directory target that this library may not replace with a `kind` (see
+/// [`write_dir`]), so that a long job can fail before it starts rather than at its first
+/// write.
+pub fn check_dir_target(target: &Path, kind: DirKind) -> Result<()> {
     let meta = match fs::symlink_metadata(target) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(Error::io("cannot stat", target, e)),
@@ -492,16 +534,29 @@ fn check_dir_target(target: &Path) -> Result<()> {
             ),
         ));
     }
-    if !owned_or_empty(target)? {
-        return Err(Error::invalid(
+    match marked_kind(target) {
+        Some(Some(k)) if k == kind => Ok(()),
+        Some(found) => Err(Error::invalid(
+            location,
+            format!(
+                "holds {} written by this library, not a {}; it was left as it is: choose \
+                 another path",
+                found.map_or("a directory of a newer version".to_string(), |k| format!(
+                    "a {}",
+                    k.name()
+                )),
+                kind.name()
+            ),
+        )),
+        None if is_empty_dir(target)? => Ok(()),
+        None => Err(Error::invalid(
             location,
             format!(
                 "is a directory this library did not write (no `{MARKER}` marker) and is not \
                  empty; nothing in it was touched: remove it or choose another path"
             ),
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// Removes the hidden siblings of `target` that killed writers left. Called under
@@ -513,46 +568,35 @@ fn sweep_dir_leftovers(target: &Path) {
             let Ok(meta) = fs::symlink_metadata(&path) else {
                 continue;
             };
-            if meta.file_type().is_dir() && owned_or_empty(&path).unwrap_or(false) {
-                let _ = fs::remove_dir_all(&path);
+            let ours = marked_kind(&path).is_some() || is_empty_dir(&path).unwrap_or(false);
+            if meta.file_type().is_dir() && ours {
+                remove_owned_dir(&path);
             }
         }
     }
 }
 
-/// Makes `dir` a directory this library writes files into (a logs directory): creates
-/// it, or claims it (with [`FILES_MARKER`]) when it exists and is empty; a directory
-/// that holds other files and no such marker is refused, untouched.
-pub fn claim_dir(dir: &Path) -> Result<()> {
-    let marker = dir.join(FILES_MARKER);
-    if marker.is_file() {
-        return Ok(());
-    }
-    match fs::symlink_metadata(dir) {
-        Ok(meta) if !meta.file_type().is_dir() => {
-            return Err(Error::invalid(
-                format!("`{}`", dir.display()),
-                format!(
-                    "is {}, not a directory; it was left as it is",
-                    kind_of(&meta)
-                ),
-            ));
-        }
-        Ok(_) => {
-            let mut entries = fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
-            if entries.next().is_some() {
-                return Err(Error::invalid(
-                    format!("`{}`", dir.display()),
-                    format!(
-                        "holds files this library did not write (no `{FILES_MARKER}` marker); \
-                         nothing in it was touched: choose an empty or new directory"
-                    ),
-                ));
+/// Removes a directory this library wrote, its [`MARKER`] last, so that a process killed
+/// half-way leaves a directory the next sweep still recognises as its own.
+fn remove_owned_dir(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.filter_map(|e| e.ok()) {
+            if entry.file_name() == MARKER {
+                continue;
+            }
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => {
+                    let _ = fs::remove_dir_all(&path);
+                }
+                _ => {
+                    let _ = fs::remove_file(&path);
+                }
             }
         }
-        Err(_) => fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?,
     }
-    write_bytes(&marker, fresh_id().as_bytes())
+    let _ = fs::remove_file(dir.join(MARKER));
+    let _ = fs::remove_dir(dir);
 }
 
 /// Fsyncs every file and directory under `dir` (safetensors and user encoders' files are
@@ -578,12 +622,17 @@ fn sync_tree(dir: &Path) -> Result<()> {
 
 /// Writes a directory atomically: `write` fills a hidden sibling of `target` (marked as
 /// this library's), which then replaces `target` (see the module docs). `target` must
-/// not exist, or be empty, or hold [`MARKER`]; a second writer of the same target gets
-/// [`Error::InUse`]. On error the sibling is removed and `target` is untouched.
-pub fn write_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let writer = DirWriter::begin(target)?;
+/// not exist, or be empty, or hold the [`MARKER`] of the same `kind`; a second writer of
+/// the same target gets [`Error::InUse`]. On error the sibling is removed and `target` is
+/// untouched.
+pub fn write_dir(
+    target: &Path,
+    kind: DirKind,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let writer = DirWriter::begin(target, kind)?;
     write(writer.path())?;
-    writer.commit()
+    writer.commit().map(drop)
 }
 
 /// [`write_dir`] in two steps, for writers that fill the directory over several calls:
@@ -594,26 +643,33 @@ pub fn write_dir(target: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
 pub struct DirWriter {
     target: PathBuf,
     tmp: PathBuf,
-    _lock: PathLock,
+    lock: Option<PathLock>,
 }
 
 impl DirWriter {
-    /// Locks `target`, checks that it may be replaced, sweeps what killed writers left
-    /// beside it, and makes the marked hidden sibling to fill.
-    pub fn begin(target: &Path) -> Result<Self> {
-        check_dir_target(target)?;
+    /// Locks `target`, checks that it may be replaced by a `kind`, sweeps what killed
+    /// writers left beside it, and makes the marked hidden sibling to fill.
+    pub fn begin(target: &Path, kind: DirKind) -> Result<Self> {
+        file_name(target)?;
+        check_dir_target(target, kind)?;
         let lock = PathLock::acquire(target)?;
-        // Checked again under the lock: another writer may have been first.
-        check_dir_target(target)?;
+        Self::begin_locked(target, kind, lock)
+    }
+
+    /// [`begin`](Self::begin) for a writer that already holds `target`'s lock (taken
+    /// with [`PathLock::acquire`] for a longer span, such as a whole training run).
+    pub fn begin_locked(target: &Path, kind: DirKind, lock: PathLock) -> Result<Self> {
+        // Checked (again) under the lock: another writer may have been first.
+        check_dir_target(target, kind)?;
         sweep_dir_leftovers(target);
         let tmp = hidden_sibling(target, "tmp")?;
         fs::create_dir(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
         let writer = DirWriter {
             target: target.to_path_buf(),
             tmp,
-            _lock: lock,
+            lock: Some(lock),
         };
-        fs::write(writer.tmp.join(MARKER), fresh_id())
+        fs::write(writer.tmp.join(MARKER), format!("{} {}", kind.name(), fresh_id()))
             .map_err(|e| Error::io("cannot write", writer.tmp.join(MARKER), e))?;
         Ok(writer)
     }
@@ -623,20 +679,28 @@ impl DirWriter {
         &self.tmp
     }
 
-    /// Syncs everything written and swaps the directory into place.
-    pub fn commit(self) -> Result<()> {
+    /// Syncs everything written and swaps the directory into place. Returns the lock,
+    /// for a writer that goes on holding it.
+    pub fn commit(mut self) -> Result<PathLock> {
         sync_tree(&self.tmp)?;
         swap_into_place(&self.tmp, &self.target)?;
-        sync_dir(parent_of(&self.target))
-        // Drop removes what is now at the temporary name: the previous directory.
+        sync_dir(parent_of(&self.target))?;
+        // What is now at the temporary name is the previous directory.
+        self.remove_tmp();
+        Ok(self.lock.take().unwrap_or(PathLock { _file: None }))
+    }
+
+    fn remove_tmp(&self) {
+        if fs::symlink_metadata(&self.tmp).is_ok() {
+            remove_owned_dir(&self.tmp);
+        }
     }
 }
 
 impl Drop for DirWriter {
     fn drop(&mut self) {
-        if fs::symlink_metadata(&self.tmp).is_ok() {
-            let _ = fs::remove_dir_all(&self.tmp);
-        }
+        // Before the lock is released (fields drop after this).
+        self.remove_tmp();
     }
 }
 
@@ -653,7 +717,7 @@ fn swap_into_place(tmp: &Path, target: &Path) -> Result<()> {
             let old = hidden_sibling(target, "old")?;
             fs::rename(target, &old).map_err(|e| Error::io("cannot move aside", target, e))?;
             fs::rename(tmp, target).map_err(|e| Error::io("cannot move into place", target, e))?;
-            let _ = fs::remove_dir_all(&old);
+            remove_owned_dir(&old);
             Ok(())
         }
     }
@@ -729,26 +793,26 @@ mod tests {
     fn a_directory_write_replaces_only_what_this_library_wrote() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("model");
-        write_dir(&target, |d| write_bytes(&d.join("a"), b"1")).unwrap();
-        write_dir(&target, |d| write_bytes(&d.join("a"), b"2")).unwrap();
+        write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"1")).unwrap();
+        write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"2")).unwrap();
         assert_eq!(fs::read(target.join("a")).unwrap(), b"2");
         // A user's directory is refused and left as it is.
         let user = tmp.path().join("mine");
         fs::create_dir(&user).unwrap();
         fs::write(user.join("notes.txt"), b"keep").unwrap();
-        let e = write_dir(&user, |_| Ok(())).unwrap_err().to_string();
+        let e = write_dir(&user, DirKind::Other, |_| Ok(())).unwrap_err().to_string();
         assert!(e.contains("did not write") && e.contains("mine"), "{e}");
         assert_eq!(fs::read(user.join("notes.txt")).unwrap(), b"keep");
         // A regular file and a symbolic link are refused too.
         let file = tmp.path().join("file");
         fs::write(&file, b"x").unwrap();
-        assert!(write_dir(&file, |_| Ok(())).is_err());
+        assert!(write_dir(&file, DirKind::Other, |_| Ok(())).is_err());
         assert_eq!(fs::read(&file).unwrap(), b"x");
         #[cfg(unix)]
         {
             let link = tmp.path().join("link");
             std::os::unix::fs::symlink(&target, &link).unwrap();
-            let e = write_dir(&link, |_| Ok(())).unwrap_err().to_string();
+            let e = write_dir(&link, DirKind::Other, |_| Ok(())).unwrap_err().to_string();
             assert!(e.contains("symbolic link"), "{e}");
             assert!(
                 fs::symlink_metadata(&link)
@@ -771,7 +835,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("model");
         let _held = PathLock::acquire(&target).unwrap();
-        let e = write_dir(&target, |_| Ok(())).unwrap_err();
+        let e = write_dir(&target, DirKind::Other, |_| Ok(())).unwrap_err();
         assert!(
             matches!(e, Error::InUse { pid: Some(p), .. } if p == std::process::id()),
             "{e}"
@@ -783,7 +847,7 @@ mod tests {
     fn leftovers_of_killed_writers_are_swept_and_never_read() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("model");
-        write_dir(&target, |d| write_bytes(&d.join("a"), b"1")).unwrap();
+        write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"1")).unwrap();
         // What a writer killed after moving the previous directory aside leaves, and one
         // killed while filling its temporary directory.
         let old = tmp.path().join(".model.old-1-2-3");
@@ -793,13 +857,13 @@ mod tests {
         // The user deletes nothing, but the target is gone: it does not come back.
         assert!(!target.exists());
         assert!(read_bytes(&target.join("a"), 10).is_err());
-        write_dir(&target, |d| write_bytes(&d.join("a"), b"2")).unwrap();
+        write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"2")).unwrap();
         assert!(!old.exists() && !stale.exists());
         // A hidden sibling that this library did not write is left alone.
         let foreign = tmp.path().join(".model.tmp-7-8-9");
         fs::create_dir(&foreign).unwrap();
         fs::write(foreign.join("x"), b"x").unwrap();
-        write_dir(&target, |_| Ok(())).unwrap();
+        write_dir(&target, DirKind::Other, |_| Ok(())).unwrap();
         assert!(foreign.join("x").exists());
     }
 
@@ -832,13 +896,13 @@ mod tests {
     fn a_read_across_a_swap_is_repeated() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("d");
-        write_dir(&target, |d| write_bytes(&d.join("a"), b"1")).unwrap();
+        write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"1")).unwrap();
         let mut calls = 0;
         let value = read_dir_consistently(&target, |d| {
             calls += 1;
             let v = fs::read(d.join("a")).unwrap();
             if calls == 1 {
-                write_dir(&target, |d| write_bytes(&d.join("a"), b"2")).unwrap();
+                write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"2")).unwrap();
             }
             Ok(v)
         })
@@ -846,7 +910,7 @@ mod tests {
         assert_eq!((calls, value), (2, b"2".to_vec()));
         let version = Version::of(&target);
         version.check().unwrap();
-        write_dir(&target, |_| Ok(())).unwrap();
+        write_dir(&target, DirKind::Other, |_| Ok(())).unwrap();
         assert!(version.check().is_err());
     }
 }

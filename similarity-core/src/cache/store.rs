@@ -194,7 +194,7 @@ pub fn save(
         items: u,
         checksum: format!("{:032x}", xxh3_128(&bytes)),
     };
-    files::write_dir(dir, |tmp| {
+    files::write_dir(dir, files::DirKind::Cache, |tmp| {
         files::write_bytes(&tmp.join(ROWS), &bytes)?;
         write_json(&tmp.join(FINGERPRINT), &header)
     })

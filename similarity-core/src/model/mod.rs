@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
-use crate::files::{DirWriter, Version};
+use crate::files::{DirKind, DirWriter, Version};
 use crate::head::Head;
 use crate::loss::SimilarityLoss;
 use crate::train::ModelState;
@@ -95,7 +95,7 @@ impl ServableWriter {
     /// Starts writing a model that will end up at `dir`. Nothing is written until
     /// [`finish`](Self::finish), which writes the whole directory atomically.
     pub fn create(dir: &Path) -> Result<Self> {
-        let writer = DirWriter::begin(dir)?;
+        let writer = DirWriter::begin(dir, DirKind::Model)?;
         let encoders = writer.path().join("encoders");
         fs::create_dir(&encoders).map_err(|e| Error::io("cannot create", &encoders, e))?;
         Ok(ServableWriter {
@@ -155,7 +155,7 @@ impl ServableWriter {
             .params()
             .save_safetensors(&self.dir.path().join(WEIGHTS))?;
         write_json(&self.dir.path().join(MANIFEST), &manifest)?;
-        self.dir.commit()
+        self.dir.commit().map(drop)
     }
 }
 

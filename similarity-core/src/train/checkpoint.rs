@@ -110,7 +110,7 @@ fn write(
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
     let moments = optimizer.state_tensors()?;
-    files::write_dir(dir, |tmp| {
+    files::write_dir(dir, files::DirKind::Checkpoint, |tmp| {
         let weights: HashMap<String, Tensor> = state
             .named_trainable_vars()
             .into_iter()

@@ -1,9 +1,9 @@
 //! Per-epoch metric logs a person can read and plot: `metrics.csv`, `metrics.jsonl` and
 //! `curves.svg` (training and validation loss on the left, validation metrics on the
-//! right), rewritten after every epoch in the logs directory. Each file is replaced
-//! atomically (a reader or a crash sees the previous epoch's file or the new one), and
-//! the directory must be new, empty, or one this library wrote logs into before
-//! ([`files::claim_dir`]): a directory of other files is refused, untouched.
+//! right), rewritten after every epoch. The logs directory is written as a whole by
+//! [`files::write_dir`], so a reader or a crash sees the three files of one epoch, never a
+//! torn or empty file nor two files that disagree; it must be new, empty, or a logs
+//! directory this library wrote: a directory of other files is refused, untouched.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -12,9 +12,18 @@ use super::EpochStats;
 use crate::error::{Error, Result};
 use crate::files;
 
-/// Writes the three files for `history` into `dir` (created if needed).
+/// Writes the three files for `history` as the directory `dir` (atomically, see the
+/// module docs).
 pub fn write_logs(dir: &Path, history: &[EpochStats]) -> Result<()> {
-    files::claim_dir(dir)?;
+    write_logs_locked(dir, history, files::PathLock::acquire(dir)?).map(drop)
+}
+
+/// [`write_logs`] by a writer that holds `dir`'s lock; returns the lock.
+pub(super) fn write_logs_locked(
+    dir: &Path,
+    history: &[EpochStats],
+    lock: files::PathLock,
+) -> Result<files::PathLock> {
     let metric_names: Vec<String> = history
         .iter()
         .find_map(|e| e.validation.as_ref())
@@ -64,10 +73,17 @@ pub fn write_logs(dir: &Path, history: &[EpochStats]) -> Result<()> {
         );
         jsonl.push('\n');
     }
-    let write = |name: &str, text: &str| files::write_bytes(&dir.join(name), text.as_bytes());
-    write("metrics.csv", &csv)?;
-    write("metrics.jsonl", &jsonl)?;
-    write("curves.svg", &svg(history, &metric_names))
+    let svg = svg(history, &metric_names);
+    let writer = files::DirWriter::begin_locked(dir, files::DirKind::Logs, lock)?;
+    for (name, text) in [
+        ("metrics.csv", &csv),
+        ("metrics.jsonl", &jsonl),
+        ("curves.svg", &svg),
+    ] {
+        let path = writer.path().join(name);
+        std::fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))?;
+    }
+    writer.commit()
 }
 
 const W: f64 = 420.0;

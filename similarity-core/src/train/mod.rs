@@ -427,21 +427,29 @@ impl Trainer {
         }
         // One run at a time writes a checkpoint or logs directory: a second one is told
         // which process holds it before it trains, rather than failing at a write.
-        let mut outputs: Vec<&Path> = [
-            c.checkpoints.as_ref().map(|cp| cp.dir.as_path()),
-            c.logs_dir.as_deref(),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        outputs.dedup();
-        let _locks = outputs
-            .into_iter()
-            .map(crate::files::PathLock::acquire)
-            .collect::<Result<Vec<_>>>()?;
-        if let Some(dir) = &c.logs_dir {
-            crate::files::claim_dir(dir)?;
+        if let (Some(cp), Some(logs)) = (&c.checkpoints, &c.logs_dir)
+            && cp.dir == *logs
+        {
+            return Err(Error::invalid(
+                "TrainerConfig.logs_dir",
+                format!(
+                    "is `{}`, the checkpoint directory too; give each its own directory",
+                    logs.display()
+                ),
+            ));
         }
+        let _checkpoint_lock = c
+            .checkpoints
+            .as_ref()
+            .map(|cp| crate::files::PathLock::acquire(&cp.dir))
+            .transpose()?;
+        let mut logs_lock = match &c.logs_dir {
+            Some(dir) => {
+                crate::files::check_dir_target(dir, crate::files::DirKind::Logs)?;
+                Some(crate::files::PathLock::acquire(dir)?)
+            }
+            None => None,
+        };
         let started = Instant::now();
         if let Some(dir) = &c.cache_dir {
             model.state().begin_cache_store(dir);
@@ -641,8 +649,8 @@ impl Trainer {
                 }
             }
             report.epochs.push(stats);
-            if let Some(dir) = &c.logs_dir {
-                write_logs(dir, &report.epochs)?;
+            if let (Some(dir), Some(lock)) = (&c.logs_dir, logs_lock.take()) {
+                logs_lock = Some(logs::write_logs_locked(dir, &report.epochs, lock)?);
             }
             if let Some(cp) = &c.checkpoints {
                 let state = TrainerState {
