@@ -17,6 +17,7 @@
 //!
 //! Against a memory bank ([`MemoryLoss`]) the batch rows are anchors and the memory rows
 //! candidates; the masks compare groups only (a memory row is never "the anchor itself").
+//! An empty memory gives 0.
 //!
 //! **Differences from Quaterion.**
 //! * Its negative mask is "not a positive", which includes the anchor itself: every
@@ -33,6 +34,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::contrastive::mask_offset;
+use super::triplet::check_groups;
 use super::{GroupKind, MemoryLoss, SimilarityLoss, masks};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
@@ -169,6 +171,7 @@ impl SimilarityLoss for OnlineContrastiveLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
+        check_groups("OnlineContrastiveLoss", embeddings, &targets.groups)?;
         if let Some(loss) = self.hard_cosine(embeddings, &targets.groups, None)? {
             return Ok(loss);
         }
@@ -187,6 +190,15 @@ impl MemoryLoss for OnlineContrastiveLoss {
         memory_embeddings: &Tensor,
         memory_groups: &Tensor,
     ) -> Result<Tensor> {
+        check_groups("OnlineContrastiveLoss", embeddings, groups)?;
+        check_groups(
+            "OnlineContrastiveLoss memory",
+            memory_embeddings,
+            memory_groups,
+        )?;
+        if memory_groups.dim(0)? == 0 {
+            return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
+        }
         let memory = Some((memory_embeddings, memory_groups));
         if let Some(loss) = self.hard_cosine(embeddings, groups, memory)? {
             return Ok(loss);

@@ -10,10 +10,10 @@
 //! L  = mean of ℓᵢ over the anchors with |P(i)| > 0
 //! ```
 //!
-//! Anchors without a positive are left out (the loss is 0 when no anchor has one). The
-//! anchor itself is excluded from the denominator by an arithmetic `{0, 1}` mask on the
-//! exponentials, not by a large constant, and the row max (detached) is subtracted first,
-//! so the log-sum-exp is stable.
+//! Anchors without a positive are left out (the loss is 0, with a zero gradient, when no
+//! anchor has one). The anchor itself is excluded from the denominator by a mask that
+//! selects the candidates before any arithmetic, and the log-sum-exp is shifted by the
+//! maximum over the candidates (detached), so it is stable at any temperature.
 //!
 //! Parameters:
 //! * `temperature` `τ`: default 0.1, as in pytorch-metric-learning's `SupConLoss`
@@ -21,13 +21,15 @@
 //!
 //! Against a cross-batch memory ([`MemoryLoss`]) the batch's embeddings are the anchors and
 //! the memory's are the candidates: `P(i)` is the memory entries of `i`'s group and `A(i)`
-//! the whole memory (nothing is excluded: the memory holds other objects' copies).
+//! the whole memory (nothing is excluded: the memory holds other objects' copies). An
+//! empty memory gives 0.
 //! Retrieval metrics use the cosine distance.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::masks::positive_mask;
+use super::triplet::{check_groups, masked_logsumexp};
 use super::{GroupKind, MemoryLoss, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
@@ -69,17 +71,11 @@ impl SupConLoss {
             Some(_) => Tensor::ones(logits.dims(), dtype, x.device())?,
             None => (1.0 - Tensor::eye(x.dim(0)?, dtype, x.device())?)?,
         };
-        let max = logits.max_keepdim(1)?.detach();
-        let shifted = logits.broadcast_sub(&max)?;
-        // log Σ_{a ∈ A(i)} exp(S_ia − max); the floor keeps a row with no candidate finite
-        // (such a row has no positive either and is dropped below).
-        let log_denominator = shifted
-            .exp()?
-            .mul(&candidates)?
-            .sum_keepdim(1)?
-            .clamp(1e-30, f64::MAX)?
-            .log()?;
-        let log_prob = shifted.broadcast_sub(&log_denominator)?;
+        // log Σ_{a ∈ A(i)} exp S_ia, shifted by the maximum over A(i) itself: the anchor's
+        // own logit (the row's largest) would make every term underflow at a small τ. A
+        // row with no candidate has no positive either and is dropped below.
+        let log_denominator = masked_logsumexp(&logits, &candidates)?.unsqueeze(1)?;
+        let log_prob = logits.broadcast_sub(&log_denominator)?;
         let n_pos = positives.sum_keepdim(1)?;
         let has_pos = n_pos.clamp(0.0, 1.0)?;
         let mean_log_prob = log_prob
@@ -119,6 +115,7 @@ impl SimilarityLoss for SupConLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
+        check_groups("SupConLoss", embeddings, &targets.groups)?;
         self.loss(embeddings, &targets.groups, None)
     }
 }
@@ -131,6 +128,11 @@ impl MemoryLoss for SupConLoss {
         memory_embeddings: &Tensor,
         memory_groups: &Tensor,
     ) -> Result<Tensor> {
+        check_groups("SupConLoss", embeddings, groups)?;
+        check_groups("SupConLoss memory", memory_embeddings, memory_groups)?;
+        if memory_groups.dim(0)? == 0 {
+            return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
+        }
         let memory_embeddings = memory_embeddings.to_dtype(embeddings.dtype())?;
         self.loss(
             embeddings,
@@ -169,6 +171,18 @@ mod tests {
         let groups = Tensor::new(&[0i64, 1, 2], &Device::Cpu).unwrap();
         let got = scalar(&loss(0.1).forward(&x, &GroupTargets { groups }).unwrap());
         assert_eq!(got, 0.0);
+    }
+
+    #[test]
+    fn small_temperature_shifts_by_the_candidates_maximum() {
+        // x0 = e1, x1 = −e1 (group 0), x2 = e2 (group 1), τ = 0.01. Anchor 0: S = [100 (self),
+        // −100, 0], A = {1, 2}: ln(e^{−100} + e^0) = 0 (to 1e-43), so ℓ₀ = 100; anchor 1 the
+        // same; anchor 2 has no positive. Shifting by the anchor's own logit (100) instead
+        // makes both terms underflow in f32, and the loss came out as 131.
+        let x = Tensor::new(&[[1.0f32, 0.0], [-1.0, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let groups = Tensor::new(&[0i64, 0, 1], &Device::Cpu).unwrap();
+        let got = scalar(&loss(0.01).forward(&x, &GroupTargets { groups }).unwrap());
+        assert!((got - 100.0).abs() < 1e-3, "{got}");
     }
 
     #[test]

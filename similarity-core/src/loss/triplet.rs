@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! all:        L = Σ_{valid (a,p,n)} [d_ap − d_an + m]_+  /  #{(a,p,n) : d_ap − d_an + m > 0}
-//! hard:       L = mean_a [ (d_a,p* − d_a,n*) / mean_a d_a,n* + m ]_+        (scale_by_mean_negative)
+//! hard:       L = mean_a [ (d_a,p* − d_a,n*) / max(mean_a d_a,n*, ε) + m ]_+  (scale_by_mean_negative)
 //!             L = mean_a [ d_a,p* − d_a,n* + m ]_+                        (without it)
 //!             L = mean_a softplus(d_a,p* − d_a,n*)                        (soft; m unused)
 //!               with p* = argmax_p d_ap (hardest positive), n* = argmin_n d_an (hardest negative)
@@ -21,7 +21,11 @@
 //! the hardest-negative distances, which makes that mode invariant to the distance scale).
 //!
 //! Anchors without a positive or without a negative are left out (of the means and of the
-//! mean hardest-negative distance); a batch with no usable anchor (or triplet) gives `0`.
+//! mean hardest-negative distance); a batch with no usable anchor (or triplet) gives `0`,
+//! with a zero gradient. With `scale_by_mean_negative`, a mean hardest-negative distance
+//! below `ε = 10⁻⁶` in magnitude is replaced by `ε` (written `max(·, ε)` above): it is 0
+//! in a batch without a usable anchor, and 0 or a round-off of either sign when every
+//! hardest negative coincides with its anchor, where the quotient would be 0/0 or noise.
 //!
 //! Memory: `hard` and `semi_hard` take `O(N²)` (`O(N·M)` against a memory); `all` builds the
 //! full `(N, N, N)` triplet tensor (`(N, M, M)` against a memory) and is the only mode that
@@ -61,6 +65,16 @@ pub(super) fn big(dtype: DType) -> f64 {
     }
 }
 
+/// The smallest magnitude `ε` of the mean hardest-negative distance that
+/// `scale_by_mean_negative` divides by: 10⁻⁶ (the Euclidean distance's own floor,
+/// `√10⁻¹²`), 10⁻³ in f16, whose range ends at 65,504.
+fn mean_negative_floor(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => 1.0e-3,
+        _ => 1.0e-6,
+    }
+}
+
 /// `softplus(x) = ln(1 + eˣ)`, computed stably as `relu(x) + ln(1 + e^{−|x|})`.
 pub(super) fn softplus(x: &Tensor) -> Result<Tensor> {
     let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
@@ -68,22 +82,33 @@ pub(super) fn softplus(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Row-wise `ln(Σ_j mask_ij · exp(x_ij))` for a `{0, 1}` mask, `(n, m)` → `(n)`, stable and
-/// NaN-free: a row with an empty mask gives about `−big`, never `−inf`.
+/// NaN-free: a row with an empty mask gives about `−big` (never `−∞`) with a zero gradient.
+///
+/// Entries outside the mask are selected away before any arithmetic (not multiplied by 0),
+/// so whatever they hold (a huge logit, `±∞`) reaches neither the value nor the gradient;
+/// the row maximum is taken over the mask only, so an entry outside it cannot make every
+/// exponential underflow.
 pub(super) fn masked_logsumexp(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let big = big(x.dtype());
-    let masked = x.mul(mask)?.add(&((mask - 1.0)? * big)?)?;
-    let max = masked.max_keepdim(D::Minus1)?.detach();
-    let sum = masked
-        .broadcast_sub(&max)?
-        .exp()?
-        .mul(mask)?
-        .sum_keepdim(D::Minus1)?;
-    // An empty row sums to 0: add the smallest normal value instead of taking ln(0).
+    let keep = mask.ne(0.0)?;
+    let zeros = x.zeros_like()?;
+    let lowest = Tensor::full(f32::NEG_INFINITY, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    let max = keep
+        .where_cond(&x.detach(), &lowest)?
+        .max_keepdim(D::Minus1)?
+        .clamp(-big(x.dtype()), f64::MAX)?;
+    let shifted = keep.where_cond(&x.broadcast_sub(&max)?, &zeros)?;
+    let sum = shifted.exp()?.mul(mask)?.sum_keepdim(D::Minus1)?;
+    // An empty row sums to 0: the floor replaces ln(0), and has no gradient.
     let tiny = match x.dtype() {
         DType::F64 => f64::MIN_POSITIVE,
+        DType::F16 => 6.1e-5,
         _ => f32::MIN_POSITIVE as f64,
     };
-    Ok((sum + tiny)?.log()?.add(&max)?.squeeze(D::Minus1)?)
+    Ok(sum
+        .clamp(tiny, f64::MAX)?
+        .log()?
+        .add(&max)?
+        .squeeze(D::Minus1)?)
 }
 
 /// `Σ values / max(Σ weights, 1)`: a mean over the entries that count, `0` when none do.
@@ -253,7 +278,17 @@ impl TripletLoss {
         let per_anchor = if self.config.soft {
             softplus(&diff)?
         } else if self.config.scale_by_mean_negative {
+            // With no valid anchor the mean is 0 (the masked forward is 0, but its backward
+            // is 0/0), and negatives that coincide with their anchors make it 0 or a
+            // round-off of either sign: below ε in magnitude it is replaced by ε, selected
+            // (not clamped: a clamp multiplies the discarded gradient, which can be
+            // infinite, by 0), so it has no gradient there.
             let mean_neg = weighted_mean(&hardest_neg.mul(valid)?, valid)?;
+            let floor = mean_negative_floor(diff.dtype());
+            let mean_neg = mean_neg
+                .abs()?
+                .ge(floor)?
+                .where_cond(&mean_neg, &(mean_neg.zeros_like()? + floor)?)?;
             diff.broadcast_div(&mean_neg)?
                 .affine(1.0, self.config.margin)?
                 .relu()?
