@@ -266,18 +266,33 @@ fn killed_log_writes_leave_complete_logs_that_agree() {
             logs.join("metrics.jsonl").exists()
         });
         let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap();
-        let (csv, jsonl, svg) = (read("metrics.csv"), read("metrics.jsonl"), read("curves.svg"));
+        let (csv, jsonl, svg) = (
+            read("metrics.csv"),
+            read("metrics.jsonl"),
+            read("curves.svg"),
+        );
         let epochs = jsonl.lines().count();
         assert!(epochs >= 1, "round {round}: empty logs");
         for line in jsonl.lines() {
             serde_json::from_str::<serde_json::Value>(line)
                 .unwrap_or_else(|e| panic!("round {round}: torn metrics.jsonl: {e}"));
         }
-        assert_eq!(csv.lines().count(), epochs + 1, "round {round}: csv and jsonl disagree");
-        assert!(svg.trim_end().ends_with("</svg>"), "round {round}: torn curves.svg");
+        assert_eq!(
+            csv.lines().count(),
+            epochs + 1,
+            "round {round}: csv and jsonl disagree"
+        );
+        assert!(
+            svg.trim_end().ends_with("</svg>"),
+            "round {round}: torn curves.svg"
+        );
         // At most the killed write's temporary directory is left, and the next run
         // sweeps it.
-        assert!(names(dir.path()).len() <= 3, "round {round}: {:?}", names(dir.path()));
+        assert!(
+            names(dir.path()).len() <= 3,
+            "round {round}: {:?}",
+            names(dir.path())
+        );
         let cfg = TrainerConfig {
             epochs: 1,
             batch_size: 20,
@@ -290,4 +305,110 @@ fn killed_log_writes_leave_complete_logs_that_agree() {
             .unwrap();
         assert_eq!(names(dir.path()), [".logs.lock", "logs"], "round {round}");
     }
+}
+
+/// Starts the child writing in `mode` and returns it once it has written once.
+fn spawn_writer(mode: &str, dir: &Path, ready: impl Fn() -> bool) -> std::process::Child {
+    let child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "fault_child",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(CHILD_ENV, format!("{mode}:{}", dir.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the child never wrote anything"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+#[test]
+fn two_processes_saving_one_model_never_damage_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("model");
+    let mut child = spawn_writer("servable", dir.path(), || dir.path().join("saved").exists());
+    let (mut saved, mut busy, mut loaded) = (0, 0, 0);
+    for i in 0..40 {
+        match model(1000 + i).save(&target) {
+            Ok(()) => saved += 1,
+            Err(similarity_core::Error::InUse { pid, .. }) => {
+                assert_eq!(pid, Some(child.id()), "the lock names the writer");
+                busy += 1;
+            }
+            Err(e) => panic!("save {i}: {e}"),
+        }
+        // A reader racing the writer reads one whole model.
+        FaqModel::load(&target, &Device::Cpu).unwrap_or_else(|e| panic!("load {i}: {e}"));
+        loaded += 1;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(saved + busy, 40);
+    assert_eq!(loaded, 40);
+    FaqModel::load(&target, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn a_second_run_on_a_checkpoint_directory_in_use_is_refused_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let last = dir.path().join("ckpt/last");
+    let mut child = spawn_writer("checkpoint", dir.path(), || {
+        last.join("state.json").exists()
+    });
+    let cfg = TrainerConfig {
+        epochs: 1,
+        batch_size: 20,
+        progress: false,
+        checkpoints: Some(CheckpointConfig {
+            dir: dir.path().join("ckpt"),
+            every_n_epochs: 0,
+            save_best: false,
+        }),
+        ..Default::default()
+    };
+    let err = Trainer::new(cfg)
+        .fit(&mut model(0), &common::faq_pairs("train", 40), None)
+        .unwrap_err();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let text = err.to_string();
+    assert!(
+        text.contains("ckpt") && text.contains(&format!("process {}", child.id())),
+        "{text}"
+    );
+}
+
+#[test]
+fn runs_sharing_a_cache_directory_with_a_writer_never_see_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_writer("cache", dir.path(), || dir.path().join("saved").exists());
+    for run in 0..6 {
+        let cfg = TrainerConfig {
+            epochs: 1,
+            batch_size: 20,
+            progress: false,
+            cache_dir: Some(dir.path().join("cache")),
+            ..Default::default()
+        };
+        let data = common::faq_pairs("train", 45 + run * 7);
+        Trainer::new(cfg.clone())
+            .fit(&mut model(0), &data, None)
+            .unwrap_or_else(|e| panic!("fit {run}: {e}"));
+        Trainer::new(cfg)
+            .evaluate(&mut model(0), &data)
+            .unwrap_or_else(|e| panic!("evaluate {run}: {e}"));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

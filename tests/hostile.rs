@@ -255,8 +255,7 @@ fn huge_sparse(path: &Path) {
 }
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 }
@@ -284,7 +283,13 @@ fn replace_first(path: &Path, prefix: &str, f: impl FnOnce(&Tensor) -> Tensor) {
 }
 
 fn nan_like(t: &Tensor) -> Tensor {
-    let mut v = t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    let mut v = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     v[0] = f32::NAN;
     Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
 }
@@ -305,40 +310,347 @@ fn model_file(root: &Path, name: &str) -> PathBuf {
 
 fn model_cases() -> Vec<Case> {
     vec![
-        case("model: config.json missing", |r| { saved(r); std::fs::remove_file(model_file(r, "config.json")).unwrap() }, load, &["config.json"]),
-        case("model: config.json empty", |r| { saved(r); empty(&model_file(r, "config.json")) }, load, &["config.json"]),
-        case("model: config.json truncated", |r| { saved(r); truncate(&model_file(r, "config.json")) }, load, &["config.json"]),
-        case("model: config.json garbage", |r| { saved(r); garbage(&model_file(r, "config.json")) }, load, &["config.json"]),
-        case("model: config.json a FIFO", |r| { saved(r); fifo(&model_file(r, "config.json")) }, load, &["config.json", "FIFO"]),
-        case("model: config.json -> /dev/zero", |r| { saved(r); to_dev_zero(&model_file(r, "config.json")) }, load, &["config.json", "character device"]),
-        case("model: config.json a directory", |r| { saved(r); let p = model_file(r, "config.json"); std::fs::remove_file(&p).unwrap(); std::fs::create_dir(&p).unwrap() }, load, &["config.json", "directory"]),
-        case("model: config.json 100 GiB", |r| { saved(r); huge_sparse(&model_file(r, "config.json")) }, load, &["config.json", "more than"]),
-        case("model: format_version 99", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["format_version"] = 99.into()) }, load, &["config.json", "format_version 99"]),
-        case("model: format_version missing", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| { v.as_object_mut().unwrap().remove("format_version"); }) }, load, &["config.json", "format_version"]),
-        case("model: another model type", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["model"] = "Other".into()) }, load, &["config.json", "Other"]),
-        case("model: no encoders", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["encoders"] = serde_json::json!([])) }, load, &["config.json", "text"]),
-        case("model: encoder type changed", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["encoders"][0]["type"] = "Other".into()) }, load, &["config.json", "Other"]),
-        case("model: encoder size in manifest", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["encoders"][0]["embedding_size"] = 31.into()) }, load, &["config.json", "31"]),
-        case("model: head type changed", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["head"]["type"] = "GatedHead".into()) }, load, &["config.json", "GatedHead"]),
-        case("model: head option of the wrong type", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["head"]["config"]["n_layers"] = "two".into()) }, load, &["config.json", "head"]),
-        case("model: head input size", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["head"]["input_size"] = 7.into()) }, load, &["config.json", "7"]),
-        case("model: loss option of the wrong type", |r| { saved(r); edit_json(&model_file(r, "config.json"), |v| v["loss"]["config"]["scale"] = "big".into()) }, load, &["config.json", "loss"]),
-        case("model: weights missing", |r| { saved(r); std::fs::remove_file(model_file(r, "weights.safetensors")).unwrap() }, load, &["weights.safetensors"]),
-        case("model: weights truncated", |r| { saved(r); truncate(&model_file(r, "weights.safetensors")) }, load, &["weights.safetensors"]),
-        case("model: weights garbage", |r| { saved(r); garbage(&model_file(r, "weights.safetensors")) }, load, &["weights.safetensors"]),
-        case("model: weights a FIFO", |r| { saved(r); fifo(&model_file(r, "weights.safetensors")) }, load, &["weights.safetensors", "FIFO"]),
-        case("model: weights -> /dev/zero", |r| { saved(r); to_dev_zero(&model_file(r, "weights.safetensors")) }, load, &["weights.safetensors", "character device"]),
-        case("model: weights 100 GiB", |r| { saved(r); huge_sparse(&model_file(r, "weights.safetensors")) }, load, &["weights.safetensors", "more than"]),
-        case("model: weights header length u64::MAX", |r| { saved(r); let p = model_file(r, "weights.safetensors"); let mut b = std::fs::read(&p).unwrap(); b[..8].copy_from_slice(&u64::MAX.to_le_bytes()); std::fs::write(&p, b).unwrap() }, load, &["weights.safetensors"]),
-        case("model: a NaN weight", |r| { saved(r); replace_first(&model_file(r, "weights.safetensors"), "head", nan_like) }, load, &["weights.safetensors", "NaN"]),
-        case("model: a weight missing", |r| { saved(r); let p = model_file(r, "weights.safetensors"); let n = first_tensor(&p, "head"); edit_tensors(&p, |t| { t.remove(&n); }) }, load, &["weights.safetensors", "missing"]),
-        case("model: an extra weight", |r| { saved(r); edit_tensors(&model_file(r, "weights.safetensors"), |t| { t.insert("head.extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()); }) }, load, &["weights.safetensors", "head.extra"]),
-        case("model: a weight of another shape", |r| { saved(r); replace_first(&model_file(r, "weights.safetensors"), "head", |_| Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()) }, load, &["weights.safetensors", "shape"]),
-        case("model: an integer weight", |r| { saved(r); replace_first(&model_file(r, "weights.safetensors"), "head", |t| t.to_dtype(DType::I64).unwrap()) }, load, &["weights.safetensors", "dtype"]),
-        case("model: encoder config garbage", |r| { saved(r); garbage(&model_file(r, "encoders/text/config.json")) }, load, &["encoders/text/config.json"]),
-        case("model: encoder config a FIFO", |r| { saved(r); fifo(&model_file(r, "encoders/text/config.json")) }, load, &["encoders/text/config.json", "FIFO"]),
-        case("model: encoder directory missing", |r| { saved(r); std::fs::remove_dir_all(model_file(r, "encoders/text")).unwrap() }, load, &["encoders/text"]),
-        case("model: the directory is a regular file", |r| std::fs::write(r.join("model"), b"x").unwrap(), load, &["model"]),
+        case(
+            "model: config.json missing",
+            |r| {
+                saved(r);
+                std::fs::remove_file(model_file(r, "config.json")).unwrap()
+            },
+            load,
+            &["config.json"],
+        ),
+        case(
+            "model: config.json empty",
+            |r| {
+                saved(r);
+                empty(&model_file(r, "config.json"))
+            },
+            load,
+            &["config.json"],
+        ),
+        case(
+            "model: config.json truncated",
+            |r| {
+                saved(r);
+                truncate(&model_file(r, "config.json"))
+            },
+            load,
+            &["config.json"],
+        ),
+        case(
+            "model: config.json garbage",
+            |r| {
+                saved(r);
+                garbage(&model_file(r, "config.json"))
+            },
+            load,
+            &["config.json"],
+        ),
+        case(
+            "model: config.json a FIFO",
+            |r| {
+                saved(r);
+                fifo(&model_file(r, "config.json"))
+            },
+            load,
+            &["config.json", "FIFO"],
+        ),
+        case(
+            "model: config.json -> /dev/zero",
+            |r| {
+                saved(r);
+                to_dev_zero(&model_file(r, "config.json"))
+            },
+            load,
+            &["config.json", "character device"],
+        ),
+        case(
+            "model: config.json a directory",
+            |r| {
+                saved(r);
+                let p = model_file(r, "config.json");
+                std::fs::remove_file(&p).unwrap();
+                std::fs::create_dir(&p).unwrap()
+            },
+            load,
+            &["config.json", "directory"],
+        ),
+        case(
+            "model: config.json 100 GiB",
+            |r| {
+                saved(r);
+                huge_sparse(&model_file(r, "config.json"))
+            },
+            load,
+            &["config.json", "more than"],
+        ),
+        case(
+            "model: format_version 99",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["format_version"] = 99.into()
+                })
+            },
+            load,
+            &["config.json", "format_version 99"],
+        ),
+        case(
+            "model: format_version missing",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v.as_object_mut().unwrap().remove("format_version");
+                })
+            },
+            load,
+            &["config.json", "format_version"],
+        ),
+        case(
+            "model: another model type",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["model"] = "Other".into()
+                })
+            },
+            load,
+            &["config.json", "Other"],
+        ),
+        case(
+            "model: no encoders",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["encoders"] = serde_json::json!([])
+                })
+            },
+            load,
+            &["config.json", "text"],
+        ),
+        case(
+            "model: encoder type changed",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["encoders"][0]["type"] = "Other".into()
+                })
+            },
+            load,
+            &["config.json", "Other"],
+        ),
+        case(
+            "model: encoder size in manifest",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["encoders"][0]["embedding_size"] = 31.into()
+                })
+            },
+            load,
+            &["config.json", "31"],
+        ),
+        case(
+            "model: head type changed",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["head"]["type"] = "GatedHead".into()
+                })
+            },
+            load,
+            &["config.json", "GatedHead"],
+        ),
+        case(
+            "model: head option of the wrong type",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["head"]["config"]["n_layers"] = "two".into()
+                })
+            },
+            load,
+            &["config.json", "head"],
+        ),
+        case(
+            "model: head input size",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["head"]["input_size"] = 7.into()
+                })
+            },
+            load,
+            &["config.json", "7"],
+        ),
+        case(
+            "model: loss option of the wrong type",
+            |r| {
+                saved(r);
+                edit_json(&model_file(r, "config.json"), |v| {
+                    v["loss"]["config"]["scale"] = "big".into()
+                })
+            },
+            load,
+            &["config.json", "loss"],
+        ),
+        case(
+            "model: weights missing",
+            |r| {
+                saved(r);
+                std::fs::remove_file(model_file(r, "weights.safetensors")).unwrap()
+            },
+            load,
+            &["weights.safetensors"],
+        ),
+        case(
+            "model: weights truncated",
+            |r| {
+                saved(r);
+                truncate(&model_file(r, "weights.safetensors"))
+            },
+            load,
+            &["weights.safetensors"],
+        ),
+        case(
+            "model: weights garbage",
+            |r| {
+                saved(r);
+                garbage(&model_file(r, "weights.safetensors"))
+            },
+            load,
+            &["weights.safetensors"],
+        ),
+        case(
+            "model: weights a FIFO",
+            |r| {
+                saved(r);
+                fifo(&model_file(r, "weights.safetensors"))
+            },
+            load,
+            &["weights.safetensors", "FIFO"],
+        ),
+        case(
+            "model: weights -> /dev/zero",
+            |r| {
+                saved(r);
+                to_dev_zero(&model_file(r, "weights.safetensors"))
+            },
+            load,
+            &["weights.safetensors", "character device"],
+        ),
+        case(
+            "model: weights 100 GiB",
+            |r| {
+                saved(r);
+                huge_sparse(&model_file(r, "weights.safetensors"))
+            },
+            load,
+            &["weights.safetensors", "more than"],
+        ),
+        case(
+            "model: weights header length u64::MAX",
+            |r| {
+                saved(r);
+                let p = model_file(r, "weights.safetensors");
+                let mut b = std::fs::read(&p).unwrap();
+                b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+                std::fs::write(&p, b).unwrap()
+            },
+            load,
+            &["weights.safetensors"],
+        ),
+        case(
+            "model: a NaN weight",
+            |r| {
+                saved(r);
+                replace_first(&model_file(r, "weights.safetensors"), "head", nan_like)
+            },
+            load,
+            &["weights.safetensors", "NaN"],
+        ),
+        case(
+            "model: a weight missing",
+            |r| {
+                saved(r);
+                let p = model_file(r, "weights.safetensors");
+                let n = first_tensor(&p, "head");
+                edit_tensors(&p, |t| {
+                    t.remove(&n);
+                })
+            },
+            load,
+            &["weights.safetensors", "missing"],
+        ),
+        case(
+            "model: an extra weight",
+            |r| {
+                saved(r);
+                edit_tensors(&model_file(r, "weights.safetensors"), |t| {
+                    t.insert(
+                        "head.extra".into(),
+                        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                })
+            },
+            load,
+            &["weights.safetensors", "head.extra"],
+        ),
+        case(
+            "model: a weight of another shape",
+            |r| {
+                saved(r);
+                replace_first(&model_file(r, "weights.safetensors"), "head", |_| {
+                    Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()
+                })
+            },
+            load,
+            &["weights.safetensors", "shape"],
+        ),
+        case(
+            "model: an integer weight",
+            |r| {
+                saved(r);
+                replace_first(&model_file(r, "weights.safetensors"), "head", |t| {
+                    t.to_dtype(DType::I64).unwrap()
+                })
+            },
+            load,
+            &["weights.safetensors", "dtype"],
+        ),
+        case(
+            "model: encoder config garbage",
+            |r| {
+                saved(r);
+                garbage(&model_file(r, "encoders/text/config.json"))
+            },
+            load,
+            &["encoders/text/config.json"],
+        ),
+        case(
+            "model: encoder config a FIFO",
+            |r| {
+                saved(r);
+                fifo(&model_file(r, "encoders/text/config.json"))
+            },
+            load,
+            &["encoders/text/config.json", "FIFO"],
+        ),
+        case(
+            "model: encoder directory missing",
+            |r| {
+                saved(r);
+                std::fs::remove_dir_all(model_file(r, "encoders/text")).unwrap()
+            },
+            load,
+            &["encoders/text"],
+        ),
+        case(
+            "model: the directory is a regular file",
+            |r| std::fs::write(r.join("model"), b"x").unwrap(),
+            load,
+            &["model"],
+        ),
         case("model: the directory is missing", |_| {}, load, &["model"]),
     ]
 }
@@ -351,31 +663,98 @@ fn save_to(root: &Path) -> Outcome {
 
 fn save_cases() -> Vec<Case> {
     vec![
-        case("save: over a directory of the user's", |r| { std::fs::create_dir(r.join("model")).unwrap(); std::fs::write(r.join("model/notes.txt"), b"mine").unwrap() }, save_to, &["model", "did not write"]),
-        case("save: over a regular file", |r| std::fs::write(r.join("model"), b"mine").unwrap(), save_to, &["model", "regular file"]),
-        case("save: over a symbolic link", |r| { std::fs::create_dir(r.join("real")).unwrap(); std::os::unix::fs::symlink(r.join("real"), r.join("model")).unwrap() }, save_to, &["model", "symbolic link"]),
-        case("save: over a FIFO", |r| fifo(&r.join("model")), save_to, &["model", "FIFO"]),
-        case("save: over a logs directory", |r| {
-            let cfg = TrainerConfig { logs_dir: Some(r.join("model")), ..config() };
-            Trainer::new(cfg).fit(&mut faq(), &pairs(), None).unwrap();
-        }, save_to, &["model", "logs"]),
-        case("save: over a checkpoint", |r| {
-            let cfg = TrainerConfig { checkpoints: Some(checkpoints(r)), ..config() };
-            Trainer::new(cfg).fit(&mut faq(), &pairs(), None).unwrap();
-            std::fs::rename(r.join("ckpt/last"), r.join("model")).unwrap();
-        }, save_to, &["model", "checkpoint"]),
-        case("save: NaN weights", |_| {}, |r| {
-            let model = faq();
-            let (_, var) = model.state().named_trainable_vars().into_iter().next().unwrap();
-            var.set(&nan_like(var.as_tensor())).unwrap();
-            model.save(&r.join("model"))
-        }, &["model", "NaN"]),
-        case("save: while another writer holds it", |_| {}, |r| {
-            let _held = similarity_core::files::PathLock::acquire(&r.join("model"))?;
-            save_to(r)
-        }, &["model", "in use by process"]),
-        case("save: under a regular file", |r| std::fs::write(r.join("file"), b"x").unwrap(), |r| faq().save(&r.join("file/model")), &["file"]),
-        case("save: to a path with no name", |_| {}, |r| faq().save(&r.join("model/..")), &["no final component"]),
+        case(
+            "save: over a directory of the user's",
+            |r| {
+                std::fs::create_dir(r.join("model")).unwrap();
+                std::fs::write(r.join("model/notes.txt"), b"mine").unwrap()
+            },
+            save_to,
+            &["model", "did not write"],
+        ),
+        case(
+            "save: over a regular file",
+            |r| std::fs::write(r.join("model"), b"mine").unwrap(),
+            save_to,
+            &["model", "regular file"],
+        ),
+        case(
+            "save: over a symbolic link",
+            |r| {
+                std::fs::create_dir(r.join("real")).unwrap();
+                std::os::unix::fs::symlink(r.join("real"), r.join("model")).unwrap()
+            },
+            save_to,
+            &["model", "symbolic link"],
+        ),
+        case(
+            "save: over a FIFO",
+            |r| fifo(&r.join("model")),
+            save_to,
+            &["model", "FIFO"],
+        ),
+        case(
+            "save: over a logs directory",
+            |r| {
+                let cfg = TrainerConfig {
+                    logs_dir: Some(r.join("model")),
+                    ..config()
+                };
+                Trainer::new(cfg).fit(&mut faq(), &pairs(), None).unwrap();
+            },
+            save_to,
+            &["model", "logs"],
+        ),
+        case(
+            "save: over a checkpoint",
+            |r| {
+                let cfg = TrainerConfig {
+                    checkpoints: Some(checkpoints(r)),
+                    ..config()
+                };
+                Trainer::new(cfg).fit(&mut faq(), &pairs(), None).unwrap();
+                std::fs::rename(r.join("ckpt/last"), r.join("model")).unwrap();
+            },
+            save_to,
+            &["model", "checkpoint"],
+        ),
+        case(
+            "save: NaN weights",
+            |_| {},
+            |r| {
+                let model = faq();
+                let (_, var) = model
+                    .state()
+                    .named_trainable_vars()
+                    .into_iter()
+                    .next()
+                    .unwrap();
+                var.set(&nan_like(var.as_tensor())).unwrap();
+                model.save(&r.join("model"))
+            },
+            &["model", "NaN"],
+        ),
+        case(
+            "save: while another writer holds it",
+            |_| {},
+            |r| {
+                let _held = similarity_core::files::PathLock::acquire(&r.join("model"))?;
+                save_to(r)
+            },
+            &["model", "in use by process"],
+        ),
+        case(
+            "save: under a regular file",
+            |r| std::fs::write(r.join("file"), b"x").unwrap(),
+            |r| faq().save(&r.join("file/model")),
+            &["file"],
+        ),
+        case(
+            "save: to a path with no name",
+            |_| {},
+            |r| faq().save(&r.join("model/..")),
+            &["no final component"],
+        ),
     ]
 }
 
@@ -394,7 +773,9 @@ fn group_checkpoint(root: &Path) {
         checkpoints: Some(checkpoints(root)),
         ..config()
     };
-    Trainer::new(cfg).fit(&mut group_model(), &groups(), None).unwrap();
+    Trainer::new(cfg)
+        .fit(&mut group_model(), &groups(), None)
+        .unwrap();
 }
 
 fn weights_of<M: TrainableModel>(model: &M) -> Vec<Vec<f32>> {
@@ -402,7 +783,13 @@ fn weights_of<M: TrainableModel>(model: &M) -> Vec<Vec<f32>> {
         .state()
         .named_trainable_vars()
         .iter()
-        .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -411,18 +798,32 @@ fn weights_of<M: TrainableModel>(model: &M) -> Vec<Vec<f32>> {
 fn resume(root: &Path) -> Outcome {
     let mut model = faq();
     let before = weights_of(&model);
-    let cfg = TrainerConfig { epochs: 3, ..config() };
+    let cfg = TrainerConfig {
+        epochs: 3,
+        ..config()
+    };
     let result = Trainer::new(cfg).resume(&mut model, &root.join("ckpt/last"), &pairs(), None);
-    assert_eq!(weights_of(&model), before, "a failed resume changed the model");
+    assert_eq!(
+        weights_of(&model),
+        before,
+        "a failed resume changed the model"
+    );
     result.map(drop)
 }
 
 fn resume_group(root: &Path) -> Outcome {
     let mut model = group_model();
     let before = weights_of(&model);
-    let cfg = TrainerConfig { epochs: 3, ..config() };
+    let cfg = TrainerConfig {
+        epochs: 3,
+        ..config()
+    };
     let result = Trainer::new(cfg).resume(&mut model, &root.join("ckpt/last"), &groups(), None);
-    assert_eq!(weights_of(&model), before, "a failed resume changed the model");
+    assert_eq!(
+        weights_of(&model),
+        before,
+        "a failed resume changed the model"
+    );
     result.map(drop)
 }
 
@@ -432,37 +833,302 @@ fn ckpt(root: &Path, name: &str) -> PathBuf {
 
 fn checkpoint_cases() -> Vec<Case> {
     vec![
-        case("checkpoint: state.json missing", |r| { trained_checkpoint(r); std::fs::remove_file(ckpt(r, "state.json")).unwrap() }, resume, &["state.json"]),
-        case("checkpoint: state.json garbage", |r| { trained_checkpoint(r); garbage(&ckpt(r, "state.json")) }, resume, &["state.json"]),
-        case("checkpoint: state.json a FIFO", |r| { trained_checkpoint(r); fifo(&ckpt(r, "state.json")) }, resume, &["state.json", "FIFO"]),
-        case("checkpoint: format_version 7", |r| { trained_checkpoint(r); edit_json(&ckpt(r, "state.json"), |v| v["format_version"] = 7.into()) }, resume, &["state.json", "format_version 7"]),
-        case("checkpoint: another model type", |r| { trained_checkpoint(r); edit_json(&ckpt(r, "state.json"), |v| v["model"] = "Other".into()) }, resume, &["state.json", "Other"]),
-        case("checkpoint: weights missing", |r| { trained_checkpoint(r); std::fs::remove_file(ckpt(r, "weights.safetensors")).unwrap() }, resume, &["weights.safetensors", "missing"]),
-        case("checkpoint: weights -> /dev/zero", |r| { trained_checkpoint(r); to_dev_zero(&ckpt(r, "weights.safetensors")) }, resume, &["weights.safetensors", "character device"]),
-        case("checkpoint: a weight missing", |r| { trained_checkpoint(r); let p = ckpt(r, "weights.safetensors"); let n = first_tensor(&p, "head"); edit_tensors(&p, |t| { t.remove(&n); }) }, resume, &["weights.safetensors", "missing variable"]),
-        case("checkpoint: a weight of another shape", |r| { trained_checkpoint(r); replace_first(&ckpt(r, "weights.safetensors"), "head", |_| Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()) }, resume, &["weights.safetensors", "shape"]),
-        case("checkpoint: a NaN weight", |r| { trained_checkpoint(r); replace_first(&ckpt(r, "weights.safetensors"), "head", nan_like) }, resume, &["weights.safetensors", "NaN"]),
-        case("checkpoint: an extra weight", |r| { trained_checkpoint(r); edit_tensors(&ckpt(r, "weights.safetensors"), |t| { t.insert("head.extra".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()); }) }, resume, &["weights.safetensors", "head.extra"]),
-        case("checkpoint: an integer weight", |r| { trained_checkpoint(r); replace_first(&ckpt(r, "weights.safetensors"), "head", |t| t.to_dtype(DType::I64).unwrap()) }, resume, &["weights.safetensors", "dtype"]),
-        case("checkpoint: a moment of the wrong length", |r| { trained_checkpoint(r); replace_first(&ckpt(r, "optimizer.safetensors"), "m.", |_| Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap()) }, resume, &["optimizer.safetensors", "shape"]),
-        case("checkpoint: one moment of a pair missing", |r| { trained_checkpoint(r); let p = ckpt(r, "optimizer.safetensors"); let n = first_tensor(&p, "v."); edit_tensors(&p, |t| { t.remove(&n); }) }, resume, &["optimizer.safetensors", "only one of the moments"]),
-        case("checkpoint: both moments of a variable missing", |r| { trained_checkpoint(r); let p = ckpt(r, "optimizer.safetensors"); let m = first_tensor(&p, "m."); let v = format!("v.{}", &m[2..]); edit_tensors(&p, |t| { t.remove(&m); t.remove(&v); }) }, resume, &["optimizer.safetensors", "missing the moments"]),
-        case("checkpoint: a NaN moment", |r| { trained_checkpoint(r); replace_first(&ckpt(r, "optimizer.safetensors"), "m.", nan_like) }, resume, &["optimizer.safetensors", "NaN"]),
-        case("checkpoint: an unknown moment", |r| { trained_checkpoint(r); edit_tensors(&ckpt(r, "optimizer.safetensors"), |t| { t.insert("m.nothing".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap()); }) }, resume, &["optimizer.safetensors", "m.nothing"]),
-        case("checkpoint: optimizer file missing", |r| { trained_checkpoint(r); std::fs::remove_file(ckpt(r, "optimizer.safetensors")).unwrap() }, resume, &["optimizer.safetensors", "missing"]),
-        case("checkpoint: optimizer file truncated", |r| { trained_checkpoint(r); truncate(&ckpt(r, "optimizer.safetensors")) }, resume, &["optimizer.safetensors"]),
-        case("checkpoint: optimizer file a FIFO", |r| { trained_checkpoint(r); fifo(&ckpt(r, "optimizer.safetensors")) }, resume, &["optimizer.safetensors", "FIFO"]),
-        case("checkpoint: memory file missing", |r| { group_checkpoint(r); std::fs::remove_file(ckpt(r, "extra.safetensors")).unwrap() }, resume_group, &["extra.safetensors", "missing"]),
-        case("checkpoint: memory of another width", |r| { group_checkpoint(r); edit_tensors(&ckpt(r, "extra.safetensors"), |t| { t.insert("xbm.embeddings".into(), Tensor::zeros((64, 5), DType::F32, &Device::Cpu).unwrap()); }) }, resume_group, &["extra.safetensors", "xbm.embeddings", "(64, 32)"]),
-        case("checkpoint: memory holding NaN", |r| { group_checkpoint(r); let p = ckpt(r, "extra.safetensors"); edit_tensors(&p, |t| { let e = nan_like(&t["xbm.embeddings"]); t.insert("xbm.embeddings".into(), e); }) }, resume_group, &["extra.safetensors", "xbm.embeddings"]),
-        case("checkpoint: memory pointer out of range", |r| { group_checkpoint(r); edit_tensors(&ckpt(r, "extra.safetensors"), |t| { t.insert("xbm.pointer_len".into(), Tensor::new(&[64i64, 3], &Device::Cpu).unwrap()); }) }, resume_group, &["extra.safetensors", "pointer 64"]),
-        case("checkpoint: memory groups as floats", |r| { group_checkpoint(r); edit_tensors(&ckpt(r, "extra.safetensors"), |t| { t.insert("xbm.groups".into(), Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap()); }) }, resume_group, &["extra.safetensors", "xbm.groups"]),
-        case("checkpoint: the directory is a regular file", |r| { std::fs::create_dir_all(r.join("ckpt")).unwrap(); std::fs::write(r.join("ckpt/last"), b"x").unwrap() }, resume, &["state.json"]),
-        case("checkpoint: a second run on the same directory", trained_checkpoint, |r| {
-            let _held = similarity_core::files::PathLock::acquire(&r.join("ckpt"))?;
-            let cfg = TrainerConfig { checkpoints: Some(checkpoints(r)), ..config() };
-            Trainer::new(cfg).fit(&mut faq(), &pairs(), None).map(drop)
-        }, &["ckpt", "in use by process"]),
+        case(
+            "checkpoint: state.json missing",
+            |r| {
+                trained_checkpoint(r);
+                std::fs::remove_file(ckpt(r, "state.json")).unwrap()
+            },
+            resume,
+            &["state.json"],
+        ),
+        case(
+            "checkpoint: state.json garbage",
+            |r| {
+                trained_checkpoint(r);
+                garbage(&ckpt(r, "state.json"))
+            },
+            resume,
+            &["state.json"],
+        ),
+        case(
+            "checkpoint: state.json a FIFO",
+            |r| {
+                trained_checkpoint(r);
+                fifo(&ckpt(r, "state.json"))
+            },
+            resume,
+            &["state.json", "FIFO"],
+        ),
+        case(
+            "checkpoint: format_version 7",
+            |r| {
+                trained_checkpoint(r);
+                edit_json(&ckpt(r, "state.json"), |v| v["format_version"] = 7.into())
+            },
+            resume,
+            &["state.json", "format_version 7"],
+        ),
+        case(
+            "checkpoint: another model type",
+            |r| {
+                trained_checkpoint(r);
+                edit_json(&ckpt(r, "state.json"), |v| v["model"] = "Other".into())
+            },
+            resume,
+            &["state.json", "Other"],
+        ),
+        case(
+            "checkpoint: weights missing",
+            |r| {
+                trained_checkpoint(r);
+                std::fs::remove_file(ckpt(r, "weights.safetensors")).unwrap()
+            },
+            resume,
+            &["weights.safetensors", "missing"],
+        ),
+        case(
+            "checkpoint: weights -> /dev/zero",
+            |r| {
+                trained_checkpoint(r);
+                to_dev_zero(&ckpt(r, "weights.safetensors"))
+            },
+            resume,
+            &["weights.safetensors", "character device"],
+        ),
+        case(
+            "checkpoint: a weight missing",
+            |r| {
+                trained_checkpoint(r);
+                let p = ckpt(r, "weights.safetensors");
+                let n = first_tensor(&p, "head");
+                edit_tensors(&p, |t| {
+                    t.remove(&n);
+                })
+            },
+            resume,
+            &["weights.safetensors", "missing variable"],
+        ),
+        case(
+            "checkpoint: a weight of another shape",
+            |r| {
+                trained_checkpoint(r);
+                replace_first(&ckpt(r, "weights.safetensors"), "head", |_| {
+                    Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()
+                })
+            },
+            resume,
+            &["weights.safetensors", "shape"],
+        ),
+        case(
+            "checkpoint: a NaN weight",
+            |r| {
+                trained_checkpoint(r);
+                replace_first(&ckpt(r, "weights.safetensors"), "head", nan_like)
+            },
+            resume,
+            &["weights.safetensors", "NaN"],
+        ),
+        case(
+            "checkpoint: an extra weight",
+            |r| {
+                trained_checkpoint(r);
+                edit_tensors(&ckpt(r, "weights.safetensors"), |t| {
+                    t.insert(
+                        "head.extra".into(),
+                        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                })
+            },
+            resume,
+            &["weights.safetensors", "head.extra"],
+        ),
+        case(
+            "checkpoint: an integer weight",
+            |r| {
+                trained_checkpoint(r);
+                replace_first(&ckpt(r, "weights.safetensors"), "head", |t| {
+                    t.to_dtype(DType::I64).unwrap()
+                })
+            },
+            resume,
+            &["weights.safetensors", "dtype"],
+        ),
+        case(
+            "checkpoint: a moment of the wrong length",
+            |r| {
+                trained_checkpoint(r);
+                replace_first(&ckpt(r, "optimizer.safetensors"), "m.", |_| {
+                    Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap()
+                })
+            },
+            resume,
+            &["optimizer.safetensors", "shape"],
+        ),
+        case(
+            "checkpoint: one moment of a pair missing",
+            |r| {
+                trained_checkpoint(r);
+                let p = ckpt(r, "optimizer.safetensors");
+                let n = first_tensor(&p, "v.");
+                edit_tensors(&p, |t| {
+                    t.remove(&n);
+                })
+            },
+            resume,
+            &["optimizer.safetensors", "only one of the moments"],
+        ),
+        case(
+            "checkpoint: both moments of a variable missing",
+            |r| {
+                trained_checkpoint(r);
+                let p = ckpt(r, "optimizer.safetensors");
+                let m = first_tensor(&p, "m.");
+                let v = format!("v.{}", &m[2..]);
+                edit_tensors(&p, |t| {
+                    t.remove(&m);
+                    t.remove(&v);
+                })
+            },
+            resume,
+            &["optimizer.safetensors", "missing the moments"],
+        ),
+        case(
+            "checkpoint: a NaN moment",
+            |r| {
+                trained_checkpoint(r);
+                replace_first(&ckpt(r, "optimizer.safetensors"), "m.", nan_like)
+            },
+            resume,
+            &["optimizer.safetensors", "NaN"],
+        ),
+        case(
+            "checkpoint: an unknown moment",
+            |r| {
+                trained_checkpoint(r);
+                edit_tensors(&ckpt(r, "optimizer.safetensors"), |t| {
+                    t.insert(
+                        "m.nothing".into(),
+                        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                })
+            },
+            resume,
+            &["optimizer.safetensors", "m.nothing"],
+        ),
+        case(
+            "checkpoint: optimizer file missing",
+            |r| {
+                trained_checkpoint(r);
+                std::fs::remove_file(ckpt(r, "optimizer.safetensors")).unwrap()
+            },
+            resume,
+            &["optimizer.safetensors", "missing"],
+        ),
+        case(
+            "checkpoint: optimizer file truncated",
+            |r| {
+                trained_checkpoint(r);
+                truncate(&ckpt(r, "optimizer.safetensors"))
+            },
+            resume,
+            &["optimizer.safetensors"],
+        ),
+        case(
+            "checkpoint: optimizer file a FIFO",
+            |r| {
+                trained_checkpoint(r);
+                fifo(&ckpt(r, "optimizer.safetensors"))
+            },
+            resume,
+            &["optimizer.safetensors", "FIFO"],
+        ),
+        case(
+            "checkpoint: memory file missing",
+            |r| {
+                group_checkpoint(r);
+                std::fs::remove_file(ckpt(r, "extra.safetensors")).unwrap()
+            },
+            resume_group,
+            &["extra.safetensors", "missing"],
+        ),
+        case(
+            "checkpoint: memory of another width",
+            |r| {
+                group_checkpoint(r);
+                edit_tensors(&ckpt(r, "extra.safetensors"), |t| {
+                    t.insert(
+                        "xbm.embeddings".into(),
+                        Tensor::zeros((64, 5), DType::F32, &Device::Cpu).unwrap(),
+                    );
+                })
+            },
+            resume_group,
+            &["extra.safetensors", "xbm.embeddings", "(64, 32)"],
+        ),
+        case(
+            "checkpoint: memory holding NaN",
+            |r| {
+                group_checkpoint(r);
+                let p = ckpt(r, "extra.safetensors");
+                edit_tensors(&p, |t| {
+                    let e = nan_like(&t["xbm.embeddings"]);
+                    t.insert("xbm.embeddings".into(), e);
+                })
+            },
+            resume_group,
+            &["extra.safetensors", "xbm.embeddings"],
+        ),
+        case(
+            "checkpoint: memory pointer out of range",
+            |r| {
+                group_checkpoint(r);
+                edit_tensors(&ckpt(r, "extra.safetensors"), |t| {
+                    t.insert(
+                        "xbm.pointer_len".into(),
+                        Tensor::new(&[64i64, 3], &Device::Cpu).unwrap(),
+                    );
+                })
+            },
+            resume_group,
+            &["extra.safetensors", "pointer 64"],
+        ),
+        case(
+            "checkpoint: memory groups as floats",
+            |r| {
+                group_checkpoint(r);
+                edit_tensors(&ckpt(r, "extra.safetensors"), |t| {
+                    t.insert(
+                        "xbm.groups".into(),
+                        Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                })
+            },
+            resume_group,
+            &["extra.safetensors", "xbm.groups"],
+        ),
+        case(
+            "checkpoint: the directory is a regular file",
+            |r| {
+                std::fs::create_dir_all(r.join("ckpt")).unwrap();
+                std::fs::write(r.join("ckpt/last"), b"x").unwrap()
+            },
+            resume,
+            &["state.json"],
+        ),
+        case(
+            "checkpoint: a second run on the same directory",
+            trained_checkpoint,
+            |r| {
+                let _held = similarity_core::files::PathLock::acquire(&r.join("ckpt"))?;
+                let cfg = TrainerConfig {
+                    checkpoints: Some(checkpoints(r)),
+                    ..config()
+                };
+                Trainer::new(cfg).fit(&mut faq(), &pairs(), None).map(drop)
+            },
+            &["ckpt", "in use by process"],
+        ),
     ]
 }
 
@@ -496,7 +1162,9 @@ fn edit_rows(root: &Path, edit: impl FnOnce(&mut Vec<u8>)) {
     edit(&mut b);
     std::fs::write(&rows, &b).unwrap();
     let sum = format!("{:032x}", xxhash_rust_128(&b));
-    edit_json(&cache(root, "fingerprint.json"), |v| v["checksum"] = sum.into());
+    edit_json(&cache(root, "fingerprint.json"), |v| {
+        v["checksum"] = sum.into()
+    });
 }
 
 fn xxhash_rust_128(b: &[u8]) -> u128 {
@@ -505,18 +1173,129 @@ fn xxhash_rust_128(b: &[u8]) -> u128 {
 
 fn cache_cases() -> Vec<Case> {
     vec![
-        case("cache: fingerprint garbage", |r| { cached(r); garbage(&cache(r, "fingerprint.json")) }, fit_cached, &["fingerprint.json"]),
-        case("cache: fingerprint a FIFO", |r| { cached(r); fifo(&cache(r, "fingerprint.json")) }, fit_cached, &["fingerprint.json", "FIFO"]),
-        case("cache: rows truncated", |r| { cached(r); truncate(&cache(r, "rows.bin")) }, fit_cached, &["rows.bin", "delete"]),
-        case("cache: a flipped byte", |r| { cached(r); let p = cache(r, "rows.bin"); let mut b = std::fs::read(&p).unwrap(); let n = b.len() - 3; b[n] ^= 1; std::fs::write(&p, b).unwrap() }, fit_cached, &["rows.bin", "checksum"]),
-        case("cache: rows a FIFO", |r| { cached(r); fifo(&cache(r, "rows.bin")) }, fit_cached, &["rows.bin", "FIFO"]),
-        case("cache: rows -> /dev/zero", |r| { cached(r); to_dev_zero(&cache(r, "rows.bin")) }, fit_cached, &["rows.bin", "character device"]),
-        case("cache: a huge item count", |r| { cached(r); edit_json(&cache(r, "fingerprint.json"), |v| v["items"] = (usize::MAX / 4).into()) }, fit_cached, &["rows.bin"]),
-        case("cache: a NaN row", |r| { cached(r); edit_rows(r, |b| { let n = b.len() - 4; b[n..].copy_from_slice(&f32::NAN.to_le_bytes()); }) }, fit_cached, &["rows.bin", "non-finite"]),
-        case("cache: unsorted keys", |r| { cached(r); edit_rows(r, |b| { let (a, c) = (8, 24); let k: Vec<u8> = b[a..a + 16].to_vec(); let k2: Vec<u8> = b[c..c + 16].to_vec(); b[a..a + 16].copy_from_slice(&k2); b[c..c + 16].copy_from_slice(&k); }) }, fit_cached, &["rows.bin", "increasing"]),
-        case("cache: bad magic", |r| { cached(r); edit_rows(r, |b| b[0] = b'X') }, fit_cached, &["rows.bin", "SIMCACHE"]),
-        case("cache: a directory of the user's in its place", |r| { std::fs::create_dir_all(r.join("cache/text")).unwrap(); std::fs::write(r.join("cache/text/notes.txt"), b"mine").unwrap() }, fit_cached, &["text", "did not write"]),
-        case("cache: a regular file in its place", |r| { std::fs::create_dir_all(r.join("cache")).unwrap(); std::fs::write(r.join("cache/text"), b"mine").unwrap() }, fit_cached, &["text", "regular file"]),
+        case(
+            "cache: fingerprint garbage",
+            |r| {
+                cached(r);
+                garbage(&cache(r, "fingerprint.json"))
+            },
+            fit_cached,
+            &["fingerprint.json"],
+        ),
+        case(
+            "cache: fingerprint a FIFO",
+            |r| {
+                cached(r);
+                fifo(&cache(r, "fingerprint.json"))
+            },
+            fit_cached,
+            &["fingerprint.json", "FIFO"],
+        ),
+        case(
+            "cache: rows truncated",
+            |r| {
+                cached(r);
+                truncate(&cache(r, "rows.bin"))
+            },
+            fit_cached,
+            &["rows.bin", "delete"],
+        ),
+        case(
+            "cache: a flipped byte",
+            |r| {
+                cached(r);
+                let p = cache(r, "rows.bin");
+                let mut b = std::fs::read(&p).unwrap();
+                let n = b.len() - 3;
+                b[n] ^= 1;
+                std::fs::write(&p, b).unwrap()
+            },
+            fit_cached,
+            &["rows.bin", "checksum"],
+        ),
+        case(
+            "cache: rows a FIFO",
+            |r| {
+                cached(r);
+                fifo(&cache(r, "rows.bin"))
+            },
+            fit_cached,
+            &["rows.bin", "FIFO"],
+        ),
+        case(
+            "cache: rows -> /dev/zero",
+            |r| {
+                cached(r);
+                to_dev_zero(&cache(r, "rows.bin"))
+            },
+            fit_cached,
+            &["rows.bin", "character device"],
+        ),
+        case(
+            "cache: a huge item count",
+            |r| {
+                cached(r);
+                edit_json(&cache(r, "fingerprint.json"), |v| {
+                    v["items"] = (usize::MAX / 4).into()
+                })
+            },
+            fit_cached,
+            &["rows.bin"],
+        ),
+        case(
+            "cache: a NaN row",
+            |r| {
+                cached(r);
+                edit_rows(r, |b| {
+                    let n = b.len() - 4;
+                    b[n..].copy_from_slice(&f32::NAN.to_le_bytes());
+                })
+            },
+            fit_cached,
+            &["rows.bin", "non-finite"],
+        ),
+        case(
+            "cache: unsorted keys",
+            |r| {
+                cached(r);
+                edit_rows(r, |b| {
+                    let (a, c) = (8, 24);
+                    let k: Vec<u8> = b[a..a + 16].to_vec();
+                    let k2: Vec<u8> = b[c..c + 16].to_vec();
+                    b[a..a + 16].copy_from_slice(&k2);
+                    b[c..c + 16].copy_from_slice(&k);
+                })
+            },
+            fit_cached,
+            &["rows.bin", "increasing"],
+        ),
+        case(
+            "cache: bad magic",
+            |r| {
+                cached(r);
+                edit_rows(r, |b| b[0] = b'X')
+            },
+            fit_cached,
+            &["rows.bin", "SIMCACHE"],
+        ),
+        case(
+            "cache: a directory of the user's in its place",
+            |r| {
+                std::fs::create_dir_all(r.join("cache/text")).unwrap();
+                std::fs::write(r.join("cache/text/notes.txt"), b"mine").unwrap()
+            },
+            fit_cached,
+            &["text", "did not write"],
+        ),
+        case(
+            "cache: a regular file in its place",
+            |r| {
+                std::fs::create_dir_all(r.join("cache")).unwrap();
+                std::fs::write(r.join("cache/text"), b"mine").unwrap()
+            },
+            fit_cached,
+            &["text", "regular file"],
+        ),
     ]
 }
 
@@ -532,18 +1311,58 @@ fn fit_logs(root: &Path) -> Outcome {
 
 fn log_cases() -> Vec<Case> {
     vec![
-        case("logs: a directory of the user's", |r| { std::fs::create_dir(r.join("logs")).unwrap(); std::fs::write(r.join("logs/metrics.csv"), b"mine").unwrap() }, fit_logs, &["logs", "did not write"]),
-        case("logs: a regular file", |r| std::fs::write(r.join("logs"), b"mine").unwrap(), fit_logs, &["logs", "regular file"]),
-        case("logs: a saved model", |r| faq().save(&r.join("logs")).unwrap(), fit_logs, &["logs", "model"]),
-        case("logs: a symbolic link", |r| { std::fs::create_dir(r.join("real")).unwrap(); std::os::unix::fs::symlink(r.join("real"), r.join("logs")).unwrap() }, fit_logs, &["logs", "symbolic link"]),
-        case("logs: the checkpoint directory", |_| {}, |r| {
-            let cfg = TrainerConfig { logs_dir: Some(r.join("ckpt")), checkpoints: Some(checkpoints(r)), ..config() };
-            Trainer::new(cfg).fit(&mut faq(), &pairs(), None).map(drop)
-        }, &["TrainerConfig.logs_dir", "ckpt"]),
-        case("logs: held by another run", |_| {}, |r| {
-            let _held = similarity_core::files::PathLock::acquire(&r.join("logs"))?;
-            fit_logs(r)
-        }, &["logs", "in use by process"]),
+        case(
+            "logs: a directory of the user's",
+            |r| {
+                std::fs::create_dir(r.join("logs")).unwrap();
+                std::fs::write(r.join("logs/metrics.csv"), b"mine").unwrap()
+            },
+            fit_logs,
+            &["logs", "did not write"],
+        ),
+        case(
+            "logs: a regular file",
+            |r| std::fs::write(r.join("logs"), b"mine").unwrap(),
+            fit_logs,
+            &["logs", "regular file"],
+        ),
+        case(
+            "logs: a saved model",
+            |r| faq().save(&r.join("logs")).unwrap(),
+            fit_logs,
+            &["logs", "model"],
+        ),
+        case(
+            "logs: a symbolic link",
+            |r| {
+                std::fs::create_dir(r.join("real")).unwrap();
+                std::os::unix::fs::symlink(r.join("real"), r.join("logs")).unwrap()
+            },
+            fit_logs,
+            &["logs", "symbolic link"],
+        ),
+        case(
+            "logs: the checkpoint directory",
+            |_| {},
+            |r| {
+                let cfg = TrainerConfig {
+                    logs_dir: Some(r.join("ckpt")),
+                    checkpoints: Some(checkpoints(r)),
+                    ..config()
+                };
+                Trainer::new(cfg).fit(&mut faq(), &pairs(), None).map(drop)
+            },
+            &["TrainerConfig.logs_dir", "ckpt"],
+        ),
+        case(
+            "logs: held by another run",
+            |_| {},
+            |r| {
+                let _held = similarity_core::files::PathLock::acquire(&r.join("logs"))?;
+                fit_logs(r)
+            },
+            &["logs", "in use by process"],
+        ),
     ]
 }
 
@@ -555,12 +1374,45 @@ fn rows() -> Tensor {
 
 fn export_cases() -> Vec<Case> {
     vec![
-        case("export: npy over a directory", |r| std::fs::create_dir(r.join("out.npy")).unwrap(), |r| write_npy(&r.join("out.npy"), &rows()), &["out.npy", "directory"]),
-        case("export: npy over a FIFO", |r| fifo(&r.join("out.npy")), |r| write_npy(&r.join("out.npy"), &rows()), &["out.npy", "FIFO"]),
-        case("export: npy over a symbolic link", |r| { std::fs::write(r.join("real"), b"mine").unwrap(); std::os::unix::fs::symlink(r.join("real"), r.join("out.npy")).unwrap() }, |r| write_npy(&r.join("out.npy"), &rows()), &["out.npy", "symbolic link"]),
-        case("export: npy under a regular file", |r| std::fs::write(r.join("file"), b"x").unwrap(), |r| write_npy(&r.join("file/out.npy"), &rows()), &["file"]),
-        case("export: points with too few ids", |_| {}, |r| write_points_jsonl(&r.join("p.jsonl"), &[1, 2], &rows(), None), &["p.jsonl"]),
-        case("export: points over a FIFO", |r| fifo(&r.join("p.jsonl")), |r| write_points_jsonl(&r.join("p.jsonl"), &[1, 2, 3], &rows(), None), &["p.jsonl", "FIFO"]),
+        case(
+            "export: npy over a directory",
+            |r| std::fs::create_dir(r.join("out.npy")).unwrap(),
+            |r| write_npy(&r.join("out.npy"), &rows()),
+            &["out.npy", "directory"],
+        ),
+        case(
+            "export: npy over a FIFO",
+            |r| fifo(&r.join("out.npy")),
+            |r| write_npy(&r.join("out.npy"), &rows()),
+            &["out.npy", "FIFO"],
+        ),
+        case(
+            "export: npy over a symbolic link",
+            |r| {
+                std::fs::write(r.join("real"), b"mine").unwrap();
+                std::os::unix::fs::symlink(r.join("real"), r.join("out.npy")).unwrap()
+            },
+            |r| write_npy(&r.join("out.npy"), &rows()),
+            &["out.npy", "symbolic link"],
+        ),
+        case(
+            "export: npy under a regular file",
+            |r| std::fs::write(r.join("file"), b"x").unwrap(),
+            |r| write_npy(&r.join("file/out.npy"), &rows()),
+            &["file"],
+        ),
+        case(
+            "export: points with too few ids",
+            |_| {},
+            |r| write_points_jsonl(&r.join("p.jsonl"), &[1, 2], &rows(), None),
+            &["p.jsonl"],
+        ),
+        case(
+            "export: points over a FIFO",
+            |r| fifo(&r.join("p.jsonl")),
+            |r| write_points_jsonl(&r.join("p.jsonl"), &[1, 2, 3], &rows(), None),
+            &["p.jsonl", "FIFO"],
+        ),
     ]
 }
 
@@ -574,22 +1426,255 @@ fn fit_with(root: &Path, cfg: TrainerConfig) -> Outcome {
 fn option_cases() -> Vec<Case> {
     fn none(_: &Path) {}
     vec![
-        case("option: epochs 0", none, |r| fit_with(r, TrainerConfig { epochs: 0, ..config() }), &["TrainerConfig.epochs"]),
-        case("option: batch_size 0", none, |r| fit_with(r, TrainerConfig { batch_size: 0, ..config() }), &["TrainerConfig.batch_size"]),
-        case("option: cache_batch_size 0", none, |r| fit_with(r, TrainerConfig { cache_batch_size: 0, ..config() }), &["TrainerConfig.cache_batch_size"]),
-        case("option: clip_grad_norm -1", none, |r| fit_with(r, TrainerConfig { clip_grad_norm: Some(-1.0), ..config() }), &["TrainerConfig.clip_grad_norm", "-1"]),
-        case("option: clip_grad_norm 0", none, |r| fit_with(r, TrainerConfig { clip_grad_norm: Some(0.0), ..config() }), &["TrainerConfig.clip_grad_norm"]),
-        case("option: clip_grad_norm NaN", none, |r| fit_with(r, TrainerConfig { clip_grad_norm: Some(f64::NAN), ..config() }), &["TrainerConfig.clip_grad_norm", "NaN"]),
-        case("option: lr 0", none, |r| fit_with(r, TrainerConfig { optimizer: OptimizerConfig::adam(0.0), ..config() }), &["lr"]),
-        case("option: lr NaN", none, |r| fit_with(r, TrainerConfig { optimizer: OptimizerConfig::adam(f64::NAN), ..config() }), &["lr"]),
-        case("option: step gamma < 0", none, |r| fit_with(r, TrainerConfig { schedule: LrSchedule::Step { every_epochs: 1, gamma: -0.5 }, ..config() }), &["gamma"]),
-        case("option: step every 0 epochs", none, |r| fit_with(r, TrainerConfig { schedule: LrSchedule::Step { every_epochs: 0, gamma: 0.5 }, ..config() }), &["every_epochs"]),
-        case("option: cosine min_factor < 0", none, |r| fit_with(r, TrainerConfig { schedule: LrSchedule::WarmupCosine { warmup_steps: 0, min_factor: -0.5 }, ..config() }), &["min_factor"]),
-        case("option: min_delta NaN", none, |r| fit_with(r, TrainerConfig { early_stopping: Some(EarlyStopping { monitor: "train_loss".into(), mode: MonitorMode::Min, patience: 1, min_delta: f64::NAN }), ..config() }), &["min_delta"]),
-        case("option: monitor needing a validation set", none, |r| fit_with(r, TrainerConfig { early_stopping: Some(EarlyStopping { monitor: "val_loss".into(), mode: MonitorMode::Min, patience: 1, min_delta: 0.0 }), ..config() }), &["TrainerConfig.early_stopping", "val_loss"]),
-        case("option: a negative lr factor", none, |r| fit_with(r, TrainerConfig { param_groups: vec![similarity_core::train::ParamGroup { prefix: "head".into(), lr_factor: -1.0 }], ..config() }), &["head", "lr_factor"]),
-        case("option: a group matching nothing", none, |r| fit_with(r, TrainerConfig { param_groups: vec![similarity_core::train::ParamGroup { prefix: "nothing".into(), lr_factor: 1.0 }], ..config() }), &["nothing"]),
-        case("option: class-balanced batches of pairs", none, |r| fit_with(r, TrainerConfig { sampler: similarity_core::data::Sampler::ClassBalanced { m: 2 }, ..config() }), &["TrainerConfig.sampler"]),
+        case(
+            "option: epochs 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        epochs: 0,
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.epochs"],
+        ),
+        case(
+            "option: batch_size 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        batch_size: 0,
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.batch_size"],
+        ),
+        case(
+            "option: cache_batch_size 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        cache_batch_size: 0,
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.cache_batch_size"],
+        ),
+        case(
+            "option: clip_grad_norm -1",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        clip_grad_norm: Some(-1.0),
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.clip_grad_norm", "-1"],
+        ),
+        case(
+            "option: clip_grad_norm 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        clip_grad_norm: Some(0.0),
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.clip_grad_norm"],
+        ),
+        case(
+            "option: clip_grad_norm NaN",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        clip_grad_norm: Some(f64::NAN),
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.clip_grad_norm", "NaN"],
+        ),
+        case(
+            "option: lr 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        optimizer: OptimizerConfig::adam(0.0),
+                        ..config()
+                    },
+                )
+            },
+            &["lr"],
+        ),
+        case(
+            "option: lr NaN",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        optimizer: OptimizerConfig::adam(f64::NAN),
+                        ..config()
+                    },
+                )
+            },
+            &["lr"],
+        ),
+        case(
+            "option: step gamma < 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        schedule: LrSchedule::Step {
+                            every_epochs: 1,
+                            gamma: -0.5,
+                        },
+                        ..config()
+                    },
+                )
+            },
+            &["gamma"],
+        ),
+        case(
+            "option: step every 0 epochs",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        schedule: LrSchedule::Step {
+                            every_epochs: 0,
+                            gamma: 0.5,
+                        },
+                        ..config()
+                    },
+                )
+            },
+            &["every_epochs"],
+        ),
+        case(
+            "option: cosine min_factor < 0",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        schedule: LrSchedule::WarmupCosine {
+                            warmup_steps: 0,
+                            min_factor: -0.5,
+                        },
+                        ..config()
+                    },
+                )
+            },
+            &["min_factor"],
+        ),
+        case(
+            "option: min_delta NaN",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        early_stopping: Some(EarlyStopping {
+                            monitor: "train_loss".into(),
+                            mode: MonitorMode::Min,
+                            patience: 1,
+                            min_delta: f64::NAN,
+                        }),
+                        ..config()
+                    },
+                )
+            },
+            &["min_delta"],
+        ),
+        case(
+            "option: monitor needing a validation set",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        early_stopping: Some(EarlyStopping {
+                            monitor: "val_loss".into(),
+                            mode: MonitorMode::Min,
+                            patience: 1,
+                            min_delta: 0.0,
+                        }),
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.early_stopping", "val_loss"],
+        ),
+        case(
+            "option: a negative lr factor",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        param_groups: vec![similarity_core::train::ParamGroup {
+                            prefix: "head".into(),
+                            lr_factor: -1.0,
+                        }],
+                        ..config()
+                    },
+                )
+            },
+            &["head", "lr_factor"],
+        ),
+        case(
+            "option: a group matching nothing",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        param_groups: vec![similarity_core::train::ParamGroup {
+                            prefix: "nothing".into(),
+                            lr_factor: 1.0,
+                        }],
+                        ..config()
+                    },
+                )
+            },
+            &["nothing"],
+        ),
+        case(
+            "option: class-balanced batches of pairs",
+            none,
+            |r| {
+                fit_with(
+                    r,
+                    TrainerConfig {
+                        sampler: similarity_core::data::Sampler::ClassBalanced { m: 2 },
+                        ..config()
+                    },
+                )
+            },
+            &["TrainerConfig.sampler"],
+        ),
     ]
 }
 
@@ -598,23 +1683,83 @@ fn option_cases() -> Vec<Case> {
 fn data_cases() -> Vec<Case> {
     fn none(_: &Path) {}
     vec![
-        case("data: an empty training set", none, |_| Trainer::new(config()).fit(&mut faq(), &[], None).map(drop), &["training set", "empty"]),
-        case("data: an empty validation set", none, |_| Trainer::new(config()).fit(&mut faq(), &pairs(), Some(&[])).map(drop), &["validation set", "empty"]),
-        case("data: a score outside [0, 1]", none, |_| {
-            let mut data = pairs();
-            data[2].score = -0.5;
-            Trainer::new(config()).fit(&mut faq(), &data, None).map(drop)
-        }, &["sample 2", "score"]),
-        case("data: a stream that fails", none, |_| {
-            let items = pairs().into_iter().map(Ok).chain([Err(similarity_core::Error::invalid("line 25", "not JSON"))]);
-            Trainer::new(config()).fit_iter(&mut faq(), items, None).map(drop)
-        }, &["line 25", "after sample 24"]),
-        case("data: groups of one item each", none, |_| {
-            let data: Vec<_> = pairs().into_iter().enumerate().map(|(i, p)| SimilarityGroupSample::new(p.obj_a, i as i64)).collect();
-            Trainer::new(config()).fit(&mut group_model(), &data, None).map(drop)
-        }, &["training set", "single item"]),
-        case("data: evaluation of an empty set", none, |_| Trainer::new(config()).evaluate(&mut faq(), &[]).map(drop), &["evaluation set", "empty"]),
-        case("data: drop_last with a batch larger than the set", none, |_| Trainer::new(TrainerConfig { batch_size: 100, drop_last: true, ..config() }).fit(&mut faq(), &pairs(), None).map(drop), &["drop_last"]),
+        case(
+            "data: an empty training set",
+            none,
+            |_| Trainer::new(config()).fit(&mut faq(), &[], None).map(drop),
+            &["training set", "empty"],
+        ),
+        case(
+            "data: an empty validation set",
+            none,
+            |_| {
+                Trainer::new(config())
+                    .fit(&mut faq(), &pairs(), Some(&[]))
+                    .map(drop)
+            },
+            &["validation set", "empty"],
+        ),
+        case(
+            "data: a score outside [0, 1]",
+            none,
+            |_| {
+                let mut data = pairs();
+                data[2].score = -0.5;
+                Trainer::new(config())
+                    .fit(&mut faq(), &data, None)
+                    .map(drop)
+            },
+            &["sample 2", "score"],
+        ),
+        case(
+            "data: a stream that fails",
+            none,
+            |_| {
+                let items = pairs()
+                    .into_iter()
+                    .map(Ok)
+                    .chain([Err(similarity_core::Error::invalid("line 25", "not JSON"))]);
+                Trainer::new(config())
+                    .fit_iter(&mut faq(), items, None)
+                    .map(drop)
+            },
+            &["line 25", "after sample 24"],
+        ),
+        case(
+            "data: groups of one item each",
+            none,
+            |_| {
+                let data: Vec<_> = pairs()
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| SimilarityGroupSample::new(p.obj_a, i as i64))
+                    .collect();
+                Trainer::new(config())
+                    .fit(&mut group_model(), &data, None)
+                    .map(drop)
+            },
+            &["training set", "single item"],
+        ),
+        case(
+            "data: evaluation of an empty set",
+            none,
+            |_| Trainer::new(config()).evaluate(&mut faq(), &[]).map(drop),
+            &["evaluation set", "empty"],
+        ),
+        case(
+            "data: drop_last with a batch larger than the set",
+            none,
+            |_| {
+                Trainer::new(TrainerConfig {
+                    batch_size: 100,
+                    drop_last: true,
+                    ..config()
+                })
+                .fit(&mut faq(), &pairs(), None)
+                .map(drop)
+            },
+            &["drop_last"],
+        ),
     ]
 }
 

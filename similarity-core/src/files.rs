@@ -669,8 +669,11 @@ impl DirWriter {
             tmp,
             lock: Some(lock),
         };
-        fs::write(writer.tmp.join(MARKER), format!("{} {}", kind.name(), fresh_id()))
-            .map_err(|e| Error::io("cannot write", writer.tmp.join(MARKER), e))?;
+        fs::write(
+            writer.tmp.join(MARKER),
+            format!("{} {}", kind.name(), fresh_id()),
+        )
+        .map_err(|e| Error::io("cannot write", writer.tmp.join(MARKER), e))?;
         Ok(writer)
     }
 
@@ -800,7 +803,9 @@ mod tests {
         let user = tmp.path().join("mine");
         fs::create_dir(&user).unwrap();
         fs::write(user.join("notes.txt"), b"keep").unwrap();
-        let e = write_dir(&user, DirKind::Other, |_| Ok(())).unwrap_err().to_string();
+        let e = write_dir(&user, DirKind::Other, |_| Ok(()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("did not write") && e.contains("mine"), "{e}");
         assert_eq!(fs::read(user.join("notes.txt")).unwrap(), b"keep");
         // A regular file and a symbolic link are refused too.
@@ -812,7 +817,9 @@ mod tests {
         {
             let link = tmp.path().join("link");
             std::os::unix::fs::symlink(&target, &link).unwrap();
-            let e = write_dir(&link, DirKind::Other, |_| Ok(())).unwrap_err().to_string();
+            let e = write_dir(&link, DirKind::Other, |_| Ok(()))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("symbolic link"), "{e}");
             assert!(
                 fs::symlink_metadata(&link)
