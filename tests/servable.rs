@@ -278,3 +278,247 @@ fn encode_batches_by_cost_and_returns_rows_in_record_order() {
         }
     }
 }
+
+// ---- sizes read from files ------------------------------------------------------------
+//
+// Every size in a saved model's files is checked against `similarity_core::limits` before
+// anything is sized from it. Before those checks, 2^62 and usize::MAX overflowed a
+// capacity or a product (a panic), 10^6 head layers or a 10^6-wide encoder allocated until
+// the process was killed, and an n-gram range [1, 2^62] loaded and then looped forever in
+// `encode`. Each case here must come back as an error naming the file and the field, in
+// bounded time.
+
+/// The hostile sizes: an overflowing product, an allocation no machine holds, the maximum.
+const HOSTILE: [u64; 3] = [1 << 62, 1_000_000, u64::MAX];
+
+/// How long a load of a hostile directory may take before it counts as a hang.
+const LOAD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A model with sized options in its head and loss.
+#[trainable_model]
+struct SizedModel {
+    #[encoder]
+    text: HashedNgramEncoder,
+    #[head(output_sizes = vec![16, 8])]
+    head: StackedProjectionHead,
+    #[loss(num_groups = 3)]
+    loss: ArcFaceLoss,
+}
+
+fn saved_sized() -> (tempfile::TempDir, PathBuf) {
+    let tmp = temp_dir();
+    let dir = tmp.path().join("model");
+    SizedModel::new(HashedNgramEncoder::default(), &ModelOptions::default())
+        .unwrap()
+        .save(&dir)
+        .unwrap();
+    (tmp, dir)
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+    f(&mut v);
+    fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+/// The error of loading `dir` as `M`, on another thread: a panic or a load that takes
+/// longer than [`LOAD_LIMIT`] fails the test (an abort would end the whole run).
+fn hostile_load_err<M: TrainableModel + 'static>(dir: &Path) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = dir.to_path_buf();
+    std::thread::spawn(move || {
+        let result = M::load(&owned, &Device::Cpu).map(drop);
+        let _ = tx.send(result.map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(LOAD_LIMIT) {
+        Ok(Ok(())) => panic!("`{}` loaded, but it holds a hostile size", dir.display()),
+        Ok(Err(e)) => e,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!(
+                "loading `{}` did not return within {LOAD_LIMIT:?}",
+                dir.display()
+            )
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("loading `{}` panicked", dir.display())
+        }
+    }
+}
+
+/// Asserts that `e` names the file `file` of `dir` and each of `words`.
+fn assert_names(e: &str, dir: &Path, file: &str, words: &[&str]) {
+    let path = dir.join(file).display().to_string();
+    assert!(
+        e.contains(&format!("`{path}`")),
+        "does not name `{path}`: {e}"
+    );
+    for w in words {
+        assert!(e.contains(w), "does not name `{w}`: {e}");
+    }
+}
+
+#[test]
+fn a_hostile_encoder_size_is_refused_naming_the_encoder_file() {
+    for v in HOSTILE {
+        // The encoder's `dim` alone, then with every size in the manifest that follows
+        // from it (what a consistent but hostile writer produces).
+        for consistent in [false, true] {
+            let (_t, dir) = saved();
+            edit_json(&dir.join("encoders/text/config.json"), |c| {
+                c["dim"] = v.into()
+            });
+            if consistent {
+                edit_manifest(&dir, |m| {
+                    m["encoders"][0]["embedding_size"] = v.into();
+                    for part in ["head", "loss"] {
+                        m[part]["input_size"] = v.into();
+                        m[part]["output_size"] = v.into();
+                    }
+                });
+            }
+            let e = hostile_load_err::<FaqModel>(&dir);
+            let file = if consistent {
+                "config.json"
+            } else {
+                "encoders/text/config.json"
+            };
+            let field = if consistent {
+                "embedding_size"
+            } else {
+                "HashedNgramConfig.dim"
+            };
+            assert_names(&e, &dir, file, &[field, &v.to_string()]);
+        }
+    }
+}
+
+#[test]
+fn a_hostile_ngram_range_or_bucket_count_is_refused_naming_the_encoder_file() {
+    for v in HOSTILE {
+        for field in ["word_ngrams", "char_ngrams"] {
+            let (_t, dir) = saved();
+            edit_json(&dir.join("encoders/text/config.json"), |c| {
+                c[field] = serde_json::json!([1, v]);
+            });
+            let e = hostile_load_err::<FaqModel>(&dir);
+            assert_names(
+                &e,
+                &dir,
+                "encoders/text/config.json",
+                &[&format!("HashedNgramConfig.{field}"), &v.to_string()],
+            );
+        }
+        if v > 1 << 32 {
+            let (_t, dir) = saved();
+            edit_json(&dir.join("encoders/text/config.json"), |c| {
+                c["n_features"] = v.into();
+            });
+            let e = hostile_load_err::<FaqModel>(&dir);
+            assert_names(
+                &e,
+                &dir,
+                "encoders/text/config.json",
+                &["HashedNgramConfig.n_features", &v.to_string()],
+            );
+        }
+    }
+}
+
+#[test]
+fn a_hostile_head_or_loss_option_is_refused_naming_the_manifest() {
+    for v in HOSTILE {
+        let (_t, dir) = saved();
+        edit_manifest(&dir, |m| m["head"]["config"]["n_layers"] = v.into());
+        let e = hostile_load_err::<FaqModel>(&dir);
+        assert_names(&e, &dir, "config.json", &["n_layers", &v.to_string()]);
+
+        let (_t, dir) = saved_sized();
+        edit_manifest(&dir, |m| m["head"]["config"]["output_sizes"][0] = v.into());
+        let e = hostile_load_err::<SizedModel>(&dir);
+        assert_names(&e, &dir, "config.json", &["output_sizes", &v.to_string()]);
+
+        let (_t, dir) = saved_sized();
+        edit_manifest(&dir, |m| m["loss"]["config"]["num_groups"] = v.into());
+        let e = hostile_load_err::<SizedModel>(&dir);
+        if v <= 1 << 24 {
+            // 10^6 classes of 8 is a table within the bounds (8 million parameters): it
+            // is built, and the saved weights do not fit it.
+            assert_names(
+                &e,
+                &dir,
+                "weights.safetensors",
+                &["loss.kernel", "[8, 1000000]"],
+            );
+        } else {
+            assert_names(&e, &dir, "config.json", &["num_groups", &v.to_string()]);
+        }
+    }
+}
+
+#[test]
+fn a_hostile_manifest_size_is_refused_before_the_head_is_built() {
+    for v in HOSTILE {
+        for (part, field) in [
+            ("head", "input_size"),
+            ("head", "output_size"),
+            ("loss", "input_size"),
+            ("loss", "output_size"),
+        ] {
+            let (_t, dir) = saved();
+            edit_manifest(&dir, |m| m[part][field] = v.into());
+            let e = hostile_load_err::<FaqModel>(&dir);
+            assert_names(
+                &e,
+                &dir,
+                "config.json",
+                &[&format!("{part}.{field}"), &v.to_string()],
+            );
+        }
+        let (_t, dir) = saved();
+        edit_manifest(&dir, |m| m["encoders"][0]["embedding_size"] = v.into());
+        let e = hostile_load_err::<FaqModel>(&dir);
+        assert_names(&e, &dir, "config.json", &["embedding_size", &v.to_string()]);
+    }
+}
+
+#[test]
+fn a_bad_option_read_from_the_manifest_names_it() {
+    let (_t, dir) = saved();
+    edit_manifest(&dir, |m| m["head"]["config"]["dropout"] = 1.5.into());
+    let e = hostile_load_err::<FaqModel>(&dir);
+    assert_names(
+        &e,
+        &dir,
+        "config.json",
+        &["SkipConnectionHead option `dropout`", "1.5"],
+    );
+
+    // The loss's options are checked by its constructor, after the head is built.
+    let (_t, dir) = saved_sized();
+    edit_manifest(&dir, |m| m["loss"]["config"]["scale"] = (-1.0).into());
+    let e = hostile_load_err::<SizedModel>(&dir);
+    assert_names(
+        &e,
+        &dir,
+        "config.json",
+        &["ArcFaceLoss option `scale`", "-1"],
+    );
+    assert_eq!(
+        e,
+        format!(
+            "invalid file `{}`: ArcFaceLoss option `scale` must be a positive number, got -1",
+            dir.join("config.json").display()
+        )
+    );
+
+    // A head built for other encoders.
+    let (_t, dir) = saved();
+    edit_manifest(&dir, |m| m["head"]["input_size"] = 100.into());
+    let e = hostile_load_err::<FaqModel>(&dir);
+    assert_names(
+        &e,
+        &dir,
+        "config.json",
+        &["head.input_size is 100", "sum to 384"],
+    );
+}

@@ -111,6 +111,22 @@ impl Error {
         }
     }
 
+    /// This error as the fault of the file `path` it was read from: an
+    /// [`Error::InvalidInput`] (an option out of range, e.g. from a config's `check`)
+    /// becomes an [`Error::Format`] naming `path`, the option and the fault
+    /// (`` invalid file `…/config.json`: HashedNgramConfig.dim must be at most 65536, got
+    /// 4611686018427387904 ``). Every other error is returned as it is: it names its own
+    /// file, or is not about the file's content.
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
+        match self {
+            Error::InvalidInput { location, message } => Error::Format {
+                path: path.into(),
+                message: format!("{location} {message}"),
+            },
+            other => other,
+        }
+    }
+
     /// An [`Error::Io`] for `path`.
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

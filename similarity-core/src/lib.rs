@@ -54,6 +54,7 @@ pub mod error;
 pub mod files;
 pub mod head;
 mod kernels;
+pub mod limits;
 pub mod loss;
 pub mod metric;
 pub mod model;
@@ -112,7 +113,7 @@ pub mod __private {
         CachedRows, EncoderBatch, ModelOptions, ModelState, OptimizerConfig, TrainableModel,
     };
     pub use crate::xbm::{Xbm, XbmConfig};
-    pub use crate::{Device, Result, Tensor};
+    pub use crate::{Device, Error, Result, Tensor};
     pub use ::core::default::Default;
     pub use ::core::ops::FnMut;
     pub use ::std::collections::HashMap;

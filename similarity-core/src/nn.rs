@@ -17,6 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::limits;
 
 /// How a trainable variable is initialised.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,6 +44,8 @@ pub enum Init {
 #[derive(Debug)]
 pub struct Params {
     vars: BTreeMap<String, Var>,
+    /// Scalars in `vars`, at most [`limits::MAX_PARAMETERS`].
+    numel: usize,
     device: Device,
     rng: StdRng,
 }
@@ -52,6 +55,7 @@ impl Params {
     pub fn new(device: &Device, seed: u64) -> Self {
         Params {
             vars: BTreeMap::new(),
+            numel: 0,
             device: device.clone(),
             rng: StdRng::seed_from_u64(seed),
         }
@@ -72,6 +76,11 @@ impl Params {
 
     /// Creates the variable `name` with `shape`, initialised by `init`, and returns a
     /// tensor sharing its storage (optimiser updates are seen through it).
+    ///
+    /// A store holds at most [`limits::MAX_PARAMETERS`] scalars: a shape that would take
+    /// it past that (or whose element count overflows) is an error before anything is
+    /// allocated. Components check their own sizes first, with the option's name; this is
+    /// the backstop for those that do not.
     pub fn var(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         if self.vars.contains_key(name) {
             return Err(Error::invalid(
@@ -79,7 +88,20 @@ impl Params {
                 "declared twice; every trainable variable needs a unique name",
             ));
         }
-        let n: usize = shape.iter().product();
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .filter(|&n| n <= limits::MAX_PARAMETERS - self.numel)
+            .ok_or_else(|| {
+                Error::invalid(
+                    format!("parameter `{name}`"),
+                    format!(
+                        "shape {shape:?} would take the model past {} parameters \
+                         (similarity_core::limits::MAX_PARAMETERS)",
+                        limits::MAX_PARAMETERS
+                    ),
+                )
+            })?;
         let values: Vec<f32> = match init {
             Init::Const(v) => vec![v as f32; n],
             Init::Uniform { lo, hi } => (0..n)
@@ -93,6 +115,7 @@ impl Params {
         let var = Var::from_tensor(&tensor)?;
         let out = var.as_tensor().clone();
         self.vars.insert(name.to_string(), var);
+        self.numel += n;
         Ok(out)
     }
 
@@ -108,7 +131,7 @@ impl Params {
 
     /// Number of scalar parameters.
     pub fn numel(&self) -> usize {
-        self.vars.values().map(|v| v.elem_count()).sum()
+        self.numel
     }
 
     /// Writes every variable to a safetensors file.
@@ -344,6 +367,28 @@ mod tests {
         );
         assert!(a.named_vars().contains_key("head.w"));
         assert!(a.var("head.w", &[1], Init::Const(0.0)).is_err());
+    }
+
+    #[test]
+    fn a_shape_past_the_parameter_bound_is_refused_before_allocating() {
+        let mut p = Params::new(&Device::Cpu, 0);
+        p.var("a", &[2, 3], Init::Const(0.0)).unwrap();
+        for shape in [
+            vec![1 << 62, 1 << 62],
+            vec![usize::MAX, 2],
+            vec![limits::MAX_PARAMETERS],
+        ] {
+            let e = p
+                .var("b", &shape, Init::Const(0.0))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("parameter `b`") && e.contains("MAX_PARAMETERS"),
+                "{e}"
+            );
+        }
+        assert_eq!(p.numel(), 6);
+        assert!(p.named_vars().len() == 1);
     }
 
     #[test]

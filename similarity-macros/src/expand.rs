@@ -5,7 +5,9 @@
 //! * `M::new(encoders..., &ModelOptions)`: builds the head from the summed embedding
 //!   sizes and the loss from the head's output size, options as typed config literals;
 //! * `impl TrainableModel for M`: embed (cache or encoder → concat → head), cache fill,
-//!   save and load;
+//!   save and load (`load` reads the encoders, then checks the manifest's sizes and the
+//!   head's options against them and `similarity_core::limits` before building the head;
+//!   errors of building the head and the loss from saved options name the manifest);
 //! * with an `#[xbm]` field, the memory loss, enqueueing and checkpoint state;
 //! * compile-time assertions (a cached encoder must be frozen; XBM needs a loss with a
 //!   memory form).
@@ -264,6 +266,7 @@ fn expand(model: &Model) -> TokenStream {
     let head_config = config_literal(head, quote!(<#head_ty as #p::Head>::Config));
     let loss_config = config_literal(loss, quote!(<#loss_ty as #p::SimilarityLoss>::Config));
     let slots: Vec<usize> = (0..n_encoders).collect();
+    let input_size = quote!(0usize #(+ #p::Encoder::embedding_size(&#enc_idents))*);
     let concat = if single {
         let e = enc_idents[0];
         quote!(#e)
@@ -295,24 +298,29 @@ fn expand(model: &Model) -> TokenStream {
                 #(#enc_idents: #enc_tys,)*
                 options: &#p::ModelOptions,
             ) -> #p::Result<Self> {
-                Self::__build(#(#enc_idents,)* #head_config, #loss_config, options)
+                Self::__build(#(#enc_idents,)* #head_config, #loss_config, options, &|e| e)
             }
 
+            /// `config_error` maps the errors of building the head and the loss from
+            /// their options (`load` names the file they were read from).
             fn __build(
                 #(#enc_idents: #enc_tys,)*
                 head_config: <#head_ty as #p::Head>::Config,
                 loss_config: <#loss_ty as #p::SimilarityLoss>::Config,
                 options: &#p::ModelOptions,
+                config_error: &dyn ::core::ops::Fn(#p::Error) -> #p::Error,
             ) -> #p::Result<Self> {
                 let mut params = #p::Params::new(&options.device, options.seed);
                 // The head's input is the concatenation of the encoders, in field order.
-                let input_size = 0usize #(+ #p::Encoder::embedding_size(&#enc_idents))*;
-                let #head_ident = <#head_ty as #p::Head>::new(input_size, head_config, &mut params.scope("head"))?;
+                let input_size = #input_size;
+                let #head_ident = <#head_ty as #p::Head>::new(input_size, head_config, &mut params.scope("head"))
+                    .map_err(config_error)?;
                 let #loss_ident = <#loss_ty as #p::SimilarityLoss>::new(
                     #p::Head::output_size(&#head_ident),
                     loss_config,
                     &mut params.scope("loss"),
-                )?;
+                )
+                .map_err(config_error)?;
                 #xbm_build
                 #(#metric_builds)*
                 let mut state = #p::ModelState::new(params);
@@ -380,12 +388,18 @@ fn expand(model: &Model) -> TokenStream {
             fn load(dir: &#p::Path, device: &#p::Device) -> #p::Result<Self> {
                 let reader = #p::ServableReader::open(dir, Self::NAME)?;
                 #(let #enc_idents = reader.encoder::<#enc_tys>(#enc_names, device)?;)*
+                // Every size is checked against the manifest and the bounds before the
+                // head is built from it.
+                let input_size = #input_size;
+                let head_config = reader.head_config::<#head_ty>(input_size)?;
+                let loss_config = reader.loss_config::<#loss_ty>()?;
                 let options = #p::ModelOptions { device: device.clone(), seed: 0 };
                 let model = Self::__build(
                     #(#enc_idents,)*
-                    reader.head_config::<#head_ty>()?,
-                    reader.loss_config::<#loss_ty>()?,
+                    head_config,
+                    loss_config,
                     &options,
+                    &|e| reader.in_manifest(e),
                 )?;
                 reader.finish(
                     &model.__similarity,

@@ -25,17 +25,21 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::{Encoder, FrozenEncoder};
 use crate::error::{Error, Result};
+use crate::limits;
 use crate::nn::Mode;
 
 /// Configuration of [`HashedNgramEncoder`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HashedNgramConfig {
-    /// Output embedding size. Default 384 (the size of all-MiniLM-L6-v2).
+    /// Output embedding size, at most [`MAX_WIDTH`](limits::MAX_WIDTH). Default 384 (the
+    /// size of all-MiniLM-L6-v2).
     pub dim: usize,
-    /// Number of hash buckets. Default 2²⁰.
+    /// Number of hash buckets, at most [`MAX_HASH_BUCKETS`](limits::MAX_HASH_BUCKETS).
+    /// Default 2²⁰.
     pub n_features: u64,
-    /// Inclusive range of word n-gram lengths. Default `(1, 2)`.
+    /// Inclusive range of word n-gram lengths, at most
+    /// [`MAX_NGRAM_ORDER`](limits::MAX_NGRAM_ORDER). Default `(1, 2)`.
     pub word_ngrams: (usize, usize),
     /// Inclusive range of character n-gram lengths; `(0, 0)` disables them. Default `(3, 5)`.
     pub char_ngrams: (usize, usize),
@@ -56,31 +60,52 @@ impl Default for HashedNgramConfig {
 }
 
 impl HashedNgramConfig {
-    fn check(&self) -> Result<()> {
-        let bad =
-            |what: &str, msg: String| Err(Error::invalid(format!("HashedNgramConfig.{what}"), msg));
-        if self.dim == 0 {
-            return bad("dim", "must be at least 1".into());
-        }
+    /// Checks every option against its range and the bounds of [`crate::limits`]:
+    /// `dim` in `1..=MAX_WIDTH`, `n_features` in `1..=MAX_HASH_BUCKETS`, n-gram ranges
+    /// `1 <= min <= max <= MAX_NGRAM_ORDER` (`char_ngrams` may also be `(0, 0)`). The
+    /// error names the option (`HashedNgramConfig.dim`).
+    pub fn check(&self) -> Result<()> {
+        limits::check_size("HashedNgramConfig.dim", self.dim, limits::MAX_WIDTH)?;
         if self.n_features == 0 {
-            return bad("n_features", "must be at least 1".into());
+            return Err(Error::invalid(
+                "HashedNgramConfig.n_features",
+                "must be at least 1, got 0",
+            ));
         }
-        let (a, b) = self.word_ngrams;
-        if a == 0 || a > b {
-            return bad(
-                "word_ngrams",
-                format!("needs 1 <= min <= max, got ({a}, {b})"),
-            );
-        }
-        let (a, b) = self.char_ngrams;
-        if (a, b) != (0, 0) && (a == 0 || a > b) {
-            return bad(
-                "char_ngrams",
-                format!("needs (0, 0) or 1 <= min <= max, got ({a}, {b})"),
-            );
-        }
-        Ok(())
+        limits::check_at_most(
+            "HashedNgramConfig.n_features",
+            self.n_features,
+            limits::MAX_HASH_BUCKETS,
+        )?;
+        check_range("word_ngrams", self.word_ngrams, false)?;
+        check_range("char_ngrams", self.char_ngrams, true)
     }
+}
+
+/// Checks an inclusive n-gram range `(min, max)`, option `option`: `(0, 0)` (when
+/// `may_be_off`) or `1 <= min <= max <= MAX_NGRAM_ORDER`.
+fn check_range(option: &str, (min, max): (usize, usize), may_be_off: bool) -> Result<()> {
+    let location = format!("HashedNgramConfig.{option}");
+    if may_be_off && (min, max) == (0, 0) {
+        return Ok(());
+    }
+    if min == 0 || min > max {
+        let off = if may_be_off { "(0, 0) or " } else { "" };
+        return Err(Error::invalid(
+            location,
+            format!("must be {off}1 <= min <= max, got ({min}, {max})"),
+        ));
+    }
+    if max > limits::MAX_NGRAM_ORDER {
+        return Err(Error::invalid(
+            location,
+            format!(
+                "must have max at most {}, got ({min}, {max})",
+                limits::MAX_NGRAM_ORDER
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Hashed word and character n-grams with a seeded random projection.
@@ -231,9 +256,7 @@ impl Encoder for HashedNgramEncoder {
     fn load(dir: &Path, _device: &Device) -> Result<Self> {
         let path = dir.join("config.json");
         let config: HashedNgramConfig = crate::model::read_json(&path)?;
-        config
-            .check()
-            .map_err(|e| Error::format(&path, e.to_string()))?;
+        config.check().map_err(|e| e.in_file(&path))?;
         Ok(HashedNgramEncoder { config })
     }
 }
@@ -330,5 +353,80 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("word_ngrams"), "{err}");
+    }
+
+    /// Every sized option at 0, at its bound, past it, at 2^62 and at the maximum: only
+    /// values within the bound build an encoder, and an error names the option and the
+    /// value.
+    #[test]
+    fn every_size_is_bounded() {
+        type Set = fn(&mut HashedNgramConfig, u64);
+        let table: [(&str, u64, Set); 4] = [
+            ("dim", limits::MAX_WIDTH as u64, |c, v| c.dim = v as usize),
+            ("n_features", limits::MAX_HASH_BUCKETS, |c, v| {
+                c.n_features = v
+            }),
+            ("word_ngrams", limits::MAX_NGRAM_ORDER as u64, |c, v| {
+                c.word_ngrams = (1, v as usize)
+            }),
+            ("char_ngrams", limits::MAX_NGRAM_ORDER as u64, |c, v| {
+                c.char_ngrams = (1, v as usize)
+            }),
+        ];
+        for (field, bound, set) in table {
+            for (v, ok) in [
+                (0, false),
+                (bound, true),
+                (bound + 1, false),
+                (1 << 62, false),
+                (u64::MAX, false),
+            ] {
+                let mut config = HashedNgramConfig::default();
+                set(&mut config, v);
+                match HashedNgramEncoder::new(config) {
+                    Ok(_) => assert!(ok, "{field} = {v} was accepted"),
+                    Err(e) => {
+                        let e = e.to_string();
+                        assert!(!ok, "{field} = {v} was refused: {e}");
+                        let want = format!("HashedNgramConfig.{field}");
+                        assert!(e.contains(&want) && e.contains(&v.to_string()), "{e}");
+                    }
+                }
+            }
+        }
+        // A range must start at 1 (characters may also be off), and be ordered.
+        let with = |word_ngrams, char_ngrams| {
+            HashedNgramEncoder::new(HashedNgramConfig {
+                word_ngrams,
+                char_ngrams,
+                ..Default::default()
+            })
+        };
+        assert!(with((1, 1), (0, 0)).is_ok());
+        assert!(with((0, 1), (3, 5)).is_err());
+        assert!(with((0, 0), (3, 5)).is_err());
+        assert!(with((1, 2), (0, 5)).is_err());
+        assert!(with((1, 2), (5, 3)).is_err());
+    }
+
+    #[test]
+    fn a_config_file_out_of_bounds_is_named_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = HashedNgramConfig {
+            dim: 1 << 62,
+            ..Default::default()
+        };
+        crate::model::write_json(&dir.path().join("config.json"), &config).unwrap();
+        let e = HashedNgramEncoder::load(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        let path = dir.path().join("config.json");
+        assert_eq!(
+            e,
+            format!(
+                "invalid file `{}`: HashedNgramConfig.dim must be at most 65536, got 4611686018427387904",
+                path.display()
+            )
+        );
     }
 }

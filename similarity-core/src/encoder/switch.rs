@@ -44,8 +44,14 @@ where
     B: Encoder<Input = A::Input>,
     R: Route<A::Input>,
 {
-    /// Switches between `a` and `b`; their embedding sizes must agree.
+    /// Switches between `a` and `b`; their embedding sizes must agree, and be at most
+    /// [`MAX_WIDTH`](crate::limits::MAX_WIDTH).
     pub fn new(a: A, b: B) -> Result<Self> {
+        crate::limits::check_size(
+            "SwitchEncoder embedding size",
+            a.embedding_size(),
+            crate::limits::MAX_WIDTH,
+        )?;
         if a.embedding_size() != b.embedding_size() {
             return Err(Error::invalid(
                 "SwitchEncoder",
@@ -158,6 +164,7 @@ where
             A::load(&dir.join("a"), device)?,
             B::load(&dir.join("b"), device)?,
         )
+        .map_err(|e| e.in_file(dir))
     }
 }
 
@@ -243,5 +250,81 @@ mod tests {
         )
         .unwrap();
         assert_eq!(embed(&switch, &["a?", "b"]), embed(&loaded, &["a?", "b"]));
+    }
+
+    /// An encoder that only reports a size.
+    struct Sized(usize);
+
+    impl Encoder for Sized {
+        type Input = String;
+        type Batch = ();
+        const NAME: &'static str = "Sized";
+        fn embedding_size(&self) -> usize {
+            self.0
+        }
+        fn collate(&self, _inputs: &[&String], _device: &Device) -> Result<()> {
+            Ok(())
+        }
+        fn forward(&self, _batch: &(), _mode: &mut Mode) -> Result<Tensor> {
+            unreachable!("never run")
+        }
+        fn save(&self, _dir: &Path) -> Result<()> {
+            Ok(())
+        }
+        fn load(_dir: &Path, _device: &Device) -> Result<Self> {
+            Ok(Sized(1))
+        }
+    }
+
+    #[test]
+    fn sizes_are_bounded_and_a_bad_saved_part_is_named_by_its_file() {
+        for (size, ok) in [
+            (0, false),
+            (crate::limits::MAX_WIDTH, true),
+            (crate::limits::MAX_WIDTH + 1, false),
+            (1 << 62, false),
+            (usize::MAX, false),
+        ] {
+            let r = SwitchEncoder::<QuestionsFirst, _, _>::new(Sized(size), Sized(size));
+            assert_eq!(r.is_ok(), ok, "size {size}");
+            if let Err(e) = r {
+                let e = e.to_string();
+                assert!(
+                    e.contains("SwitchEncoder") && e.contains(&size.to_string()),
+                    "{e}"
+                );
+            }
+        }
+        let switch = SwitchEncoder::<QuestionsFirst, _, _>::new(hashed(1), hashed(2)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        switch.save(dir.path()).unwrap();
+        let load = || {
+            SwitchEncoder::<QuestionsFirst, HashedNgramEncoder, HashedNgramEncoder>::load(
+                dir.path(),
+                &Device::Cpu,
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        };
+        // Two valid parts of different sizes: the switch's directory is at fault.
+        let b = dir.path().join("b/config.json");
+        let mut config: HashedNgramConfig = crate::model::read_json(&b).unwrap();
+        config.dim = 32;
+        crate::model::write_json(&b, &config).unwrap();
+        let e = load();
+        assert!(
+            e.contains(&format!("invalid file `{}`", dir.path().display()))
+                && e.contains("16 and 32"),
+            "{e}"
+        );
+        // A part out of bounds: its own file.
+        config.dim = 1 << 62;
+        crate::model::write_json(&b, &config).unwrap();
+        let e = load();
+        assert!(
+            e.contains(&format!("`{}`", b.display())) && e.contains("HashedNgramConfig.dim"),
+            "{e}"
+        );
     }
 }

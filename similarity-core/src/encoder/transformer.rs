@@ -82,6 +82,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 use super::Encoder;
 use crate::error::{Error, Result};
 use crate::kernels::{Epilogue, attention, dense};
+use crate::limits;
 use crate::nn::{Mode, dropout};
 
 const CONFIG: &str = "config.json";
@@ -130,6 +131,66 @@ pub struct BertConfig {
     /// Layer-norm `ε`.
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+}
+
+impl BertConfig {
+    /// Checks every size against [`crate::limits`] before anything is sized from it:
+    /// `vocab_size` and `type_vocab_size` in `1..=MAX_VOCAB`, `hidden_size` and
+    /// `intermediate_size` in `1..=MAX_WIDTH`, `num_hidden_layers` in `1..=MAX_LAYERS`,
+    /// `max_position_embeddings` in `1..=MAX_POSITIONS`, `num_attention_heads` at least 1
+    /// and dividing `hidden_size`, and the weights' total at most `MAX_PARAMETERS`. The
+    /// error names the field (`BertConfig.hidden_size`).
+    pub fn check(&self) -> Result<()> {
+        use limits::{MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, check_size};
+        check_size("BertConfig.vocab_size", self.vocab_size, MAX_VOCAB)?;
+        check_size("BertConfig.hidden_size", self.hidden_size, MAX_WIDTH)?;
+        check_size(
+            "BertConfig.num_hidden_layers",
+            self.num_hidden_layers,
+            MAX_LAYERS,
+        )?;
+        let (h, heads) = (self.hidden_size, self.num_attention_heads);
+        if heads == 0 || !h.is_multiple_of(heads) {
+            return Err(Error::invalid(
+                "BertConfig.num_attention_heads",
+                format!("must be at least 1 and divide hidden_size {h}, got {heads}"),
+            ));
+        }
+        check_size(
+            "BertConfig.intermediate_size",
+            self.intermediate_size,
+            MAX_WIDTH,
+        )?;
+        check_size(
+            "BertConfig.max_position_embeddings",
+            self.max_position_embeddings,
+            MAX_POSITIONS,
+        )?;
+        check_size(
+            "BertConfig.type_vocab_size",
+            self.type_vocab_size,
+            MAX_VOCAB,
+        )?;
+        // The weights of `expected_weights`, counted before any is looked for.
+        let (i, layers) = (self.intermediate_size, self.num_hidden_layers);
+        let mut count = limits::ParamCount::new("BertConfig");
+        for rows in [
+            self.vocab_size,
+            self.max_position_embeddings,
+            self.type_vocab_size,
+        ] {
+            count.add(1, &[rows, h])?;
+        }
+        count.add(2, &[h])?;
+        // Per layer: Q, K, V and the output projection with biases, two layer norms, and
+        // the feed-forward pair.
+        count.add(layers, &[4, h, h])?;
+        count.add(layers, &[8, h])?;
+        count.add(layers, &[2, i, h])?;
+        count.add(layers, &[i])?;
+        count.add(layers, &[h])?;
+        Ok(())
+    }
 }
 
 fn default_act() -> String {
@@ -421,20 +482,7 @@ impl SentenceTransformer {
         let text = read_text(&path)?;
         let raw_config: serde_json::Value = parse_json(&path, &text)?;
         let config: BertConfig = parse_json(&path, &text)?;
-        if config.hidden_size == 0
-            || config.num_attention_heads == 0
-            || !config
-                .hidden_size
-                .is_multiple_of(config.num_attention_heads)
-        {
-            return Err(Error::format(
-                &path,
-                format!(
-                    "hidden_size {} is not a positive multiple of num_attention_heads {}",
-                    config.hidden_size, config.num_attention_heads
-                ),
-            ));
-        }
+        config.check().map_err(|e| e.in_file(&path))?;
         if !matches!(config.hidden_act.as_str(), "gelu" | "gelu_python") {
             return Err(Error::format(
                 &path,
@@ -981,5 +1029,127 @@ impl Encoder for SentenceTransformer {
 
     fn load(dir: &Path, device: &Device) -> Result<Self> {
         Self::read(dir, device, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BERT small enough that any one size can reach its bound within the parameter
+    /// bound.
+    fn tiny() -> BertConfig {
+        BertConfig {
+            vocab_size: 8,
+            hidden_size: 4,
+            num_hidden_layers: 1,
+            num_attention_heads: 1,
+            intermediate_size: 4,
+            hidden_act: default_act(),
+            hidden_dropout_prob: 0.0,
+            attention_probs_dropout_prob: 0.0,
+            max_position_embeddings: 8,
+            type_vocab_size: 2,
+            layer_norm_eps: default_eps(),
+        }
+    }
+
+    /// Every size at 0, at its bound, past it, at 2^62 and at the maximum. At its bound a
+    /// hidden size of 2^16 still has 4·2^32 attention weights per layer, which the
+    /// parameter bound refuses.
+    #[test]
+    fn every_size_is_bounded() {
+        type Set = fn(&mut BertConfig, usize);
+        let table: [(&str, usize, bool, Set); 6] = [
+            ("vocab_size", limits::MAX_VOCAB, true, |c, v| {
+                c.vocab_size = v
+            }),
+            ("hidden_size", limits::MAX_WIDTH, false, |c, v| {
+                c.hidden_size = v
+            }),
+            ("num_hidden_layers", limits::MAX_LAYERS, true, |c, v| {
+                c.num_hidden_layers = v
+            }),
+            ("intermediate_size", limits::MAX_WIDTH, true, |c, v| {
+                c.intermediate_size = v
+            }),
+            (
+                "max_position_embeddings",
+                limits::MAX_POSITIONS,
+                true,
+                |c, v| c.max_position_embeddings = v,
+            ),
+            ("type_vocab_size", limits::MAX_VOCAB, true, |c, v| {
+                c.type_vocab_size = v
+            }),
+        ];
+        assert!(tiny().check().is_ok());
+        for (field, bound, ok_at_bound, set) in table {
+            for v in [0, bound, bound + 1, 1 << 62, usize::MAX] {
+                let mut c = tiny();
+                set(&mut c, v);
+                let result = c.check().map_err(|e| e.to_string());
+                if v == bound {
+                    match result {
+                        Ok(()) => assert!(ok_at_bound, "{field} = {v} was accepted"),
+                        Err(e) => assert!(
+                            !ok_at_bound && e.contains("MAX_PARAMETERS"),
+                            "{field} = {v}: {e}"
+                        ),
+                    }
+                    continue;
+                }
+                let e = result.expect_err(field);
+                assert!(
+                    e.contains(&format!("BertConfig.{field}")) && e.contains(&v.to_string()),
+                    "{e}"
+                );
+            }
+        }
+        // Heads: at least one, dividing the hidden size.
+        for (heads, ok) in [
+            (0, false),
+            (1, true),
+            (2, true),
+            (3, false),
+            (usize::MAX, false),
+        ] {
+            let c = BertConfig {
+                num_attention_heads: heads,
+                ..tiny()
+            };
+            assert_eq!(c.check().is_ok(), ok, "{heads} heads");
+        }
+        // Each size within its bound, the product past the parameter bound.
+        let c = BertConfig {
+            vocab_size: limits::MAX_VOCAB,
+            hidden_size: 8192,
+            num_attention_heads: 8,
+            ..tiny()
+        };
+        let e = c.check().unwrap_err().to_string();
+        assert!(
+            e.contains("BertConfig") && e.contains("MAX_PARAMETERS"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_config_file_out_of_bounds_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = serde_json::to_value(tiny()).unwrap();
+        config["num_hidden_layers"] = (1u64 << 62).into();
+        let path = dir.path().join(CONFIG);
+        std::fs::write(&path, config.to_string()).unwrap();
+        let e = SentenceTransformer::from_pretrained(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "invalid file `{}`: BertConfig.num_hidden_layers must be at most 1024, got 4611686018427387904",
+                path.display()
+            )
+        );
     }
 }

@@ -10,8 +10,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Head, check_dropout, check_input};
+use super::{Head, Plan, check_dropout, check_input, check_input_size};
 use crate::error::Result;
+use crate::limits::ParamCount;
 use crate::nn::{Mode, ParamScope, dropout};
 
 /// Options of [`EmptyHead`].
@@ -34,11 +35,15 @@ impl Head for EmptyHead {
     const NAME: &'static str = "EmptyHead";
 
     fn new(input_size: usize, config: Self::Config, _params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        Self::plan(input_size, &config)?;
         Ok(EmptyHead {
             config,
             size: input_size,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -56,6 +61,19 @@ impl Head for EmptyHead {
     fn forward(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         check_input(x, self.size, Self::NAME)?;
         dropout(x, self.config.dropout, mode)
+    }
+}
+
+impl EmptyHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &EmptyHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        check_input_size(Self::NAME, input_size)?;
+        Ok(Plan {
+            output_size: input_size,
+            params: ParamCount::new(Self::NAME),
+        })
     }
 }
 

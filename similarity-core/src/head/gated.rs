@@ -14,8 +14,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Head, check_dropout, check_input};
+use super::{Head, Plan, check_dropout, check_input, check_input_size};
 use crate::error::Result;
+use crate::limits::ParamCount;
 use crate::nn::{Init, Mode, ParamScope, dropout};
 
 /// Initial value of every gate (Quaterion's `reset_parameters`).
@@ -42,13 +43,17 @@ impl Head for GatedHead {
     const NAME: &'static str = "GatedHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        Self::plan(input_size, &config)?;
         let gates = params.var("gates", &[input_size], Init::Const(GATE_INIT))?;
         Ok(GatedHead {
             config,
             size: input_size,
             gates,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -70,6 +75,19 @@ impl Head for GatedHead {
 }
 
 impl GatedHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &GatedHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        check_input_size(Self::NAME, input_size)?;
+        let mut params = ParamCount::new(Self::NAME);
+        params.add(1, &[input_size])?;
+        Ok(Plan {
+            output_size: input_size,
+            params,
+        })
+    }
+
     /// The gating without the input dropout (Quaterion's `transform`).
     pub(crate) fn transform(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.broadcast_mul(&self.gates.tanh()?)?)

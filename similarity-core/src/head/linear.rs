@@ -14,8 +14,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Head, check_dropout, check_input};
-use crate::error::{Error, Result};
+use super::{Head, Plan, check_dropout, check_input, check_input_size, check_width};
+use crate::error::Result;
+use crate::limits::ParamCount;
 use crate::nn::{Linear, Mode, ParamScope, dropout};
 
 /// Options of [`LinearHead`].
@@ -54,14 +55,7 @@ impl Head for LinearHead {
     const NAME: &'static str = "LinearHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
-        let out = config.output_size.unwrap_or(input_size);
-        if out == 0 || input_size == 0 {
-            return Err(Error::invalid(
-                "LinearHead option `output_size`",
-                format!("sizes must be at least 1, got input {input_size}, output {out}"),
-            ));
-        }
+        let out = Self::plan(input_size, &config)?.output_size;
         let linear = Linear::new(input_size, out, config.bias, &mut params.scope("linear"))?;
         Ok(LinearHead {
             config,
@@ -69,6 +63,10 @@ impl Head for LinearHead {
             out,
             linear,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -90,6 +88,24 @@ impl Head for LinearHead {
 }
 
 impl LinearHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &LinearHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        check_input_size(Self::NAME, input_size)?;
+        let out = config.output_size.unwrap_or(input_size);
+        check_width(Self::NAME, "output_size", out)?;
+        let mut params = ParamCount::new(Self::NAME);
+        params.add(1, &[out, input_size])?;
+        if config.bias {
+            params.add(1, &[out])?;
+        }
+        Ok(Plan {
+            output_size: out,
+            params,
+        })
+    }
+
     /// The projection without the input dropout.
     pub(crate) fn transform(&self, x: &Tensor) -> Result<Tensor> {
         self.linear.forward(x)

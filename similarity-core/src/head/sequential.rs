@@ -36,8 +36,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Activation, Head, check_dropout, check_input};
+use super::{Activation, Head, Plan, check_dropout, check_input, check_input_size, check_width};
 use crate::error::{Error, Result};
+use crate::limits::{self, ParamCount};
 use crate::nn::{Linear, Mode, ParamScope, dropout};
 
 /// One layer of a [`SequentialHead`].
@@ -109,18 +110,12 @@ impl Head for SequentialHead {
     const NAME: &'static str = "SequentialHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
+        let out = Self::plan(input_size, &config)?.output_size;
         let mut width = input_size;
         let mut layers = Vec::with_capacity(config.layers.len());
         for (k, layer) in config.layers.iter().enumerate() {
-            let option = format!("SequentialHead option `layers[{k}]`");
             layers.push(match layer {
                 Layer::Linear { out, bias } => {
-                    if *out == 0 || width == 0 {
-                        return Err(Error::invalid(
-                            option,
-                            format!("Linear sizes must be at least 1, got {width} → {out}"),
-                        ));
-                    }
                     let mut scope = params.scope(&format!("_sequential.{k}"));
                     let linear = Linear::new(width, *out, *bias, &mut scope)?;
                     width = *out;
@@ -130,27 +125,23 @@ impl Head for SequentialHead {
                 Layer::Gelu => Built::Act(Activation::Gelu),
                 Layer::Tanh => Built::Act(Activation::Tanh),
                 Layer::Sigmoid => Built::Act(Activation::Sigmoid),
-                Layer::Activation { name } => Built::Act(Activation::from_name(name, &option)?),
-                Layer::Dropout { p } => {
-                    check_dropout(Self::NAME, &format!("layers[{k}]"), *p)?;
-                    Built::Dropout(*p)
-                }
+                Layer::Activation { name } => Built::Act(Activation::from_name(
+                    name,
+                    &format!("SequentialHead option `layers[{k}]`"),
+                )?),
+                Layer::Dropout { p } => Built::Dropout(*p),
             });
-        }
-        if let Some(expected) = config.output_size
-            && expected != width
-        {
-            return Err(Error::invalid(
-                "SequentialHead option `output_size`",
-                format!("is {expected}, but the layers output {width}"),
-            ));
         }
         Ok(SequentialHead {
             config,
             size: input_size,
-            out: width,
+            out,
             layers,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -172,6 +163,54 @@ impl Head for SequentialHead {
 }
 
 impl SequentialHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &SequentialHeadConfig) -> Result<Plan> {
+        check_input_size(Self::NAME, input_size)?;
+        if config.layers.len() > limits::MAX_LAYERS {
+            return Err(Error::invalid(
+                "SequentialHead option `layers`",
+                format!(
+                    "must have at most {} layers, got {}",
+                    limits::MAX_LAYERS,
+                    config.layers.len()
+                ),
+            ));
+        }
+        let mut params = ParamCount::new(Self::NAME);
+        let mut width = input_size;
+        for (k, layer) in config.layers.iter().enumerate() {
+            let option = format!("layers[{k}]");
+            match layer {
+                Layer::Linear { out, bias } => {
+                    check_width(Self::NAME, &format!("{option}.out"), *out)?;
+                    params.add(1, &[*out, width])?;
+                    if *bias {
+                        params.add(1, &[*out])?;
+                    }
+                    width = *out;
+                }
+                Layer::Activation { name } => {
+                    Activation::from_name(name, &format!("SequentialHead option `{option}`"))?;
+                }
+                Layer::Dropout { p } => check_dropout(Self::NAME, &option, *p)?,
+                Layer::Relu | Layer::Gelu | Layer::Tanh | Layer::Sigmoid => {}
+            }
+        }
+        if let Some(expected) = config.output_size
+            && expected != width
+        {
+            return Err(Error::invalid(
+                "SequentialHead option `output_size`",
+                format!("is {expected}, but the layers output {width}"),
+            ));
+        }
+        Ok(Plan {
+            output_size: width,
+            params,
+        })
+    }
+
     /// The layers in order (there is no separate input dropout).
     pub(crate) fn transform(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let mut h = x.clone();

@@ -16,9 +16,10 @@ use candle_core::Tensor;
 use candle_nn::ops::sigmoid;
 use serde::{Deserialize, Serialize};
 
-use super::{Head, check_input};
-use crate::error::{Error, Result};
+use super::{Head, Plan, check_dropout, check_input, check_input_size, check_layers};
+use crate::error::Result;
 use crate::kernels;
+use crate::limits::ParamCount;
 use crate::nn::{Init, Linear, Mode, ParamScope, dropout};
 
 /// Options of [`SkipConnectionHead`].
@@ -57,26 +58,7 @@ impl Head for SkipConnectionHead {
     const NAME: &'static str = "SkipConnectionHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        for (name, p) in [
-            ("dropout", config.dropout),
-            ("skip_dropout", config.skip_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return Err(Error::invalid(
-                    format!("SkipConnectionHead option `{name}`"),
-                    format!("must be in [0, 1), got {p}"),
-                ));
-            }
-        }
-        if config.n_layers == 0 || input_size == 0 {
-            return Err(Error::invalid(
-                "SkipConnectionHead",
-                format!(
-                    "n_layers and input size must be at least 1, got n_layers = {}, input = {input_size}",
-                    config.n_layers
-                ),
-            ));
-        }
+        Self::plan(input_size, &config)?;
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
             let gates = params.var(&format!("gates_{i}"), &[input_size], Init::Const(-4.0))?;
@@ -93,6 +75,10 @@ impl Head for SkipConnectionHead {
             size: input_size,
             layers,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -114,6 +100,24 @@ impl Head for SkipConnectionHead {
 }
 
 impl SkipConnectionHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &SkipConnectionHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        check_dropout(Self::NAME, "skip_dropout", config.skip_dropout)?;
+        check_layers(Self::NAME, "n_layers", config.n_layers)?;
+        check_input_size(Self::NAME, input_size)?;
+        let d = input_size;
+        let mut params = ParamCount::new(Self::NAME);
+        // Per block: fc weight (d, d), fc bias (d), gates (d).
+        params.add(config.n_layers, &[d, d])?;
+        params.add(2 * config.n_layers, &[d])?;
+        Ok(Plan {
+            output_size: d,
+            params,
+        })
+    }
+
     /// The blocks without the input dropout (Quaterion's `transform`).
     pub(crate) fn transform(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         let mut x = x.clone();

@@ -22,8 +22,9 @@
 use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{Head, check_dropout, check_input};
-use crate::error::{Error, Result};
+use super::{Head, Plan, check_dropout, check_input, check_input_size, check_width};
+use crate::error::Result;
+use crate::limits::{self, ParamCount};
 use crate::nn::{Linear, Mode, ParamScope, dropout};
 
 /// Options of [`SoftmaxEmbeddingsHead`].
@@ -51,25 +52,17 @@ impl Head for SoftmaxEmbeddingsHead {
     const NAME: &'static str = "SoftmaxEmbeddingsHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
-        for (name, v) in [
-            ("output_groups", config.output_groups),
-            ("output_size_per_group", config.output_size_per_group),
-        ] {
-            if v == 0 {
-                return Err(Error::invalid(
-                    format!("SoftmaxEmbeddingsHead option `{name}`"),
-                    "is required and must be at least 1",
-                ));
-            }
-        }
-        let out = config.output_groups * config.output_size_per_group;
+        let out = Self::plan(input_size, &config)?.output_size;
         let projection = Linear::new(input_size, out, true, &mut params.scope("projection_layer"))?;
         Ok(SoftmaxEmbeddingsHead {
             config,
             size: input_size,
             projection,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -91,6 +84,34 @@ impl Head for SoftmaxEmbeddingsHead {
 }
 
 impl SoftmaxEmbeddingsHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &SoftmaxEmbeddingsHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        // Both are required (their `Default` is 0): at least 1 each.
+        check_width(Self::NAME, "output_groups", config.output_groups)?;
+        check_width(
+            Self::NAME,
+            "output_size_per_group",
+            config.output_size_per_group,
+        )?;
+        check_input_size(Self::NAME, input_size)?;
+        // Both at most 2^16, so the product fits.
+        let out = config.output_groups * config.output_size_per_group;
+        limits::check_at_most(
+            "SoftmaxEmbeddingsHead output size `output_groups × output_size_per_group`",
+            out,
+            limits::MAX_WIDTH,
+        )?;
+        let mut params = ParamCount::new(Self::NAME);
+        params.add(1, &[out, input_size])?;
+        params.add(1, &[out])?;
+        Ok(Plan {
+            output_size: out,
+            params,
+        })
+    }
+
     /// Projection and grouped softmax without the input dropout (Quaterion's `transform`).
     pub(crate) fn transform(&self, x: &Tensor) -> Result<Tensor> {
         let p = self.projection.forward(x)?;

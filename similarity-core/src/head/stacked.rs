@@ -21,8 +21,9 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Activation, Head, check_dropout, check_input};
+use super::{Activation, Head, Plan, check_dropout, check_input, check_input_size, check_width};
 use crate::error::{Error, Result};
+use crate::limits::{self, ParamCount};
 use crate::nn::{Linear, Mode, ParamScope, dropout};
 
 /// Options of [`StackedProjectionHead`].
@@ -57,19 +58,43 @@ pub(crate) struct Stack {
 }
 
 impl Stack {
-    pub(crate) fn new(
+    /// Counts the layers' parameters into `params`, checking the sizes first: the input
+    /// and every layer in `1..=MAX_WIDTH`, at most `MAX_LAYERS` layers (option
+    /// `output_sizes` of `head` in errors).
+    pub(crate) fn plan(
         head: &str,
+        input_size: usize,
+        sizes: &[usize],
+        params: &mut ParamCount,
+    ) -> Result<()> {
+        check_input_size(head, input_size)?;
+        if sizes.len() > limits::MAX_LAYERS {
+            return Err(Error::invalid(
+                format!("{head} option `output_sizes`"),
+                format!(
+                    "must have at most {} layers, got {}",
+                    limits::MAX_LAYERS,
+                    sizes.len()
+                ),
+            ));
+        }
+        let mut prev = input_size;
+        for (i, &n) in sizes.iter().enumerate() {
+            check_width(head, &format!("output_sizes[{i}]"), n)?;
+            params.add(1, &[n, prev])?;
+            params.add(1, &[n])?;
+            prev = n;
+        }
+        Ok(())
+    }
+
+    /// Builds the layers; `plan` has checked the sizes.
+    pub(crate) fn new(
         input_size: usize,
         sizes: &[usize],
         activation: Activation,
         params: &mut ParamScope,
     ) -> Result<Self> {
-        if input_size == 0 || sizes.contains(&0) {
-            return Err(Error::invalid(
-                format!("{head} option `output_sizes`"),
-                format!("every size must be at least 1, got input {input_size}, layers {sizes:?}"),
-            ));
-        }
         let mut layers = Vec::with_capacity(sizes.len());
         let mut prev = input_size;
         for (i, &n) in sizes.iter().enumerate() {
@@ -102,29 +127,21 @@ impl Head for StackedProjectionHead {
     const NAME: &'static str = "StackedProjectionHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
-        if config.output_sizes.is_empty() {
-            return Err(Error::invalid(
-                "StackedProjectionHead option `output_sizes`",
-                "is required: give at least one layer size",
-            ));
-        }
+        Self::plan(input_size, &config)?;
         let activation = Activation::from_name(
             &config.activation_fn,
             "StackedProjectionHead option `activation_fn`",
         )?;
-        let stack = Stack::new(
-            Self::NAME,
-            input_size,
-            &config.output_sizes,
-            activation,
-            params,
-        )?;
+        let stack = Stack::new(input_size, &config.output_sizes, activation, params)?;
         Ok(StackedProjectionHead {
             config,
             size: input_size,
             stack,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -146,6 +163,28 @@ impl Head for StackedProjectionHead {
 }
 
 impl StackedProjectionHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &StackedProjectionHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        let Some(&output_size) = config.output_sizes.last() else {
+            return Err(Error::invalid(
+                "StackedProjectionHead option `output_sizes`",
+                "is required: give at least one layer size",
+            ));
+        };
+        Activation::from_name(
+            &config.activation_fn,
+            "StackedProjectionHead option `activation_fn`",
+        )?;
+        let mut params = ParamCount::new(Self::NAME);
+        Stack::plan(Self::NAME, input_size, &config.output_sizes, &mut params)?;
+        Ok(Plan {
+            output_size,
+            params,
+        })
+    }
+
     /// The stack without the input dropout (Quaterion's `transform`).
     pub(crate) fn transform(&self, x: &Tensor) -> Result<Tensor> {
         self.stack.forward(x)

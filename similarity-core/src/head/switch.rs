@@ -34,11 +34,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     EmptyHead, EmptyHeadConfig, GatedHead, GatedHeadConfig, Head, LinearHead, LinearHeadConfig,
-    SequentialHead, SequentialHeadConfig, SkipConnectionHead, SkipConnectionHeadConfig,
+    Plan, SequentialHead, SequentialHeadConfig, SkipConnectionHead, SkipConnectionHeadConfig,
     SoftmaxEmbeddingsHead, SoftmaxEmbeddingsHeadConfig, StackedProjectionHead,
     StackedProjectionHeadConfig, WideningHead, WideningHeadConfig, check_dropout, check_input,
 };
 use crate::error::{Error, Result};
+use crate::limits::{self, ParamCount};
 use crate::nn::{Mode, ParamScope, dropout};
 
 /// A sub-head of a [`SwitchHead`]: one of the built-in heads with its options,
@@ -79,7 +80,8 @@ pub struct SwitchHeadConfig {
 
 #[derive(Debug, Clone)]
 enum SubHead {
-    Empty(EmptyHead),
+    /// The identity (an `EmptyHead`'s `transform`); its options are checked by `plan`.
+    Empty,
     Gated(GatedHead),
     Linear(LinearHead),
     Skip(SkipConnectionHead),
@@ -92,7 +94,7 @@ enum SubHead {
 impl SubHead {
     fn new(size: usize, option: &SwitchOption, params: &mut ParamScope) -> Result<Self> {
         Ok(match option.clone() {
-            SwitchOption::EmptyHead(c) => SubHead::Empty(EmptyHead::new(size, c, params)?),
+            SwitchOption::EmptyHead(_) => SubHead::Empty,
             SwitchOption::GatedHead(c) => SubHead::Gated(GatedHead::new(size, c, params)?),
             SwitchOption::LinearHead(c) => SubHead::Linear(LinearHead::new(size, c, params)?),
             SwitchOption::SkipConnectionHead(c) => {
@@ -111,22 +113,22 @@ impl SubHead {
         })
     }
 
-    fn output_size(&self) -> usize {
-        match self {
-            SubHead::Empty(h) => h.output_size(),
-            SubHead::Gated(h) => h.output_size(),
-            SubHead::Linear(h) => h.output_size(),
-            SubHead::Skip(h) => h.output_size(),
-            SubHead::Softmax(h) => h.output_size(),
-            SubHead::Stacked(h) => h.output_size(),
-            SubHead::Widening(h) => h.output_size(),
-            SubHead::Sequential(h) => h.output_size(),
+    fn plan(size: usize, option: &SwitchOption) -> Result<Plan> {
+        match option {
+            SwitchOption::EmptyHead(c) => EmptyHead::plan(size, c),
+            SwitchOption::GatedHead(c) => GatedHead::plan(size, c),
+            SwitchOption::LinearHead(c) => LinearHead::plan(size, c),
+            SwitchOption::SkipConnectionHead(c) => SkipConnectionHead::plan(size, c),
+            SwitchOption::SoftmaxEmbeddingsHead(c) => SoftmaxEmbeddingsHead::plan(size, c),
+            SwitchOption::StackedProjectionHead(c) => StackedProjectionHead::plan(size, c),
+            SwitchOption::WideningHead(c) => WideningHead::plan(size, c),
+            SwitchOption::SequentialHead(c) => SequentialHead::plan(size, c),
         }
     }
 
     fn transform(&self, x: &Tensor, mode: &mut Mode) -> Result<Tensor> {
         match self {
-            SubHead::Empty(_) => Ok(x.clone()),
+            SubHead::Empty => Ok(x.clone()),
             SubHead::Gated(h) => h.transform(x),
             SubHead::Linear(h) => h.transform(x),
             SubHead::Skip(h) => h.transform(x, mode),
@@ -154,50 +156,17 @@ impl Head for SwitchHead {
     const NAME: &'static str = "SwitchHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
-        if config.options.is_empty() {
-            return Err(Error::invalid(
-                "SwitchHead option `options`",
-                "is required: give at least one head",
-            ));
-        }
+        let out = Self::plan(input_size, &config)?.output_size;
         let mut keys = Vec::new();
         let mut heads = Vec::new();
         for (key, option) in &config.options {
-            if key.is_empty() || key.contains('.') {
-                return Err(Error::invalid(
-                    "SwitchHead option `options`",
-                    format!("key `{key}` must be non-empty and contain no `.`"),
-                ));
-            }
-            let head = SubHead::new(input_size, option, &mut params.scope(key))?;
+            heads.push(SubHead::new(input_size, option, &mut params.scope(key))?);
             keys.push(key.clone());
-            heads.push(head);
         }
-        let out = heads[0].output_size();
-        if let Some((k, h)) = keys
-            .iter()
-            .zip(&heads)
-            .find(|(_, h)| h.output_size() != out)
-        {
-            return Err(Error::invalid(
-                "SwitchHead option `options`",
-                format!(
-                    "every head must have the same output size: `{}` gives {out}, `{k}` gives {}",
-                    keys[0],
-                    h.output_size()
-                ),
-            ));
-        }
-        let default_route = match &config.default_route {
-            None => None,
-            Some(k) => Some(keys.iter().position(|key| key == k).ok_or_else(|| {
-                Error::invalid(
-                    "SwitchHead option `default_route`",
-                    format!("`{k}` is not a key of `options` ({})", keys.join(", ")),
-                )
-            })?),
-        };
+        let default_route = config
+            .default_route
+            .as_ref()
+            .and_then(|k| keys.iter().position(|key| key == k));
         Ok(SwitchHead {
             config,
             size: input_size,
@@ -206,6 +175,10 @@ impl Head for SwitchHead {
             heads,
             default_route,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -234,6 +207,66 @@ impl Head for SwitchHead {
 }
 
 impl SwitchHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &SwitchHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        if config.options.is_empty() {
+            return Err(Error::invalid(
+                "SwitchHead option `options`",
+                "is required: give at least one head",
+            ));
+        }
+        if config.options.len() > limits::MAX_LAYERS {
+            return Err(Error::invalid(
+                "SwitchHead option `options`",
+                format!(
+                    "must have at most {} heads, got {}",
+                    limits::MAX_LAYERS,
+                    config.options.len()
+                ),
+            ));
+        }
+        let mut params = ParamCount::new(Self::NAME);
+        let mut first: Option<(&str, usize)> = None;
+        for (key, option) in &config.options {
+            if key.is_empty() || key.contains('.') {
+                return Err(Error::invalid(
+                    "SwitchHead option `options`",
+                    format!("key `{key}` must be non-empty and contain no `.`"),
+                ));
+            }
+            let plan = SubHead::plan(input_size, option).map_err(|e| in_option(key, e))?;
+            params.add_count(&plan.params)?;
+            match first {
+                None => first = Some((key, plan.output_size)),
+                Some((k0, out)) if out != plan.output_size => {
+                    return Err(Error::invalid(
+                        "SwitchHead option `options`",
+                        format!(
+                            "every head must have the same output size: `{k0}` gives {out}, `{key}` gives {}",
+                            plan.output_size
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(k) = &config.default_route
+            && !config.options.contains_key(k)
+        {
+            let keys: Vec<&str> = config.options.keys().map(String::as_str).collect();
+            return Err(Error::invalid(
+                "SwitchHead option `default_route`",
+                format!("`{k}` is not a key of `options` ({})", keys.join(", ")),
+            ));
+        }
+        Ok(Plan {
+            output_size: first.map_or(0, |(_, out)| out),
+            params,
+        })
+    }
+
     /// The option keys, in sorted order: the values of a route index into this.
     pub fn keys(&self) -> &[String] {
         &self.keys
@@ -302,6 +335,17 @@ impl SwitchHead {
             })
             .collect::<Result<Vec<_>>>()?;
         self.forward_routed(x, &route, mode)
+    }
+}
+
+/// An error of the sub-head `key`, with the key in its location.
+fn in_option(key: &str, e: Error) -> Error {
+    match e {
+        Error::InvalidInput { location, message } => Error::invalid(
+            format!("SwitchHead option `options.{key}` ({location})"),
+            message,
+        ),
+        other => other,
     }
 }
 

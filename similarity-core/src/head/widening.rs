@@ -18,8 +18,9 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::stacked::Stack;
-use super::{Activation, Head, check_dropout, check_input};
+use super::{Activation, Head, Plan, check_dropout, check_input, check_input_size};
 use crate::error::{Error, Result};
+use crate::limits::{self, ParamCount};
 use crate::nn::{Mode, ParamScope, dropout};
 
 /// Options of [`WideningHead`].
@@ -58,33 +59,21 @@ impl Head for WideningHead {
     const NAME: &'static str = "WideningHead";
 
     fn new(input_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
-        check_dropout(Self::NAME, "dropout", config.dropout)?;
-        let hidden = (input_size as f64 * config.expansion_factor).trunc();
-        if !config.expansion_factor.is_finite() || hidden < 1.0 {
-            return Err(Error::invalid(
-                "WideningHead option `expansion_factor`",
-                format!(
-                    "input size {input_size} × {} gives no hidden unit",
-                    config.expansion_factor
-                ),
-            ));
-        }
-        let hidden = hidden as usize;
+        Self::plan(input_size, &config)?;
+        let hidden = Self::hidden_width(input_size, config.expansion_factor)?;
         let activation =
             Activation::from_name(&config.activation_fn, "WideningHead option `activation_fn`")?;
-        let stack = Stack::new(
-            Self::NAME,
-            input_size,
-            &[hidden, input_size],
-            activation,
-            params,
-        )?;
+        let stack = Stack::new(input_size, &[hidden, input_size], activation, params)?;
         Ok(WideningHead {
             config,
             size: input_size,
             hidden,
             stack,
         })
+    }
+
+    fn check_config(input_size: usize, config: &Self::Config) -> Result<()> {
+        Self::plan(input_size, config).map(drop)
     }
 
     fn config(&self) -> &Self::Config {
@@ -106,6 +95,37 @@ impl Head for WideningHead {
 }
 
 impl WideningHead {
+    /// The output size and parameter count for `config` on inputs of `input_size`, every
+    /// option checked first (see [`Head::check_config`]).
+    pub(crate) fn plan(input_size: usize, config: &WideningHeadConfig) -> Result<Plan> {
+        check_dropout(Self::NAME, "dropout", config.dropout)?;
+        check_input_size(Self::NAME, input_size)?;
+        let hidden = Self::hidden_width(input_size, config.expansion_factor)?;
+        Activation::from_name(&config.activation_fn, "WideningHead option `activation_fn`")?;
+        let mut params = ParamCount::new(Self::NAME);
+        Stack::plan(Self::NAME, input_size, &[hidden, input_size], &mut params)?;
+        Ok(Plan {
+            output_size: input_size,
+            params,
+        })
+    }
+
+    /// `⌊d · expansion_factor⌋`, which must be in `1..=MAX_WIDTH`; compared as a float
+    /// before the cast, so a huge, infinite or NaN factor cannot saturate into a size.
+    fn hidden_width(input_size: usize, expansion_factor: f64) -> Result<usize> {
+        let hidden = (input_size as f64 * expansion_factor).trunc();
+        if !(1.0..=limits::MAX_WIDTH as f64).contains(&hidden) {
+            return Err(Error::invalid(
+                "WideningHead option `expansion_factor`",
+                format!(
+                    "must give 1 to {} hidden units, got input size {input_size} × {expansion_factor} = {hidden}",
+                    limits::MAX_WIDTH
+                ),
+            ));
+        }
+        Ok(hidden as usize)
+    }
+
     /// Width of the hidden layer, `⌊d · expansion_factor⌋`.
     pub fn hidden_size(&self) -> usize {
         self.hidden

@@ -75,6 +75,7 @@ impl SimilarityLoss for CenterLoss {
     const NAME: &'static str = "CenterLoss";
 
     fn new(embedding_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
+        crate::limits::check_class_table(Self::NAME, config.num_groups, embedding_size)?;
         check_num_groups(Self::NAME, config.num_groups)?;
         if !config.lambda_c.is_finite() || config.lambda_c <= 0.0 {
             return Err(Error::invalid(

@@ -76,6 +76,7 @@ impl SimilarityLoss for CosFaceLoss {
     const NAME: &'static str = "CosFaceLoss";
 
     fn new(embedding_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
+        crate::limits::check_class_table(Self::NAME, config.num_groups, embedding_size)?;
         check_num_groups(Self::NAME, config.num_groups)?;
         check_scale_margin(Self::NAME, config.scale, config.margin)?;
         let kernel = class_kernel(embedding_size, config.num_groups, params)?;

@@ -59,6 +59,11 @@ impl SimilarityLoss for FastAPLoss {
     const NAME: &'static str = "FastAPLoss";
 
     fn new(_embedding_size: usize, config: Self::Config, _params: &mut ParamScope) -> Result<Self> {
+        crate::limits::check_at_most(
+            "FastAPLoss option `num_bins`",
+            config.num_bins,
+            crate::limits::MAX_HISTOGRAM_BINS,
+        )?;
         if config.num_bins == 0 {
             return Err(Error::invalid(
                 "FastAPLoss option `num_bins`",

@@ -65,6 +65,7 @@ impl SimilarityLoss for SoftmaxLoss {
     const NAME: &'static str = "SoftmaxLoss";
 
     fn new(embedding_size: usize, config: Self::Config, params: &mut ParamScope) -> Result<Self> {
+        crate::limits::check_class_table(Self::NAME, config.num_groups, embedding_size)?;
         check_num_groups(Self::NAME, config.num_groups)?;
         if !config.temperature.is_finite() || config.temperature <= 0.0 {
             return Err(Error::invalid(

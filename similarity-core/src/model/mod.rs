@@ -30,6 +30,7 @@ use crate::encoder::Encoder;
 use crate::error::{Error, Result};
 use crate::files::{DirKind, DirWriter, Version};
 use crate::head::Head;
+use crate::limits;
 use crate::loss::SimilarityLoss;
 use crate::train::ModelState;
 
@@ -213,14 +214,17 @@ impl ServableReader {
         &self.manifest
     }
 
-    /// Loads encoder `name` (declared as type `E`) from `encoders/<name>/`.
+    /// Loads encoder `name` (declared as type `E`) from `encoders/<name>/`. The saved
+    /// embedding size is checked against [`MAX_WIDTH`](crate::limits::MAX_WIDTH) first,
+    /// and an encoder's own error about an option names its directory.
     pub fn encoder<E: Encoder>(&self, name: &str, device: &Device) -> Result<E> {
         let path = self.dir.join(MANIFEST);
-        let entry = self
+        let (i, entry) = self
             .manifest
             .encoders
             .iter()
-            .find(|e| e.name == name)
+            .enumerate()
+            .find(|(_, e)| e.name == name)
             .ok_or_else(|| {
                 Error::format(
                     &path,
@@ -237,7 +241,14 @@ impl ServableReader {
                 ),
             ));
         }
-        let encoder = E::load(&self.dir.join("encoders").join(name), device)?;
+        limits::check_size(
+            &format!("encoders[{i}].embedding_size"),
+            entry.embedding_size,
+            limits::MAX_WIDTH,
+        )
+        .map_err(|e| e.in_file(&path))?;
+        let dir = self.dir.join("encoders").join(name);
+        let encoder = E::load(&dir, device).map_err(|e| e.in_file(&dir))?;
         if encoder.embedding_size() != entry.embedding_size {
             return Err(Error::format(
                 &path,
@@ -251,14 +262,62 @@ impl ServableReader {
         Ok(encoder)
     }
 
-    /// The saved options of the head, declared as type `H`.
-    pub fn head_config<H: Head>(&self) -> Result<H::Config> {
-        self.component_config(&self.manifest.head, H::NAME, "head")
+    /// The saved options of the head, declared as type `H`, for inputs of `input_size`
+    /// (the loaded encoders' embedding sizes summed). Before anything is built from
+    /// them: the manifest's `head.input_size` must be `input_size`, its `head.output_size`
+    /// at most [`MAX_WIDTH`](crate::limits::MAX_WIDTH), and the options must pass
+    /// [`Head::check_config`] (the bounds of [`crate::limits`]). Errors name the
+    /// manifest.
+    pub fn head_config<H: Head>(&self, input_size: usize) -> Result<H::Config> {
+        let path = self.dir.join(MANIFEST);
+        let entry = &self.manifest.head;
+        let config = self.component_config(entry, H::NAME, "head")?;
+        let sizes = || -> Result<()> {
+            limits::check_size("head.input_size", entry.input_size, limits::MAX_WIDTH)?;
+            limits::check_size("head.output_size", entry.output_size, limits::MAX_WIDTH)?;
+            if entry.input_size != input_size {
+                return Err(Error::invalid(
+                    "head.input_size",
+                    format!(
+                        "is {}, but the encoders' embedding sizes sum to {input_size}",
+                        entry.input_size
+                    ),
+                ));
+            }
+            H::check_config(input_size, &config)
+        };
+        sizes().map_err(|e| e.in_file(&path))?;
+        Ok(config)
     }
 
-    /// The saved options of the loss, declared as type `L`.
+    /// The saved options of the loss, declared as type `L`. The manifest's
+    /// `loss.input_size` and `loss.output_size` must be the head's output size; the
+    /// loss's own bounds are checked by its constructor, before it allocates (map its
+    /// errors with [`ServableReader::in_manifest`]).
     pub fn loss_config<L: SimilarityLoss>(&self) -> Result<L::Config> {
-        self.component_config(&self.manifest.loss, L::NAME, "loss")
+        let path = self.dir.join(MANIFEST);
+        let config = self.component_config(&self.manifest.loss, L::NAME, "loss")?;
+        let head_output = self.manifest.head.output_size;
+        for (field, size) in [
+            ("loss.input_size", self.manifest.loss.input_size),
+            ("loss.output_size", self.manifest.loss.output_size),
+        ] {
+            limits::check_size(field, size, limits::MAX_WIDTH).map_err(|e| e.in_file(&path))?;
+            if size != head_output {
+                return Err(Error::format(
+                    &path,
+                    format!("{field} is {size}, but head.output_size is {head_output}"),
+                ));
+            }
+        }
+        Ok(config)
+    }
+
+    /// An error raised while building the head or the loss from the manifest's options
+    /// (an option out of range) as the manifest's fault, naming it; see
+    /// [`Error::in_file`].
+    pub fn in_manifest(&self, error: Error) -> Error {
+        error.in_file(self.dir.join(MANIFEST))
     }
 
     fn component_config<C: DeserializeOwned>(

@@ -65,9 +65,11 @@ pub struct Xbm {
 impl Xbm {
     /// An empty memory on `device`.
     pub fn new(config: XbmConfig, device: &Device) -> Result<Self> {
-        if config.size == 0 {
-            return Err(Error::invalid("XBM option `size`", "must be at least 1"));
-        }
+        crate::limits::check_size(
+            "XBM option `size`",
+            config.size,
+            crate::limits::MAX_MEMORY_SIZE,
+        )?;
         if !config.weight.is_finite() || config.weight < 0.0 {
             return Err(Error::invalid(
                 "XBM option `weight`",
@@ -136,6 +138,8 @@ impl Xbm {
             (embeddings, groups, n)
         };
         if self.embeddings.is_none() {
+            crate::limits::ParamCount::new("XBM memory `(size, embedding size)`")
+                .add(1, &[size, d])?;
             self.embeddings = Some(Tensor::zeros((size, d), DType::F32, &self.device)?);
             self.groups = Some(Tensor::zeros(size, DType::I64, &self.device)?);
         }
