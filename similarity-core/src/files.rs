@@ -51,6 +51,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
+use crate::limits;
 
 /// Name of the marker file in every directory this library writes as a whole (models,
 /// checkpoints, caches).
@@ -82,19 +83,6 @@ impl DirKind {
             DirKind::Other => "directory",
         }
     }
-}
-
-/// Upper bounds on the size of the files this library reads, decided before reading.
-pub mod limits {
-    /// A JSON configuration, manifest or state file: 64 MiB (a tokenizer's vocabulary is
-    /// the largest JSON the library reads, a few MiB for BERT-family models).
-    pub const JSON: u64 = 64 << 20;
-    /// A tokenizer file (`tokenizer.json`): 256 MiB.
-    pub const TOKENIZER: u64 = 256 << 20;
-    /// A safetensors file of weights, optimiser moments or memory: 64 GiB.
-    pub const TENSORS: u64 = 64 << 30;
-    /// A marker or lock file: 4 KiB.
-    pub const MARKER: u64 = 4 << 10;
 }
 
 /// A fresh id for a marker: process, time and a counter, distinct across writes.
@@ -248,17 +236,17 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String> {
         .map_err(|e| Error::format(path, format!("is not UTF-8 text: {e}")))
 }
 
-/// Reads JSON from `path` (at most [`limits::JSON`] bytes); an error names the file and
+/// Reads JSON from `path` (at most [`limits::MAX_JSON_BYTES`] bytes); an error names the file and
 /// the position of the fault.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = read_bytes(path, limits::JSON)?;
+    let bytes = read_bytes(path, limits::MAX_JSON_BYTES)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::format(path, e.to_string()))
 }
 
-/// The tensors of a safetensors file (at most [`limits::TENSORS`] bytes), on the CPU.
+/// The tensors of a safetensors file (at most [`limits::MAX_TENSOR_FILE_BYTES`] bytes), on the CPU.
 /// Lengths inside the file are checked against its size before anything is allocated.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let bytes = read_bytes(path, limits::TENSORS)?;
+    let bytes = read_bytes(path, limits::MAX_TENSOR_FILE_BYTES)?;
     candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| Error::format(path, format!("not a readable safetensors file: {e}")))
 }
@@ -266,7 +254,7 @@ pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
 /// The id in `dir`'s marker, `None` when it has none (not written by this library, or
 /// gone).
 fn marker_id(dir: &Path) -> Option<String> {
-    let bytes = read_bytes(&dir.join(MARKER), limits::MARKER).ok()?;
+    let bytes = read_bytes(&dir.join(MARKER), limits::MAX_MARKER_BYTES).ok()?;
     String::from_utf8(bytes).ok()
 }
 

@@ -104,6 +104,7 @@ pub mod prelude {
 pub mod __private {
     pub use crate::cache::{CacheType, cache_key};
     pub use crate::encoder::{Encoder, FrozenEncoder};
+    pub use crate::files::read_dir_consistently;
     pub use crate::head::Head;
     pub use crate::loss::{LossKind, MemoryLoss, SimilarityLoss};
     pub use crate::metric::Metric;

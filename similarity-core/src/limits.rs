@@ -32,6 +32,22 @@
 
 use crate::error::{Error, Result};
 
+/// Largest JSON file read (a configuration, manifest, checkpoint state or cache header):
+/// 64 MiB. The largest JSON this library reads is a tokenizer's vocabulary, which has its
+/// own bound.
+pub const MAX_JSON_BYTES: u64 = 64 << 20;
+
+/// Largest `tokenizer.json` read: 256 MiB (a few MiB for BERT-family models, tens of MiB
+/// for the largest multilingual vocabularies).
+pub const MAX_TOKENIZER_BYTES: u64 = 256 << 20;
+
+/// Largest safetensors file read (weights, optimiser moments, memory): 64 GiB, four times
+/// [`MAX_PARAMETERS`] in f32.
+pub const MAX_TENSOR_FILE_BYTES: u64 = 64 << 30;
+
+/// Largest marker or lock file read: 4 KiB (they hold a kind and an id).
+pub const MAX_MARKER_BYTES: u64 = 4 << 10;
+
 /// Widest vector: an embedding, a hidden or intermediate layer, a head's input (the
 /// encoders' embeddings concatenated) or output. 2¹⁶ = 65,536: the widest layers in use
 /// are an LLM's feed-forward (53,248 in Llama 3.1 405B; its hidden size is 16,384);

@@ -386,27 +386,30 @@ fn expand(model: &Model) -> TokenStream {
             }
 
             fn load(dir: &#p::Path, device: &#p::Device) -> #p::Result<Self> {
-                let reader = #p::ServableReader::open(dir, Self::NAME)?;
-                #(let #enc_idents = reader.encoder::<#enc_tys>(#enc_names, device)?;)*
-                // Every size is checked against the manifest and the bounds before the
-                // head is built from it.
-                let input_size = #input_size;
-                let head_config = reader.head_config::<#head_ty>(input_size)?;
-                let loss_config = reader.loss_config::<#loss_ty>()?;
-                let options = #p::ModelOptions { device: device.clone(), seed: 0 };
-                let model = Self::__build(
-                    #(#enc_idents,)*
-                    head_config,
-                    loss_config,
-                    &options,
-                    &|e| reader.in_manifest(e),
-                )?;
-                reader.finish(
-                    &model.__similarity,
-                    #p::Head::input_size(&model.#head_ident),
-                    #p::Head::output_size(&model.#head_ident),
-                )?;
-                ::core::result::Result::Ok(model)
+                // Read again if a writer swaps the directory meanwhile: one version only.
+                #p::read_dir_consistently(dir, |dir| {
+                    let reader = #p::ServableReader::open(dir, Self::NAME)?;
+                    #(let #enc_idents = reader.encoder::<#enc_tys>(#enc_names, device)?;)*
+                    // Every size is checked against the manifest and the bounds before the
+                    // head is built from it.
+                    let input_size = #input_size;
+                    let head_config = reader.head_config::<#head_ty>(input_size)?;
+                    let loss_config = reader.loss_config::<#loss_ty>()?;
+                    let options = #p::ModelOptions { device: device.clone(), seed: 0 };
+                    let model = Self::__build(
+                        #(#enc_idents,)*
+                        head_config,
+                        loss_config,
+                        &options,
+                        &|e| reader.in_manifest(e),
+                    )?;
+                    reader.finish(
+                        &model.__similarity,
+                        #p::Head::input_size(&model.#head_ident),
+                        #p::Head::output_size(&model.#head_ident),
+                    )?;
+                    ::core::result::Result::Ok(model)
+                })
             }
 
             #xbm_methods

@@ -151,7 +151,7 @@ pub fn hash_dir(dir: &Path) -> Result<u128> {
     let mut h = Xxh3Default::new();
     for rel in files {
         let path = dir.join(&rel);
-        let bytes = files::read_bytes(&path, files::limits::TENSORS)?;
+        let bytes = files::read_bytes(&path, crate::limits::MAX_TENSOR_FILE_BYTES)?;
         h.update(rel.to_string_lossy().as_bytes());
         h.update(&[0]);
         h.update(&(bytes.len() as u64).to_le_bytes());

@@ -358,7 +358,7 @@ impl std::fmt::Debug for SentenceTransformer {
 /// A JSON or tokenizer file of the model directory, bounded (a tokenizer is the
 /// largest text the directory holds).
 fn read_text(path: &Path) -> Result<String> {
-    crate::files::read_text(path, crate::files::limits::TOKENIZER)
+    crate::files::read_text(path, crate::limits::MAX_TOKENIZER_BYTES)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
