@@ -23,6 +23,6 @@ fuzz_target!(|data: &[u8]| {
             &Device::Cpu,
         )
         .unwrap();
-        let _ = memory.load_state(&tensors);
+        let _ = memory.load_state(&tensors, 3);
     }
 });
