@@ -607,3 +607,72 @@ fn options_are_checked_before_fit_and_name_the_trainer_field() {
         assert!(e.contains(want) && !e.contains("DataLoader"), "{e}");
     }
 }
+
+/// A frozen encoder that declares a wider embedding than it returns.
+struct Misdeclared(HashedNgramEncoder);
+
+impl Encoder for Misdeclared {
+    type Input = String;
+    type Batch = <HashedNgramEncoder as Encoder>::Batch;
+    const NAME: &'static str = "Misdeclared";
+
+    fn embedding_size(&self) -> usize {
+        self.0.embedding_size() + 16
+    }
+    fn collate(
+        &self,
+        inputs: &[&String],
+        device: &similarity_core::candle_core::Device,
+    ) -> similarity_core::Result<Self::Batch> {
+        self.0.collate(inputs, device)
+    }
+    fn forward(
+        &self,
+        batch: &Self::Batch,
+        mode: &mut similarity_core::nn::Mode,
+    ) -> similarity_core::Result<Tensor> {
+        self.0.forward(batch, mode)
+    }
+    fn save(&self, dir: &Path) -> similarity_core::Result<()> {
+        self.0.save(dir)
+    }
+    fn load(
+        dir: &Path,
+        device: &similarity_core::candle_core::Device,
+    ) -> similarity_core::Result<Self> {
+        Ok(Misdeclared(HashedNgramEncoder::load(dir, device)?))
+    }
+}
+
+impl FrozenEncoder for Misdeclared {}
+
+#[trainable_model]
+struct MisdeclaredModel {
+    #[encoder(cache = "auto")]
+    text: Misdeclared,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: MultipleNegativesRankingLoss,
+}
+
+#[test]
+fn a_cached_encoder_of_the_wrong_width_is_named_not_the_head() {
+    let train = common::faq_pairs("train", 40);
+    let mut m = MisdeclaredModel::new(
+        Misdeclared(HashedNgramEncoder::default()),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let e = Trainer::new(config(1))
+        .fit(&mut m, &train, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("encoder `text` (Misdeclared)")
+            && e.contains("embedding cache")
+            && e.contains("embedding_size() = 400")
+            && !e.contains("Head"),
+        "{e}"
+    );
+}

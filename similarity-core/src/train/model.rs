@@ -380,7 +380,16 @@ impl ModelState {
             batch.rows.get(slot).and_then(Option::as_ref),
             self.cache(slot),
         ) {
-            return cache.lookup(rows, self.device());
+            let out = cache.lookup(rows, self.device())?;
+            let slot = &self.encoders[slot];
+            if out.dim(1)? != slot.embedding_size {
+                return Err(cache_width_error(
+                    slot,
+                    "its embedding cache holds",
+                    out.dims(),
+                ));
+            }
+            return Ok(out);
         }
         let records = batch.records.ok_or_else(|| {
             Error::invalid(
@@ -465,6 +474,19 @@ impl ModelState {
                     )
                 })?;
                 let out = encoder.forward(&collated, &mut Mode::Eval)?;
+                let width = encoder.embedding_size();
+                if out.rank() != 2 || out.dim(1)? != width {
+                    let slot = EncoderSlot {
+                        name,
+                        kind: E::NAME,
+                        embedding_size: width,
+                    };
+                    return Err(cache_width_error(
+                        &slot,
+                        "filling its embedding cache, it returned",
+                        out.dims(),
+                    ));
+                }
                 check_finite(&out, name, |row| {
                     format!(
                         "object {} of the data set (objects are in sample order: for pairs, \
@@ -485,6 +507,21 @@ impl ModelState {
         rows.set(slot, out);
         Ok(())
     }
+}
+
+/// A cached encoder's rows that do not have the width it declares: said of the encoder
+/// and its cache, not of the head (which is built for the declared widths and would
+/// otherwise be the first to notice).
+fn cache_width_error(slot: &EncoderSlot, what: &str, got: &[usize]) -> Error {
+    Error::shape(
+        format!(
+            "encoder `{}` ({}): {what} rows of another width than its embedding_size() = {} \
+             (the head is built for that width)",
+            slot.name, slot.kind, slot.embedding_size
+        ),
+        format!("(rows, {})", slot.embedding_size),
+        got,
+    )
 }
 
 /// Prefixes the location of an invalid-input error with `context`.
