@@ -49,7 +49,7 @@ fn config(epochs: usize) -> TrainerConfig {
     }
 }
 
-fn weights(m: &FaqModel) -> Vec<Vec<f32>> {
+fn weights(m: &impl TrainableModel) -> Vec<Vec<f32>> {
     m.state()
         .named_trainable_vars()
         .iter()
@@ -383,5 +383,296 @@ fn attached_metrics_are_computed_per_batch_and_over_the_validation_set() {
     assert!(
         val_eval.metric("precision@1").is_some(),
         "the kind's own metrics stay"
+    );
+}
+
+/// MNRL whose gradient is NaN on the training calls in `bad.0..bad.1` (counted from 0)
+/// while its value stays finite: `sqrt(e ⊙ 0)` adds 0 to the loss, and its backward pass
+/// is `(1 / 2·sqrt(0)) · 0 = ∞ · 0`.
+#[derive(Debug)]
+struct NanGradient {
+    inner: similarity_core::loss::MultipleNegativesRankingLoss,
+    calls: std::sync::atomic::AtomicUsize,
+    bad: (usize, usize),
+}
+
+impl SimilarityLoss for NanGradient {
+    type Kind = similarity_core::loss::PairKind;
+    type Config = (usize, usize);
+    const NAME: &'static str = "NanGradient";
+
+    fn new(
+        d: usize,
+        bad: (usize, usize),
+        params: &mut similarity_core::nn::ParamScope,
+    ) -> similarity_core::Result<Self> {
+        Ok(NanGradient {
+            inner: SimilarityLoss::new(d, Default::default(), params)?,
+            calls: Default::default(),
+            bad,
+        })
+    }
+    fn config(&self) -> &(usize, usize) {
+        &self.bad
+    }
+    fn distance(&self) -> similarity_core::distance::Distance {
+        self.inner.distance()
+    }
+    fn forward(
+        &self,
+        e: &Tensor,
+        t: &similarity_core::data::PairTargets,
+    ) -> similarity_core::Result<Tensor> {
+        let loss = self.inner.forward(e, t)?;
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !(self.bad.0..self.bad.1).contains(&call) {
+            return Ok(loss);
+        }
+        let poison = e.mul(&e.zeros_like()?)?.sqrt()?.sum_all()?;
+        Ok((loss + poison)?)
+    }
+}
+
+#[trainable_model]
+struct BadGradient {
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: NanGradient,
+}
+
+fn bad_gradient(from: usize, to: usize) -> BadGradient {
+    let mut m = BadGradient::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    m.loss.bad = (from, to);
+    m
+}
+
+fn all_finite(m: &impl TrainableModel) -> bool {
+    m.state().named_trainable_vars().iter().all(|(_, v)| {
+        v.as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|x| x.is_finite())
+    })
+}
+
+#[test]
+fn a_non_finite_gradient_stops_training_naming_epoch_step_and_variable() {
+    let train = common::faq_pairs("train", 80); // 2 steps per epoch at batch 40
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(3);
+    cfg.checkpoints = Some(CheckpointConfig {
+        dir: dir.path().to_path_buf(),
+        every_n_epochs: 1,
+        save_best: true,
+    });
+    // Training calls only (no validation): call 3 is epoch 1, step 1.
+    let mut m = bad_gradient(3, 4);
+    let first = m.state().named_trainable_vars()[0].0.clone();
+    let e = Trainer::new(cfg).fit(&mut m, &train, None).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(&e, similarity_core::Error::NonFiniteGradient { epoch: 1, step: 1, variable, .. } if *variable == first),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "non-finite gradient of `{first}` at epoch 1, step 1: NaN"
+        )) && text.contains("non_finite = SkipStep"),
+        "{text}"
+    );
+    assert!(all_finite(&m), "the bad step was not taken");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("last/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["trainer"]["history"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn skip_step_counts_the_skipped_step_and_leaves_the_weights_finite() {
+    let train = common::faq_pairs("train", 80);
+    let cfg = TrainerConfig {
+        non_finite: similarity_core::train::NonFinitePolicy::SkipStep,
+        ..config(3)
+    };
+    let mut m = bad_gradient(1, 2); // epoch 0, step 1
+    let mut hooked = 0;
+    let report = Trainer::new(cfg.clone())
+        .fit_with_hook(&mut m, &train, None, &mut |_| hooked += 1)
+        .unwrap();
+    let skipped: Vec<usize> = report.epochs.iter().map(|e| e.skipped_steps).collect();
+    assert_eq!(skipped, [1, 0, 0]);
+    assert_eq!(hooked, 5, "a skipped step is not a step");
+    assert!(all_finite(&m));
+    assert!(report.epochs.iter().all(|e| e.train_loss.is_finite()));
+    // The same run without the bad step differs only by that step: the weights differ.
+    let mut clean = bad_gradient(0, 0);
+    Trainer::new(cfg.clone())
+        .fit(&mut clean, &train, None)
+        .unwrap();
+    assert_ne!(weights(&clean), weights(&m));
+
+    // An epoch in which every step is skipped learnt nothing: an error that says so.
+    let mut m = bad_gradient(2, 4); // all of epoch 1
+    let e = Trainer::new(cfg)
+        .fit(&mut m, &train, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("TrainerConfig.non_finite")
+            && e.contains("every one of the 2 steps of epoch 1")
+            && e.contains("non-finite gradient of `"),
+        "{e}"
+    );
+}
+
+#[test]
+fn weights_that_overflow_are_never_checkpointed() {
+    let train = common::faq_pairs("train", 40); // one step per epoch
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainerConfig {
+        // Finite in f64, infinite once the f32 update applies it.
+        optimizer: OptimizerConfig::adam(1e300),
+        checkpoints: Some(CheckpointConfig {
+            dir: dir.path().to_path_buf(),
+            every_n_epochs: 1,
+            save_best: true,
+        }),
+        ..config(2)
+    };
+    let e = Trainer::new(cfg)
+        .fit(&mut model(), &train, None)
+        .unwrap_err();
+    assert!(
+        matches!(e, similarity_core::Error::NonFiniteWeights { .. }),
+        "{e}"
+    );
+    let text = e.to_string();
+    assert!(
+        text.contains("trainable variable `head.") && text.contains("after epoch 0"),
+        "{text}"
+    );
+    for name in ["last", "best", "epoch-0001"] {
+        assert!(!dir.path().join(name).exists(), "{name} was written");
+    }
+}
+
+#[test]
+fn options_are_checked_before_fit_and_name_the_trainer_field() {
+    let train = common::faq_pairs("train", 40);
+    let cases = [
+        (
+            TrainerConfig {
+                batch_size: 0,
+                ..config(1)
+            },
+            "TrainerConfig.batch_size",
+        ),
+        (
+            TrainerConfig {
+                clip_grad_norm: Some(-1.0),
+                ..config(1)
+            },
+            "TrainerConfig.clip_grad_norm: must be > 0 and finite, got -1",
+        ),
+        (
+            TrainerConfig {
+                schedule: LrSchedule::Step {
+                    every_epochs: 1,
+                    gamma: -0.5,
+                },
+                ..config(1)
+            },
+            "TrainerConfig.schedule (Step).gamma",
+        ),
+        (
+            TrainerConfig {
+                drop_last: true,
+                batch_size: 64,
+                ..config(1)
+            },
+            "TrainerConfig.drop_last",
+        ),
+    ];
+    for (cfg, want) in cases {
+        let e = Trainer::new(cfg)
+            .fit(&mut model(), &train, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want) && !e.contains("DataLoader"), "{e}");
+    }
+}
+
+/// A frozen encoder that declares a wider embedding than it returns.
+struct Misdeclared(HashedNgramEncoder);
+
+impl Encoder for Misdeclared {
+    type Input = String;
+    type Batch = <HashedNgramEncoder as Encoder>::Batch;
+    const NAME: &'static str = "Misdeclared";
+
+    fn embedding_size(&self) -> usize {
+        self.0.embedding_size() + 16
+    }
+    fn collate(
+        &self,
+        inputs: &[&String],
+        device: &similarity_core::candle_core::Device,
+    ) -> similarity_core::Result<Self::Batch> {
+        self.0.collate(inputs, device)
+    }
+    fn forward(
+        &self,
+        batch: &Self::Batch,
+        mode: &mut similarity_core::nn::Mode,
+    ) -> similarity_core::Result<Tensor> {
+        self.0.forward(batch, mode)
+    }
+    fn save(&self, dir: &Path) -> similarity_core::Result<()> {
+        self.0.save(dir)
+    }
+    fn load(
+        dir: &Path,
+        device: &similarity_core::candle_core::Device,
+    ) -> similarity_core::Result<Self> {
+        Ok(Misdeclared(HashedNgramEncoder::load(dir, device)?))
+    }
+}
+
+impl FrozenEncoder for Misdeclared {}
+
+#[trainable_model]
+struct MisdeclaredModel {
+    #[encoder(cache = "auto")]
+    text: Misdeclared,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: MultipleNegativesRankingLoss,
+}
+
+#[test]
+fn a_cached_encoder_of_the_wrong_width_is_named_not_the_head() {
+    let train = common::faq_pairs("train", 40);
+    let mut m = MisdeclaredModel::new(
+        Misdeclared(HashedNgramEncoder::default()),
+        &ModelOptions::default(),
+    )
+    .unwrap();
+    let e = Trainer::new(config(1))
+        .fit(&mut m, &train, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("encoder `text` (Misdeclared)")
+            && e.contains("embedding cache")
+            && e.contains("embedding_size() = 400")
+            && !e.contains("Head"),
+        "{e}"
     );
 }

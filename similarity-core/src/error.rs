@@ -92,6 +92,42 @@ pub enum Error {
         /// The value seen.
         value: f64,
     },
+
+    /// A gradient held NaN or ±∞ after a training step's backward pass, so the optimiser
+    /// step was not taken (`TrainerConfig.non_finite = Error`, the default).
+    #[error(
+        "non-finite gradient of `{variable}` at epoch {epoch}, step {step}: {value} (the loss \
+         was {loss}); the step was not taken. Set TrainerConfig.non_finite = SkipStep to skip \
+         such steps instead"
+    )]
+    NonFiniteGradient {
+        /// The first trainable variable, in [`named_trainable_vars`] order, whose gradient
+        /// is not finite (e.g. `head.fc_0.weight`).
+        ///
+        /// [`named_trainable_vars`]: crate::train::ModelState::named_trainable_vars
+        variable: String,
+        /// 0-based epoch.
+        epoch: usize,
+        /// 0-based step within the epoch.
+        step: usize,
+        /// A non-finite element of that gradient.
+        value: f64,
+        /// The step's (finite) loss.
+        loss: f64,
+    },
+
+    /// A trainable variable holds NaN or ±∞, so nothing is written from the model
+    /// (checkpoint, servable model).
+    #[error("trainable variable `{variable}` holds non-finite values {context}")]
+    NonFiniteWeights {
+        /// The first such variable, in [`named_trainable_vars`] order.
+        ///
+        /// [`named_trainable_vars`]: crate::train::ModelState::named_trainable_vars
+        variable: String,
+        /// When it was found and what was refused, e.g. `"after epoch 3; no checkpoint is
+        /// written"`.
+        context: String,
+    },
 }
 
 impl Error {

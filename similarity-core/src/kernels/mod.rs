@@ -493,6 +493,29 @@ pub(crate) fn gather_rows(src: &Tensor, rows: &[u32]) -> Result<Option<Tensor>> 
     Ok(Some(Tensor::from_vec(out, (rows.len(), d), src.device())?))
 }
 
+/// `Σ xᵢ²` over every element of an f32 CPU tensor, without materialising `x²` (the
+/// trainer's per-step gradient check reads one such sum per variable); `None` where it
+/// does not apply. Summed in f32 lanes per block and f64 across blocks: a sum that
+/// overflows f32 comes out as `+∞`, which the caller must tell from a non-finite element.
+pub(crate) fn sum_of_squares(x: &Tensor) -> Result<Option<f64>> {
+    use rayon::prelude::*;
+    if !applies(&[x]) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let data = slice(cpu, layout, "sum-of-squares")?;
+    let total = if data.len() < PAR_MIN {
+        f64::from(dot(data, data))
+    } else {
+        data.par_chunks(PAR_MIN).map(|c| f64::from(dot(c, c))).sum()
+    };
+    Ok(Some(total))
+}
+
 /// Row norms `‖x_i‖` (unclamped) and the normalised rows `x̂ = x / max(‖x‖, ε)` of a
 /// row-major `(rows × d)` matrix.
 fn normalize_rows(x: &[f32], d: usize) -> (Vec<f32>, Vec<f32>) {

@@ -632,3 +632,31 @@ mod pair_losses {
         assert!(r.precision_at_1 > 0.0 && r.precision_at_1 < 1.0);
     }
 }
+
+mod sum_of_squares {
+    use super::super::*;
+
+    #[test]
+    fn sum_of_squares_matches_the_composite_form() {
+        for n in [0usize, 5, 70_001] {
+            let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+            let t = Tensor::from_vec(v, n, &candle_core::Device::Cpu).unwrap();
+            let got = sum_of_squares(&t).unwrap().unwrap();
+            let want = t
+                .to_dtype(DType::F64)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                (got - want).abs() <= 1e-5 * want.max(1.0),
+                "{n}: {got} vs {want}"
+            );
+        }
+        let t = Tensor::new(&[1.0f32, f32::NAN], &candle_core::Device::Cpu).unwrap();
+        assert!(sum_of_squares(&t).unwrap().unwrap().is_nan());
+    }
+}

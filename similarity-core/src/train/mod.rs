@@ -14,8 +14,21 @@
 //!
 //! Shuffling and dropout of epoch `e` are seeded with `(seed, e)`, so a run resumed from
 //! the checkpoint of epoch `e` continues exactly as the uninterrupted run (on CPU).
-//! A non-finite loss stops training with [`Error::NonFinite`] naming the epoch and step;
-//! checkpoints are only written after finite epochs, so the last one stays good.
+//!
+//! Options are checked before anything runs ([`TrainerConfig::check`]), with errors that
+//! name the field.
+//!
+//! **Non-finite guard.** After each backward pass and before the optimiser step, the
+//! loss (already read back for the progress bar) and one scalar, the sum of squares of
+//! every gradient, are checked; the variables are searched only when that sum is not
+//! finite. With [`NonFinitePolicy::Error`] (the default) a non-finite loss stops training
+//! with [`Error::NonFinite`] and a non-finite gradient with [`Error::NonFiniteGradient`],
+//! naming the epoch, the step and the first variable; with [`NonFinitePolicy::SkipStep`]
+//! the step is skipped (no update, no memory enqueue, no hook call), counted in
+//! [`EpochStats::skipped_steps`] and reported with `tracing::warn!`. After every epoch the
+//! weights themselves are checked ([`ModelState::first_non_finite_var`]): a non-finite
+//! weight (an update that overflowed) is [`Error::NonFiniteWeights`], before any
+//! checkpoint of that epoch is written, so no checkpoint ever holds one.
 
 mod checkpoint;
 mod logs;
@@ -38,6 +51,8 @@ pub use model::{
 };
 pub use optim::{LrSchedule, Optimizer, OptimizerConfig, ParamGroup};
 
+use optim::GradNorm;
+
 use crate::data::{ClassBalancedSampler, DataLoader, Sampler, SimilaritySample, metas};
 use crate::error::{Error, Result};
 use crate::loss::{LossKind, SimilarityLoss};
@@ -47,19 +62,26 @@ use crate::nn::Mode;
 /// Options of a [`Trainer`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerConfig {
-    /// Passes over the training set. Default 10.
+    /// Passes over the training set, at least 1. Default 10.
+    ///
+    /// A [`resume`](Trainer::resume) trains up to this many epochs in all (a checkpoint
+    /// already past it trains none). Step-based learning-rate schedules span
+    /// `epochs × steps per epoch` of the config they run with, so resuming with a
+    /// different `epochs` changes the schedule from the resumed step on; see
+    /// [`LrSchedule`].
     pub epochs: usize,
-    /// Samples per training and validation batch. Default 128.
+    /// Samples per training and validation batch, at least 1. Default 128.
     pub batch_size: usize,
-    /// Objects per batch while filling caches and evaluating. Default 1024.
+    /// Objects per batch while filling caches and evaluating, at least 1. Default 1024.
     pub cache_batch_size: usize,
     /// Optimiser. Default Adam, lr 1e-3.
     pub optimizer: OptimizerConfig,
-    /// Learning-rate factors by variable-name prefix (e.g. the loss's own parameters).
+    /// Learning-rate factors by variable-name prefix (e.g. the loss's own parameters);
+    /// each factor finite and `>= 0`.
     pub param_groups: Vec<ParamGroup>,
     /// Learning-rate schedule. Default constant.
     pub schedule: LrSchedule,
-    /// Clip the global gradient norm to this value. Default none.
+    /// Clip the global gradient norm to this value (finite, `> 0`). Default none.
     pub clip_grad_norm: Option<f64>,
     /// Stop when a monitored value stops improving. Default none.
     pub early_stopping: Option<EarlyStopping>,
@@ -83,6 +105,25 @@ pub struct TrainerConfig {
     /// keeps `fit`'s key set); see [`cache::store`](crate::cache::store). Default none.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// What a step with a non-finite loss or gradient does (see the
+    /// [module docs](self)). Default [`NonFinitePolicy::Error`].
+    #[serde(default)]
+    pub non_finite: NonFinitePolicy,
+}
+
+/// What the trainer does with a training step whose loss or gradient is NaN or ±∞.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NonFinitePolicy {
+    /// Stop training with [`Error::NonFinite`] (the loss) or [`Error::NonFiniteGradient`]
+    /// (naming the variable), before the step is taken.
+    #[default]
+    Error,
+    /// Skip the step, as a mixed-precision gradient scaler does: no optimiser update (the
+    /// schedule does not advance), no cross-batch-memory enqueue, no step-hook call. Each
+    /// skip is counted in [`EpochStats::skipped_steps`] and logged with
+    /// `tracing::warn!`; an epoch in which every step is skipped is an error.
+    SkipStep,
 }
 
 impl Default for TrainerConfig {
@@ -103,7 +144,89 @@ impl Default for TrainerConfig {
             progress: true,
             sampler: Sampler::Shuffle,
             cache_dir: None,
+            non_finite: NonFinitePolicy::Error,
         }
+    }
+}
+
+impl TrainerConfig {
+    /// Checks every option before training (linfa's `ParamGuard::check`): counts at least
+    /// 1, learning rates, factors and tolerances finite and in range. An error names the
+    /// field, e.g. `invalid input in TrainerConfig.clip_grad_norm: must be > 0 and finite,
+    /// got -1`. [`Trainer::fit`] and its siblings call it first; what depends on the data
+    /// or the model (a monitor name, a parameter-group prefix, the class-balanced sampler
+    /// against the classes) is checked when they are known.
+    pub fn check(&self) -> Result<()> {
+        let at_least_one = |field: &str, value: usize| {
+            if value == 0 {
+                Err(Error::invalid(
+                    format!("TrainerConfig.{field}"),
+                    "must be at least 1, got 0",
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        at_least_one("epochs", self.epochs)?;
+        at_least_one("batch_size", self.batch_size)?;
+        at_least_one("cache_batch_size", self.cache_batch_size)?;
+        self.optimizer.check("TrainerConfig.optimizer")?;
+        for (i, group) in self.param_groups.iter().enumerate() {
+            optim::check_lr_factor(group, &format!("TrainerConfig.param_groups[{i}]"))?;
+        }
+        self.schedule.check("TrainerConfig.schedule")?;
+        if let Some(max) = self.clip_grad_norm
+            && !(max.is_finite() && max > 0.0)
+        {
+            return Err(Error::invalid(
+                "TrainerConfig.clip_grad_norm",
+                format!("must be > 0 and finite, got {max}"),
+            ));
+        }
+        if let Some(es) = &self.early_stopping {
+            if es.monitor.is_empty() {
+                return Err(Error::invalid(
+                    "TrainerConfig.early_stopping.monitor",
+                    "is empty; name `train_loss`, `val_loss` or a validation metric",
+                ));
+            }
+            if es.patience == 0 {
+                return Err(Error::invalid(
+                    "TrainerConfig.early_stopping.patience",
+                    "must be at least 1 (epochs without improvement before stopping), got 0",
+                ));
+            }
+            // +∞ is allowed: no epoch after the first then counts as an improvement.
+            if es.min_delta.is_nan() || es.min_delta < 0.0 {
+                return Err(Error::invalid(
+                    "TrainerConfig.early_stopping.min_delta",
+                    format!(
+                        "must be a number >= 0 (NaN never compares, so every epoch would be \
+                         the last), got {}",
+                        es.min_delta
+                    ),
+                ));
+            }
+        }
+        if let Sampler::ClassBalanced { m } = self.sampler {
+            if m == 0 {
+                return Err(Error::invalid(
+                    "TrainerConfig.sampler (ClassBalanced).m",
+                    "must be at least 1, got 0",
+                ));
+            }
+            if !self.batch_size.is_multiple_of(m) {
+                return Err(Error::invalid(
+                    "TrainerConfig.sampler (ClassBalanced).m",
+                    format!(
+                        "TrainerConfig.batch_size {} must be a multiple of m = {m} (each \
+                         batch holds batch_size / m classes of m items)",
+                        self.batch_size
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -125,9 +248,10 @@ pub struct EarlyStopping {
     pub monitor: String,
     /// Direction of improvement.
     pub mode: MonitorMode,
-    /// Epochs without improvement before stopping.
+    /// Epochs without improvement before stopping, at least 1.
     pub patience: usize,
-    /// Smallest change that counts as an improvement.
+    /// Smallest change that counts as an improvement, `>= 0` (`+∞`: nothing after the
+    /// first epoch does).
     pub min_delta: f64,
 }
 
@@ -203,6 +327,10 @@ pub struct EpochStats {
     pub lr: f64,
     /// Wall time of the epoch, validation included.
     pub seconds: f64,
+    /// Training steps skipped for a non-finite loss or gradient
+    /// ([`NonFinitePolicy::SkipStep`]); `train_loss` and the metrics average the others.
+    #[serde(default)]
+    pub skipped_steps: usize,
 }
 
 /// The record of a [`Trainer::fit`].
@@ -410,9 +538,7 @@ impl Trainer {
         hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
     ) -> Result<FitReport> {
         let c = &self.config;
-        if c.epochs == 0 {
-            return Err(Error::invalid("TrainerConfig.epochs", "must be at least 1"));
-        }
+        c.check()?;
         if let Some(es) = &c.early_stopping
             && val.is_none()
             && es.monitor != "train_loss"
@@ -485,7 +611,16 @@ impl Trainer {
             seed: c.seed,
         };
         // The model's own optimiser (#[trainable_model(optimizer = ...)]) wins.
-        let optimizer_config = M::optimizer().unwrap_or(c.optimizer);
+        let optimizer_config = match M::optimizer() {
+            Some(own) => {
+                own.check(&format!(
+                    "the optimizer of {}'s #[trainable_model]",
+                    M::NAME
+                ))?;
+                own
+            }
+            None => c.optimizer,
+        };
         let mut optimizer = Optimizer::new(
             optimizer_config,
             model.state().named_trainable_vars(),
@@ -493,7 +628,14 @@ impl Trainer {
         )?;
         let epoch_batches = |epoch: usize| match &balanced {
             Some(s) => Ok(s.batches(epoch)),
-            None => loader.batches(n_train, epoch),
+            // The user set these options on the trainer, not on a loader.
+            None => loader.batches(n_train, epoch).map_err(|e| match e {
+                Error::InvalidInput { location, message } => Error::invalid(
+                    location.replacen("DataLoader.", "TrainerConfig.", 1),
+                    message,
+                ),
+                other => other,
+            }),
         };
         let steps_per_epoch = epoch_batches(0)?.len();
         let total_steps = c.epochs * steps_per_epoch;
@@ -534,6 +676,7 @@ impl Trainer {
             );
             bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
             let (mut sum, mut count, mut lr) = (0.0, 0usize, optimizer_config.lr());
+            let (mut skipped, mut last_skip) = (0usize, None);
             let mut metric_sums: Vec<(String, f64, bool)> = Vec::new();
             for (step, samples) in epoch_batches(epoch)?.iter().enumerate() {
                 let ids = Prepared::<M>::object_ids(samples);
@@ -547,29 +690,45 @@ impl Trainer {
                     loss = (loss + memory)?;
                 }
                 let value = scalar(&loss)?;
-                if !value.is_finite() {
-                    return Err(Error::NonFinite {
+                // The guard: the loss, then one read-back for every gradient.
+                let checked = if value.is_finite() {
+                    let grads = loss.backward()?;
+                    match optimizer.checked_grad_norm(&grads)? {
+                        GradNorm::Finite(norm) => Ok((grads, norm)),
+                        GradNorm::NonFinite {
+                            variable,
+                            value: bad,
+                        } => Err(Error::NonFiniteGradient {
+                            variable,
+                            epoch,
+                            step,
+                            value: bad,
+                            loss: value,
+                        }),
+                    }
+                } else {
+                    Err(Error::NonFinite {
                         what: "training loss",
                         epoch,
                         step,
                         value,
-                    });
-                }
-                let grads = loss.backward()?;
-                let scale = match c.clip_grad_norm {
-                    Some(max) => {
-                        let norm = optimizer.grad_norm(&grads)?;
-                        if !norm.is_finite() {
-                            return Err(Error::NonFinite {
-                                what: "gradient norm",
-                                epoch,
-                                step,
-                                value: norm,
-                            });
-                        }
-                        if norm > max { max / norm } else { 1.0 }
+                    })
+                };
+                let (grads, norm) = match (checked, c.non_finite) {
+                    (Ok(checked), _) => checked,
+                    (Err(e), NonFinitePolicy::Error) => return Err(e),
+                    (Err(e), NonFinitePolicy::SkipStep) => {
+                        let why = skip_reason(&e);
+                        tracing::warn!(epoch, step, "{why}: step skipped (non_finite = skip_step)");
+                        skipped += 1;
+                        last_skip = Some(why);
+                        bar.inc(1);
+                        continue;
                     }
-                    None => 1.0,
+                };
+                let scale = match c.clip_grad_norm {
+                    Some(max) if norm > max => max / norm,
+                    _ => 1.0,
                 };
                 let factor = c.schedule.factor(optimizer.steps(), epoch, total_steps);
                 lr = optimizer_config.lr() * factor;
@@ -605,6 +764,25 @@ impl Trainer {
                 bar.inc(1);
                 bar.set_message(format!("{live}{last_val}"));
             }
+            if count == 0 {
+                let last = last_skip.map_or_else(String::new, |e| format!("; the last: {e}"));
+                return Err(Error::invalid(
+                    "TrainerConfig.non_finite (skip_step)",
+                    format!(
+                        "every one of the {skipped} steps of epoch {epoch} had a non-finite loss \
+                         or gradient and was skipped, so the epoch learnt nothing{last}"
+                    ),
+                ));
+            }
+            if let Some(variable) = model.state().first_non_finite_var()? {
+                return Err(Error::NonFiniteWeights {
+                    variable,
+                    context: format!(
+                        "after epoch {epoch} (an optimiser update overflowed); no checkpoint \
+                         of this epoch is written"
+                    ),
+                });
+            }
             let train_loss = sum / count as f64;
             let train_metrics: Vec<(String, f64)> = metric_sums
                 .into_iter()
@@ -633,7 +811,16 @@ impl Trainer {
                 validation,
                 lr,
                 seconds: epoch_start.elapsed().as_secs_f64(),
+                skipped_steps: skipped,
             };
+            if skipped > 0 {
+                tracing::warn!(
+                    epoch,
+                    skipped,
+                    "{skipped} of {} steps skipped for a non-finite loss or gradient",
+                    skipped + count
+                );
+            }
             tracing::info!(epoch, train_loss, val = %last_val, "epoch finished");
             let mut is_best = false;
             if let Some((name, mode, min_delta)) = &monitor {
@@ -900,6 +1087,384 @@ fn class_balanced<M: TrainableModel>(
     ClassBalancedSampler::new(&classes, c.batch_size, m, c.seed)
 }
 
+/// A skipped step's error in words, without the error's advice to skip such steps.
+fn skip_reason(e: &Error) -> String {
+    match e {
+        Error::NonFiniteGradient {
+            variable,
+            epoch,
+            step,
+            value,
+            loss,
+        } => format!(
+            "non-finite gradient of `{variable}` at epoch {epoch}, step {step}: {value} (the \
+             loss was {loss})"
+        ),
+        other => other.to_string(),
+    }
+}
+
 fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row per checked field: a config with one bad value, and what the error must say.
+    fn bad_configs() -> Vec<(&'static str, TrainerConfig, &'static str)> {
+        let base = TrainerConfig::default;
+        let stopping = |patience, min_delta| {
+            Some(EarlyStopping {
+                monitor: "train_loss".into(),
+                mode: MonitorMode::Min,
+                patience,
+                min_delta,
+            })
+        };
+        let group = |lr_factor| {
+            vec![ParamGroup {
+                prefix: "loss.".into(),
+                lr_factor,
+            }]
+        };
+        let cosine = |min_factor| LrSchedule::WarmupCosine {
+            warmup_steps: 2,
+            min_factor,
+        };
+        let step = |every_epochs, gamma| LrSchedule::Step {
+            every_epochs,
+            gamma,
+        };
+        let sgd = |lr, momentum, weight_decay| OptimizerConfig::Sgd {
+            lr,
+            momentum,
+            weight_decay,
+        };
+        vec![
+            (
+                "epochs 0",
+                TrainerConfig {
+                    epochs: 0,
+                    ..base()
+                },
+                "TrainerConfig.epochs: must be at least 1, got 0",
+            ),
+            (
+                "batch_size 0",
+                TrainerConfig {
+                    batch_size: 0,
+                    ..base()
+                },
+                "TrainerConfig.batch_size: must be at least 1, got 0",
+            ),
+            (
+                "cache_batch_size 0",
+                TrainerConfig {
+                    cache_batch_size: 0,
+                    ..base()
+                },
+                "TrainerConfig.cache_batch_size: must be at least 1",
+            ),
+            (
+                "lr -1",
+                TrainerConfig {
+                    optimizer: OptimizerConfig::adam(-1.0),
+                    ..base()
+                },
+                "TrainerConfig.optimizer.lr: must be > 0 and finite, got -1",
+            ),
+            (
+                "lr 0",
+                TrainerConfig {
+                    optimizer: OptimizerConfig::adam(0.0),
+                    ..base()
+                },
+                "TrainerConfig.optimizer.lr: must be > 0",
+            ),
+            (
+                "lr NaN",
+                TrainerConfig {
+                    optimizer: OptimizerConfig::AdamW {
+                        lr: f64::NAN,
+                        weight_decay: 0.01,
+                    },
+                    ..base()
+                },
+                "TrainerConfig.optimizer.lr: must be > 0 and finite, got NaN",
+            ),
+            (
+                "lr inf",
+                TrainerConfig {
+                    optimizer: sgd(f64::INFINITY, 0.0, 0.0),
+                    ..base()
+                },
+                "TrainerConfig.optimizer.lr: must be > 0 and finite, got inf",
+            ),
+            (
+                "weight_decay -0.1",
+                TrainerConfig {
+                    optimizer: OptimizerConfig::AdamW {
+                        lr: 1e-3,
+                        weight_decay: -0.1,
+                    },
+                    ..base()
+                },
+                "TrainerConfig.optimizer.weight_decay: must be >= 0 and finite, got -0.1",
+            ),
+            (
+                "weight_decay NaN",
+                TrainerConfig {
+                    optimizer: OptimizerConfig::Adam {
+                        lr: 1e-3,
+                        weight_decay: f64::NAN,
+                    },
+                    ..base()
+                },
+                "TrainerConfig.optimizer.weight_decay",
+            ),
+            (
+                "momentum 1",
+                TrainerConfig {
+                    optimizer: sgd(0.1, 1.0, 0.0),
+                    ..base()
+                },
+                "TrainerConfig.optimizer.momentum: must be in [0, 1), got 1",
+            ),
+            (
+                "momentum NaN",
+                TrainerConfig {
+                    optimizer: sgd(0.1, f64::NAN, 0.0),
+                    ..base()
+                },
+                "TrainerConfig.optimizer.momentum",
+            ),
+            (
+                "lr_factor -1",
+                TrainerConfig {
+                    param_groups: group(-1.0),
+                    ..base()
+                },
+                "TrainerConfig.param_groups[0].lr_factor (prefix `loss.`): must be >= 0 and finite, got -1",
+            ),
+            (
+                "lr_factor NaN",
+                TrainerConfig {
+                    param_groups: group(f64::NAN),
+                    ..base()
+                },
+                "TrainerConfig.param_groups[0].lr_factor",
+            ),
+            (
+                "min_factor -0.1",
+                TrainerConfig {
+                    schedule: cosine(-0.1),
+                    ..base()
+                },
+                "TrainerConfig.schedule (WarmupCosine).min_factor: must be in [0, 1], got -0.1",
+            ),
+            (
+                "min_factor 1.5",
+                TrainerConfig {
+                    schedule: cosine(1.5),
+                    ..base()
+                },
+                "min_factor: must be in [0, 1], got 1.5",
+            ),
+            (
+                "min_factor NaN",
+                TrainerConfig {
+                    schedule: cosine(f64::NAN),
+                    ..base()
+                },
+                "min_factor: must be in [0, 1], got NaN",
+            ),
+            (
+                "gamma -0.5",
+                TrainerConfig {
+                    schedule: step(2, -0.5),
+                    ..base()
+                },
+                "TrainerConfig.schedule (Step).gamma: must be > 0 and finite",
+            ),
+            (
+                "gamma 0",
+                TrainerConfig {
+                    schedule: step(2, 0.0),
+                    ..base()
+                },
+                "(Step).gamma",
+            ),
+            (
+                "gamma NaN",
+                TrainerConfig {
+                    schedule: step(2, f64::NAN),
+                    ..base()
+                },
+                "got NaN",
+            ),
+            (
+                "every_epochs 0",
+                TrainerConfig {
+                    schedule: step(0, 0.5),
+                    ..base()
+                },
+                "TrainerConfig.schedule (Step).every_epochs: must be at least 1",
+            ),
+            (
+                "clip -1",
+                TrainerConfig {
+                    clip_grad_norm: Some(-1.0),
+                    ..base()
+                },
+                "invalid input in TrainerConfig.clip_grad_norm: must be > 0 and finite, got -1",
+            ),
+            (
+                "clip 0",
+                TrainerConfig {
+                    clip_grad_norm: Some(0.0),
+                    ..base()
+                },
+                "TrainerConfig.clip_grad_norm: must be > 0 and finite, got 0",
+            ),
+            (
+                "clip NaN",
+                TrainerConfig {
+                    clip_grad_norm: Some(f64::NAN),
+                    ..base()
+                },
+                "TrainerConfig.clip_grad_norm: must be > 0 and finite, got NaN",
+            ),
+            (
+                "clip inf",
+                TrainerConfig {
+                    clip_grad_norm: Some(f64::INFINITY),
+                    ..base()
+                },
+                "TrainerConfig.clip_grad_norm: must be > 0 and finite, got inf",
+            ),
+            (
+                "min_delta NaN",
+                TrainerConfig {
+                    early_stopping: stopping(2, f64::NAN),
+                    ..base()
+                },
+                "TrainerConfig.early_stopping.min_delta: must be a number >= 0",
+            ),
+            (
+                "min_delta -1",
+                TrainerConfig {
+                    early_stopping: stopping(2, -1.0),
+                    ..base()
+                },
+                "TrainerConfig.early_stopping.min_delta",
+            ),
+            (
+                "patience 0",
+                TrainerConfig {
+                    early_stopping: stopping(0, 0.0),
+                    ..base()
+                },
+                "TrainerConfig.early_stopping.patience: must be at least 1",
+            ),
+            (
+                "monitor empty",
+                TrainerConfig {
+                    early_stopping: Some(EarlyStopping {
+                        monitor: String::new(),
+                        mode: MonitorMode::Max,
+                        patience: 1,
+                        min_delta: 0.0,
+                    }),
+                    ..base()
+                },
+                "TrainerConfig.early_stopping.monitor: is empty",
+            ),
+            (
+                "sampler m 0",
+                TrainerConfig {
+                    sampler: Sampler::ClassBalanced { m: 0 },
+                    ..base()
+                },
+                "TrainerConfig.sampler (ClassBalanced).m: must be at least 1",
+            ),
+            (
+                "sampler m not dividing batch_size",
+                TrainerConfig {
+                    sampler: Sampler::ClassBalanced { m: 3 },
+                    batch_size: 128,
+                    ..base()
+                },
+                "TrainerConfig.batch_size 128 must be a multiple of m = 3",
+            ),
+        ]
+    }
+
+    #[test]
+    fn every_checked_field_is_named_in_its_error() {
+        assert!(TrainerConfig::default().check().is_ok());
+        for (case, config, want) in bad_configs() {
+            let err = config.check().expect_err(case).to_string();
+            assert!(err.contains(want), "{case}: {err}");
+        }
+    }
+
+    #[test]
+    fn valid_edge_values_pass() {
+        for config in [
+            TrainerConfig {
+                schedule: LrSchedule::WarmupCosine {
+                    warmup_steps: 0,
+                    min_factor: 1.0,
+                },
+                ..Default::default()
+            },
+            TrainerConfig {
+                schedule: LrSchedule::Step {
+                    every_epochs: 1,
+                    gamma: 2.0,
+                },
+                clip_grad_norm: Some(1e-9),
+                ..Default::default()
+            },
+            TrainerConfig {
+                optimizer: OptimizerConfig::Sgd {
+                    lr: 1.0,
+                    momentum: 0.0,
+                    weight_decay: 0.0,
+                },
+                param_groups: vec![ParamGroup {
+                    prefix: "loss.".into(),
+                    lr_factor: 0.0,
+                }],
+                early_stopping: Some(EarlyStopping {
+                    monitor: "val_loss".into(),
+                    mode: MonitorMode::Min,
+                    patience: 1,
+                    min_delta: f64::INFINITY,
+                }),
+                sampler: Sampler::ClassBalanced { m: 4 },
+                ..Default::default()
+            },
+        ] {
+            config.check().unwrap();
+        }
+    }
+
+    #[test]
+    fn non_finite_policy_and_skipped_steps_read_from_old_json() {
+        // A config and epoch stats written before these fields existed still read.
+        let mut json = serde_json::to_value(TrainerConfig::default()).unwrap();
+        json.as_object_mut().unwrap().remove("non_finite");
+        let config: TrainerConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(config.non_finite, NonFinitePolicy::Error);
+        let stats: EpochStats = serde_json::from_str(
+            r#"{"epoch": 0, "train_loss": 0.5, "validation": null, "lr": 0.001, "seconds": 1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(stats.skipped_steps, 0);
+        let policy: NonFinitePolicy = serde_json::from_str(r#""skip_step""#).unwrap();
+        assert_eq!(policy, NonFinitePolicy::SkipStep);
+    }
 }

@@ -336,6 +336,41 @@ impl ModelState {
         v
     }
 
+    /// The name of the first trainable variable, in
+    /// [`named_trainable_vars`](Self::named_trainable_vars) order, that holds NaN or ±∞;
+    /// `None` when every one is finite. One scalar is read back (the sum of `v · 0` over
+    /// every variable, which is NaN exactly when some element is not finite); the
+    /// variables are searched only then. Callers refuse to write a model for
+    /// which this is `Some` (checkpoints, the servable model).
+    pub fn first_non_finite_var(&self) -> Result<Option<String>> {
+        let vars = self.named_trainable_vars();
+        let probe = |v: &Var| -> Result<Tensor> {
+            Ok((v.as_tensor() * 0.0)?
+                .sum_all()?
+                .to_dtype(candle_core::DType::F64)?)
+        };
+        let mut total: Option<Tensor> = None;
+        for (_, v) in &vars {
+            let p = probe(v)?;
+            total = Some(match total {
+                Some(t) => (t + p)?,
+                None => p,
+            });
+        }
+        let Some(total) = total else {
+            return Ok(None);
+        };
+        if total.to_scalar::<f64>()?.is_finite() {
+            return Ok(None);
+        }
+        for (name, v) in vars {
+            if !probe(&v)?.to_scalar::<f64>()?.is_finite() {
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    }
+
     /// The cache of encoder `slot`, if it is cached.
     pub fn cache(&self, slot: usize) -> Option<&EncoderCache> {
         self.caches.get(slot).and_then(Option::as_ref)
@@ -355,7 +390,16 @@ impl ModelState {
             batch.rows.get(slot).and_then(Option::as_ref),
             self.cache(slot),
         ) {
-            return cache.lookup(rows, self.device());
+            let out = cache.lookup(rows, self.device())?;
+            let slot = &self.encoders[slot];
+            if out.dim(1)? != slot.embedding_size {
+                return Err(cache_width_error(
+                    slot,
+                    "its embedding cache holds",
+                    out.dims(),
+                ));
+            }
+            return Ok(out);
         }
         let records = batch.records.ok_or_else(|| {
             Error::invalid(
@@ -440,6 +484,19 @@ impl ModelState {
                     )
                 })?;
                 let out = encoder.forward(&collated, &mut Mode::Eval)?;
+                let width = encoder.embedding_size();
+                if out.rank() != 2 || out.dim(1)? != width {
+                    let slot = EncoderSlot {
+                        name,
+                        kind: E::NAME,
+                        embedding_size: width,
+                    };
+                    return Err(cache_width_error(
+                        &slot,
+                        "filling its embedding cache, it returned",
+                        out.dims(),
+                    ));
+                }
                 check_finite(&out, name, |row| {
                     format!(
                         "object {} of the data set (objects are in sample order: for pairs, \
@@ -460,6 +517,21 @@ impl ModelState {
         rows.set(slot, out);
         Ok(())
     }
+}
+
+/// A cached encoder's rows that do not have the width it declares: said of the encoder
+/// and its cache, not of the head (which is built for the declared widths and would
+/// otherwise be the first to notice).
+fn cache_width_error(slot: &EncoderSlot, what: &str, got: &[usize]) -> Error {
+    Error::shape(
+        format!(
+            "encoder `{}` ({}): {what} rows of another width than its embedding_size() = {} \
+             (the head is built for that width)",
+            slot.name, slot.kind, slot.embedding_size
+        ),
+        format!("(rows, {})", slot.embedding_size),
+        got,
+    )
 }
 
 /// Prefixes the location of an invalid-input error with `context`.
@@ -596,5 +668,44 @@ impl<'a, R> EncoderBatch<'a, R> {
             records: Some(records),
             rows: vec![None; encoders.len()],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Init;
+
+    #[test]
+    fn first_non_finite_var_names_it_in_order() {
+        let mut params = Params::new(&Device::Cpu, 0);
+        for name in ["b", "a", "c"] {
+            params
+                .scope("head")
+                .var(
+                    name,
+                    &[2, 3],
+                    Init::Normal {
+                        mean: 0.0,
+                        std: 1.0,
+                    },
+                )
+                .unwrap();
+        }
+        let state = ModelState::new(params);
+        assert_eq!(state.first_non_finite_var().unwrap(), None);
+        let vars = state.params().named_vars();
+        let bad = |v: f32| Tensor::new(&[[0.0f32, v, 1.0], [1.0, 2.0, 3.0]], &Device::Cpu).unwrap();
+        vars["head.c"].set(&bad(f32::INFINITY)).unwrap();
+        assert_eq!(
+            state.first_non_finite_var().unwrap().as_deref(),
+            Some("head.c")
+        );
+        vars["head.b"].set(&bad(f32::NAN)).unwrap();
+        // named_trainable_vars order (by name), not the order of creation.
+        assert_eq!(
+            state.first_non_finite_var().unwrap().as_deref(),
+            Some("head.b")
+        );
     }
 }

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -89,25 +89,36 @@ impl OptimizerConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
-        let (lr, wd, momentum) = match *self {
+    /// Checks the options; errors name the field under `at` (e.g.
+    /// `TrainerConfig.optimizer.lr`).
+    pub(crate) fn check(&self, at: &str) -> Result<()> {
+        let (lr, weight_decay, momentum) = match *self {
             OptimizerConfig::Adam { lr, weight_decay }
-            | OptimizerConfig::AdamW { lr, weight_decay } => (lr, weight_decay, 0.0),
+            | OptimizerConfig::AdamW { lr, weight_decay } => (lr, weight_decay, None),
             OptimizerConfig::Sgd {
                 lr,
                 momentum,
                 weight_decay,
-            } => (lr, weight_decay, momentum),
+            } => (lr, weight_decay, Some(momentum)),
         };
-        let valid = lr > 0.0
-            && lr.is_finite()
-            && wd >= 0.0
-            && wd.is_finite()
-            && (0.0..1.0).contains(&momentum);
-        if !valid {
+        if !(lr.is_finite() && lr > 0.0) {
             return Err(Error::invalid(
-                "TrainerConfig.optimizer",
-                format!("needs lr > 0, weight_decay >= 0 and 0 <= momentum < 1, got {self:?}"),
+                format!("{at}.lr"),
+                format!("must be > 0 and finite, got {lr}"),
+            ));
+        }
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return Err(Error::invalid(
+                format!("{at}.weight_decay"),
+                format!("must be >= 0 and finite, got {weight_decay}"),
+            ));
+        }
+        if let Some(m) = momentum
+            && !(0.0..1.0).contains(&m)
+        {
+            return Err(Error::invalid(
+                format!("{at}.momentum"),
+                format!("must be in [0, 1), got {m}"),
             ));
         }
         Ok(())
@@ -124,7 +135,27 @@ pub struct ParamGroup {
     pub lr_factor: f64,
 }
 
+/// Checks a group's `lr_factor` (`at` names the group).
+pub(crate) fn check_lr_factor(group: &ParamGroup, at: &str) -> Result<()> {
+    if !(group.lr_factor.is_finite() && group.lr_factor >= 0.0) {
+        return Err(Error::invalid(
+            format!("{at}.lr_factor (prefix `{}`)", group.prefix),
+            format!("must be >= 0 and finite, got {}", group.lr_factor),
+        ));
+    }
+    Ok(())
+}
+
 /// How the learning rate changes over training, as a factor of the base rate.
+///
+/// The step-based schedules count optimiser steps over the whole run, `total_steps =
+/// epochs × steps per epoch` (from the current [`TrainerConfig`](super::TrainerConfig) and
+/// data). A resumed run continues the step count of its checkpoint but takes
+/// `total_steps` from the config it is resumed with: with a different `epochs` (or data
+/// size), [`WarmupCosine`](Self::WarmupCosine) jumps to the factor the new length gives
+/// at that step (up with more epochs, down with fewer; at or past the new end it stays at
+/// `min_factor`), where the uninterrupted run would have continued smoothly. `Warmup`
+/// counts steps only and `Step` counts epochs only, so they are unaffected.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
@@ -153,6 +184,45 @@ pub enum LrSchedule {
 }
 
 impl LrSchedule {
+    /// Checks the schedule's fields; errors name the field under `at` (e.g.
+    /// `TrainerConfig.schedule.gamma`).
+    pub(crate) fn check(&self, at: &str) -> Result<()> {
+        match *self {
+            LrSchedule::Constant | LrSchedule::Warmup { .. } => Ok(()),
+            LrSchedule::WarmupCosine { min_factor, .. } => {
+                if (0.0..=1.0).contains(&min_factor) {
+                    Ok(())
+                } else {
+                    Err(Error::invalid(
+                        format!("{at} (WarmupCosine).min_factor"),
+                        format!("must be in [0, 1], got {min_factor}"),
+                    ))
+                }
+            }
+            LrSchedule::Step {
+                every_epochs,
+                gamma,
+            } => {
+                if every_epochs == 0 {
+                    return Err(Error::invalid(
+                        format!("{at} (Step).every_epochs"),
+                        "must be at least 1",
+                    ));
+                }
+                if !(gamma.is_finite() && gamma > 0.0) {
+                    return Err(Error::invalid(
+                        format!("{at} (Step).gamma"),
+                        format!(
+                            "must be > 0 and finite (a negative factor makes the learning rate \
+                             negative, 0 stops training), got {gamma}"
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The factor at optimiser step `step` (0-based) of `total_steps`, in `epoch`.
     pub fn factor(&self, step: usize, epoch: usize, total_steps: usize) -> f64 {
         let warm = |w: usize| {
@@ -183,6 +253,15 @@ impl LrSchedule {
             } => gamma.powi((epoch / every_epochs.max(1)) as i32),
         }
     }
+}
+
+/// What [`Optimizer::checked_grad_norm`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum GradNorm {
+    /// Every gradient is finite; their global L2 norm.
+    Finite(f64),
+    /// The first variable whose gradient is not, and one of its non-finite elements.
+    NonFinite { variable: String, value: f64 },
 }
 
 struct Slot {
@@ -223,14 +302,9 @@ impl Optimizer {
         vars: Vec<(String, Var)>,
         groups: &[ParamGroup],
     ) -> Result<Self> {
-        config.check()?;
-        for g in groups {
-            if g.lr_factor.is_nan() || g.lr_factor < 0.0 || g.lr_factor.is_infinite() {
-                return Err(Error::invalid(
-                    format!("parameter group `{}`", g.prefix),
-                    format!("lr_factor must be >= 0, got {}", g.lr_factor),
-                ));
-            }
+        config.check("OptimizerConfig")?;
+        for (i, g) in groups.iter().enumerate() {
+            check_lr_factor(g, &format!("parameter group {i}"))?;
             if !vars.iter().any(|(n, _)| n.starts_with(&g.prefix)) {
                 let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
                 return Err(Error::invalid(
@@ -267,19 +341,58 @@ impl Optimizer {
         self.step
     }
 
-    /// The global L2 norm of the gradients of the optimiser's variables.
+    /// The global L2 norm of the gradients of the optimiser's variables (read back once).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0.0;
-        for s in &self.slots {
-            if let Some(g) = grads.get(&s.var) {
-                total += g
-                    .sqr()?
-                    .sum_all()?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_scalar::<f64>()?;
-            }
+        match self.checked_grad_norm(grads)? {
+            GradNorm::Finite(norm) => Ok(norm),
+            GradNorm::NonFinite { value, .. } => Ok(value.abs()),
         }
-        Ok(total.sqrt())
+    }
+
+    /// The global gradient norm, or the first variable (in the order the optimiser was
+    /// given them) whose gradient holds NaN or ±∞. One scalar is read back per step: the
+    /// sum of squares of every gradient; the variables are searched only when it is not
+    /// finite (and when none holds a non-finite value, the f32 squares overflowed: the
+    /// norm is then summed again in f64).
+    pub(crate) fn checked_grad_norm(&self, grads: &GradStore) -> Result<GradNorm> {
+        let with_grad: Vec<(&str, &Tensor)> = self
+            .slots
+            .iter()
+            .filter_map(|s| grads.get(&s.var).map(|g| (s.name.as_str(), g)))
+            .collect();
+        // On the CPU a fused pass per variable; elsewhere the squares are summed on the
+        // device and read back once.
+        let (mut host, mut device): (f64, Option<Tensor>) = (0.0, None);
+        for (_, g) in &with_grad {
+            if let Some(sq) = kernels::sum_of_squares(g)? {
+                host += sq;
+                continue;
+            }
+            let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+            device = Some(match device {
+                Some(t) => (t + sq)?,
+                None => sq,
+            });
+        }
+        let total = match device {
+            Some(t) => host + t.to_scalar::<f64>()?,
+            None => host,
+        };
+        if total.is_finite() {
+            return Ok(GradNorm::Finite(total.sqrt()));
+        }
+        let mut exact = 0.0;
+        for (name, g) in with_grad {
+            let values = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            if let Some(&value) = values.iter().find(|v| !v.is_finite()) {
+                return Ok(GradNorm::NonFinite {
+                    variable: name.to_string(),
+                    value,
+                });
+            }
+            exact += values.iter().map(|v| v * v).sum::<f64>();
+        }
+        Ok(GradNorm::Finite(exact.sqrt()))
     }
 
     /// One update at learning-rate factor `lr_factor`, gradients scaled by `grad_scale`
@@ -572,6 +685,54 @@ mod tests {
             (s.factor(0, 1, 0), s.factor(0, 2, 0), s.factor(0, 5, 0)),
             (1.0, 0.5, 0.25)
         );
+    }
+
+    #[test]
+    fn checked_grad_norm_names_the_first_bad_variable_and_survives_overflow() {
+        let a = Var::new(&[3.0f32, 4.0], &Device::Cpu).unwrap();
+        let b = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let c = Var::new(&[2.0f32], &Device::Cpu).unwrap();
+        let opt = Optimizer::new(
+            OptimizerConfig::adam(0.1),
+            vec![
+                ("a".into(), a.clone()),
+                ("b".into(), b.clone()),
+                ("c".into(), c.clone()),
+            ],
+            &[],
+        )
+        .unwrap();
+        // L = ½‖a‖² + sqrt(b − 1) + sqrt(c − 2): at b = 1, c = 2 the loss is finite and
+        // ∂L/∂b = ∂L/∂c = 1 / (2 sqrt(0)) = ∞; `b` comes first.
+        let root = |v: &Var, at: f64| {
+            (v.as_tensor() - at)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let loss = ((a.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap()
+            + root(&b, 1.0)
+            + root(&c, 2.0))
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        match opt.checked_grad_norm(&grads).unwrap() {
+            GradNorm::NonFinite { variable, value } => {
+                assert_eq!(variable, "b");
+                assert_eq!(value, f64::INFINITY);
+            }
+            other => panic!("{other:?}"),
+        }
+        // ∂L/∂a = a = (3e20, 4e20): the f32 squares overflow, the norm (5e20) does not.
+        a.set(&Tensor::new(&[3e20f32, 4e20], &Device::Cpu).unwrap())
+            .unwrap();
+        let loss = (a.as_tensor().sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+        let grads = loss.backward().unwrap();
+        match opt.checked_grad_norm(&grads).unwrap() {
+            GradNorm::Finite(norm) => assert!((norm / 5e20 - 1.0).abs() < 1e-6, "{norm}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
