@@ -239,7 +239,7 @@ fn fit_iter_reports_stream_errors_and_empty_streams() {
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("data.jsonl line 21") && e.contains("after sample 20"),
+        e.contains("data.jsonl line 21") && e.contains("item 20 of the stream"),
         "{e}"
     );
     let e = trainer

@@ -1723,7 +1723,7 @@ fn data_cases() -> Vec<Case> {
                     .fit_iter(&mut faq(), items, None)
                     .map(drop)
             },
-            &["line 25", "after sample 24"],
+            &["line 25", "item 24 of the stream"],
         ),
         case(
             "data: groups of one item each",

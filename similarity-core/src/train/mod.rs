@@ -999,16 +999,18 @@ impl Trainer {
         let mut keep: Option<bool> = None;
         let bar = self.bar(0, "{spinner} caching {prefix} {pos} objects ({elapsed})");
         loop {
-            let chunk: Vec<SampleOf<M>> = (&mut *samples)
-                .take(chunk_size)
-                .collect::<Result<_>>()
-                .map_err(|e| match e {
-                Error::InvalidInput { location, message } => Error::invalid(
-                    format!("{what}, after sample {}: {location}", metas.len()),
-                    message,
-                ),
-                other => other,
-            })?;
+            let mut chunk: Vec<SampleOf<M>> = Vec::with_capacity(chunk_size);
+            for item in (&mut *samples).take(chunk_size) {
+                // The stream's own error, with the index of the item that failed.
+                let index = metas.len() + chunk.len();
+                chunk.push(item.map_err(|e| match e {
+                    Error::InvalidInput { location, message } => Error::invalid(
+                        format!("{what}, item {index} of the stream: {location}"),
+                        message,
+                    ),
+                    other => other,
+                })?);
+            }
             if chunk.is_empty() {
                 break;
             }
