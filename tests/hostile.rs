@@ -732,7 +732,7 @@ fn save_cases() -> Vec<Case> {
                 var.set(&nan_like(var.as_tensor())).unwrap();
                 model.save(&r.join("model"))
             },
-            &["model", "NaN"],
+            &["model", "non-finite", "not saved"],
         ),
         case(
             "save: while another writer holds it",

@@ -144,16 +144,6 @@ impl Params {
         crate::files::write_tensors(path, &tensors)
     }
 
-    /// The name of the first variable (in name order) holding a NaN or an infinity.
-    pub fn first_non_finite(&self) -> Result<Option<String>> {
-        for (name, var) in &self.vars {
-            if !all_finite(var.as_tensor())? {
-                return Ok(Some(name.clone()));
-            }
-        }
-        Ok(None)
-    }
-
     /// Sets every variable from a safetensors file, which must hold exactly these names
     /// with these shapes. The values are moved to this store's device.
     pub fn load_safetensors(&self, path: &Path) -> Result<()> {

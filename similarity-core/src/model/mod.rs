@@ -144,13 +144,11 @@ impl ServableWriter {
                 output_size: head.output_size(),
             },
         };
-        if let Some(name) = state.params().first_non_finite()? {
-            return Err(Error::invalid(
-                format!("saving `{}`", self.target.display()),
-                format!(
-                    "variable `{name}` holds NaN or infinite values; the model was not written"
-                ),
-            ));
+        if let Some(variable) = state.first_non_finite_var()? {
+            return Err(Error::NonFiniteWeights {
+                variable,
+                context: format!("; the model was not saved to `{}`", self.target.display()),
+            });
         }
         state
             .params()

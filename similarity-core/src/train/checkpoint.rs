@@ -78,11 +78,14 @@ pub(super) fn save_epoch(
     trainer: &TrainerState,
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    if let Some(name) = state.params().first_non_finite()? {
-        return Err(Error::invalid(
-            format!("checkpoint of epoch {epoch} in `{}`", config.dir.display()),
-            format!("variable `{name}` holds NaN or infinite values; no checkpoint was written"),
-        ));
+    if let Some(variable) = state.first_non_finite_var()? {
+        return Err(Error::NonFiniteWeights {
+            variable,
+            context: format!(
+                "after epoch {epoch}; no checkpoint was written to `{}`",
+                config.dir.display()
+            ),
+        });
     }
     let write = |dir: PathBuf| write(&dir, model, state, optimizer, trainer, extra);
     write(config.dir.join("last"))?;
