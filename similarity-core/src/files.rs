@@ -25,8 +25,10 @@
 //!   writer gets [`Error::InUse`] naming the process that holds it, instead of damaging
 //!   the first one's work. Lock files are kept (they are empty but for a process id).
 //! * **Consistent reads.** A directory's marker carries a fresh id at every write;
-//!   [`read_dir_consistently`] reads a directory between two looks at that id and reads
-//!   again when a writer swapped it in between, so a reader never mixes two versions.
+//!   [`read_dir_consistently`] holds a shared lock on the marker while it reads and a
+//!   writer holds it exclusively to swap, so a swap waits for the readers of the version
+//!   it replaces and a reader never mixes two versions (a reader that loses the race to a
+//!   swap sees the id change and reads again).
 //! * **Sweeps.** Under the writer's lock, the hidden `.<name>.tmp-*` and `.<name>.old-*`
 //!   siblings that killed writers left are removed, but only when they are empty or hold
 //!   the marker. Temporary files of killed file writes are removed when the process that
@@ -41,7 +43,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -258,23 +260,68 @@ fn marker_id(dir: &Path) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-/// Runs `read` on `dir` between two looks at its marker and runs it again (up to a few
-/// times) when a writer replaced the directory meanwhile, so the result comes from one
-/// version of the directory. A directory without a marker is read once.
+/// `dir`'s marker, opened, with the id it holds (`None` without a marker).
+fn open_marker(dir: &Path) -> Option<(File, String)> {
+    let (mut file, _) = open_regular(&dir.join(MARKER), limits::MAX_MARKER_BYTES).ok()?;
+    let mut id = String::new();
+    (&mut file)
+        .take(limits::MAX_MARKER_BYTES)
+        .read_to_string(&mut id)
+        .ok()?;
+    Some((file, id))
+}
+
+/// Runs `read` on `dir` as one version of the directory. The reader holds a shared lock
+/// on the directory's marker while it reads, and a writer takes that lock exclusively to
+/// swap the directory, so the swap waits for the readers of the version it replaces; a
+/// reader that opened the marker just before a swap sees the marker change and reads
+/// again (at most a few times). A directory without a marker is read once.
 pub fn read_dir_consistently<T>(dir: &Path, mut read: impl FnMut(&Path) -> Result<T>) -> Result<T> {
     const ATTEMPTS: u32 = 8;
     for attempt in 0..ATTEMPTS {
-        let before = marker_id(dir);
+        let marker = open_marker(dir);
+        if let Some((file, _)) = &marker {
+            // Held only for a swap's instant by a writer: a short wait at most.
+            let _ = file.lock_shared();
+        }
+        let before = marker.as_ref().map(|(_, id)| id.clone());
         let result = read(dir);
         if marker_id(dir) == before {
             return result;
         }
-        std::thread::sleep(Duration::from_millis(5 << attempt.min(6)));
+        drop(marker);
+        std::thread::sleep(Duration::from_millis(1 << attempt.min(6)));
     }
     Err(Error::format(
         dir,
         format!("was replaced by another writer {ATTEMPTS} times while being read; try again"),
     ))
+}
+
+/// Waits up to a minute for the readers of the version at `target` to finish, then holds
+/// its marker exclusively (until the returned file is dropped), so that no reader is in
+/// the middle of it when it is swapped out. `None` when `target` has no marker.
+fn exclude_readers(target: &Path) -> Result<Option<File>> {
+    let Some((file, _)) = open_marker(target) else {
+        return Ok(None);
+    };
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(fs::TryLockError::WouldBlock) if start.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::InUse {
+                    path: target.to_path_buf(),
+                    pid: None,
+                });
+            }
+            // No locks on this filesystem: readers fall back on comparing markers.
+            Err(fs::TryLockError::Error(_)) => return Ok(None),
+        }
+    }
 }
 
 /// A token of the version of `dir` that a multi-step reader started from; see
@@ -427,11 +474,19 @@ fn siblings_with_prefix(path: &Path, prefix: &str) -> Vec<(PathBuf, String)> {
 }
 
 /// An exclusive advisory lock on a path, held by one writer at a time: the file
-/// `.<name>.lock` beside it, which holds the holder's process id. Released on drop (and
-/// by the kernel when the process dies).
+/// `.<name>.lock` beside it, which holds the holder's process id while it is held.
+/// Released on drop (and by the kernel when the process dies).
 #[derive(Debug)]
 pub struct PathLock {
     _file: Option<File>,
+}
+
+impl Drop for PathLock {
+    fn drop(&mut self) {
+        if let Some(file) = &self._file {
+            let _ = file.set_len(0);
+        }
+    }
 }
 
 impl PathLock {
@@ -464,11 +519,22 @@ impl PathLock {
                 Ok(PathLock { _file: Some(file) })
             }
             Err(fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = (&file).take(64).read_to_string(&mut text);
+                // The holder writes its id right after it locks (and empties the file
+                // before it unlocks): an empty file is a holder about to write it.
+                let mut pid = None;
+                for _ in 0..50 {
+                    let mut text = String::new();
+                    let _ = (&file).seek(std::io::SeekFrom::Start(0));
+                    let _ = (&file).take(64).read_to_string(&mut text);
+                    pid = text.trim().parse().ok();
+                    if pid.is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 Err(Error::InUse {
                     path: path.to_path_buf(),
-                    pid: text.trim().parse().ok(),
+                    pid,
                 })
             }
             Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
@@ -674,7 +740,9 @@ impl DirWriter {
     /// for a writer that goes on holding it.
     pub fn commit(mut self) -> Result<PathLock> {
         sync_tree(&self.tmp)?;
+        let readers = exclude_readers(&self.target)?;
         swap_into_place(&self.tmp, &self.target)?;
+        drop(readers);
         sync_dir(parent_of(&self.target))?;
         // What is now at the temporary name is the previous directory.
         self.remove_tmp();
@@ -888,21 +956,27 @@ mod tests {
     }
 
     #[test]
-    fn a_read_across_a_swap_is_repeated() {
+    fn a_swap_waits_for_the_readers_of_the_version_it_replaces() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("d");
         write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"1")).unwrap();
-        let mut calls = 0;
-        let value = read_dir_consistently(&target, |d| {
-            calls += 1;
-            let v = fs::read(d.join("a")).unwrap();
-            if calls == 1 {
-                write_dir(&target, DirKind::Other, |d| write_bytes(&d.join("a"), b"2")).unwrap();
-            }
-            Ok(v)
+        let mut writer = None;
+        let (first, second) = read_dir_consistently(&target, |d| {
+            let first = fs::read(d.join("a")).unwrap();
+            let t = target.clone();
+            writer = Some(std::thread::spawn(move || {
+                write_dir(&t, DirKind::Other, |d| write_bytes(&d.join("a"), b"2")).unwrap()
+            }));
+            std::thread::sleep(Duration::from_millis(100));
+            Ok((first, fs::read(d.join("a")).unwrap()))
         })
         .unwrap();
-        assert_eq!((calls, value), (2, b"2".to_vec()));
+        assert_eq!(
+            (first.as_slice(), second.as_slice()),
+            (&b"1"[..], &b"1"[..])
+        );
+        writer.unwrap().join().unwrap();
+        assert_eq!(fs::read(target.join("a")).unwrap(), b"2");
         let version = Version::of(&target);
         version.check().unwrap();
         write_dir(&target, DirKind::Other, |_| Ok(())).unwrap();

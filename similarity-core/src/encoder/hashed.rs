@@ -250,12 +250,12 @@ impl Encoder for HashedNgramEncoder {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        crate::model::write_json(&dir.join("config.json"), &self.config)
+        crate::files::write_json(&dir.join("config.json"), &self.config)
     }
 
     fn load(dir: &Path, _device: &Device) -> Result<Self> {
         let path = dir.join("config.json");
-        let config: HashedNgramConfig = crate::model::read_json(&path)?;
+        let config: HashedNgramConfig = crate::files::read_json(&path)?;
         config.check().map_err(|e| e.in_file(&path))?;
         Ok(HashedNgramEncoder { config })
     }
@@ -416,7 +416,7 @@ mod tests {
             dim: 1 << 62,
             ..Default::default()
         };
-        crate::model::write_json(&dir.path().join("config.json"), &config).unwrap();
+        crate::files::write_json(&dir.path().join("config.json"), &config).unwrap();
         let e = HashedNgramEncoder::load(dir.path(), &Device::Cpu)
             .unwrap_err()
             .to_string();

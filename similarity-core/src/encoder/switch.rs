@@ -309,9 +309,9 @@ mod tests {
         };
         // Two valid parts of different sizes: the switch's directory is at fault.
         let b = dir.path().join("b/config.json");
-        let mut config: HashedNgramConfig = crate::model::read_json(&b).unwrap();
+        let mut config: HashedNgramConfig = crate::files::read_json(&b).unwrap();
         config.dim = 32;
-        crate::model::write_json(&b, &config).unwrap();
+        crate::files::write_json(&b, &config).unwrap();
         let e = load();
         assert!(
             e.contains(&format!("invalid file `{}`", dir.path().display()))
@@ -320,7 +320,7 @@ mod tests {
         );
         // A part out of bounds: its own file.
         config.dim = 1 << 62;
-        crate::model::write_json(&b, &config).unwrap();
+        crate::files::write_json(&b, &config).unwrap();
         let e = load();
         assert!(
             e.contains(&format!("`{}`", b.display())) && e.contains("HashedNgramConfig.dim"),

@@ -974,7 +974,7 @@ impl Encoder for SentenceTransformer {
     }
 
     fn save(&self, dir: &Path) -> Result<()> {
-        use crate::model::write_json;
+        use crate::files::write_json;
         write_json(&dir.join(CONFIG), &self.raw_config)?;
         let path = dir.join(TOKENIZER);
         crate::files::write_bytes(&path, self.tokenizer_json.as_bytes())?;
