@@ -123,27 +123,7 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fn run_and_kill(mode: &str, dir: &Path, after: Duration, ready: impl Fn() -> bool) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "fault_child",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(CHILD_ENV, format!("{mode}:{}", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the child never wrote anything"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut child = spawn_writer(mode, dir, ready);
     std::thread::sleep(after);
     child.kill().unwrap();
     child.wait().unwrap();
