@@ -144,7 +144,7 @@ impl FrozenMlp {
             let bound = 1.0 / (fan_in as f32).sqrt();
             let n: usize = shape.iter().product();
             let v: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
-            Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+            Ok(Tensor::from_vec(v, shape, &bench_device()?)?)
         };
         Ok(FrozenMlp {
             w1: uniform(&[DIM_IN, HIDDEN], DIM_IN)?,
@@ -479,7 +479,7 @@ macro_rules! group_workload {
         let val: Vec<SimilarityGroupSample<u32>> = (N_TRAIN..N_TRAIN + N_VAL)
             .map(|i| SimilarityGroupSample::new(i as u32, classes[i]))
             .collect();
-        let mut model = <$ty>::new(FrozenMlp::new(data)?, &ModelOptions::default())?;
+        let mut model = <$ty>::new(FrozenMlp::new(data)?, &model_options()?)?;
         let t = trainer($epochs);
         let before = t.evaluate(&mut model, &val)?;
         let start = Instant::now();
@@ -524,7 +524,7 @@ fn run_workload(name: &str, epochs: usize) -> Result<Value> {
     let matrix = Arc::new(Tensor::from_vec(
         data.x.clone(),
         (N_TRAIN + N_VAL, DIM_IN),
-        &Device::Cpu,
+        &bench_device()?,
     )?);
     drop(data.x);
     let mut out = match name {
@@ -562,7 +562,8 @@ fn bert_flops(c: &similarity_core::encoder::transformer::BertConfig, tokens: f64
 #[cfg(feature = "transformers")]
 fn faq(epochs: usize) -> Result<Value> {
     let dir = arg("--faq").context("--faq DIR: a sentence-transformers directory")?;
-    let encoder = SentenceTransformer::from_pretrained(&dir, &Device::Cpu)?.with_normalize(false);
+    let encoder =
+        SentenceTransformer::from_pretrained(&dir, &bench_device()?)?.with_normalize(false);
     let train = faq_task::read_split("train")?;
     let val = faq_task::read_split("val")?;
     // Token positions the fill must embed: every distinct text once, unpadded.
@@ -580,7 +581,7 @@ fn faq(epochs: usize) -> Result<Value> {
         }
     }
     let model_started = Instant::now();
-    let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &ModelOptions::default())?;
+    let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &model_options()?)?;
     let t = Trainer::new(TrainerConfig {
         progress: false,
         // `--cache-dir DIR` reuses persisted embeddings (for timing epochs only: the
@@ -679,7 +680,7 @@ fn w2(matrix: Arc<Tensor>, classes: &[i64], epochs: usize) -> Result<Value> {
     let val_pairs = make_pairs(N_TRAIN..N_TRAIN + N_VAL, N_VAL, classes, 45);
     let val_ids: Vec<u32> = (N_TRAIN..N_TRAIN + N_VAL).map(|i| i as u32).collect();
     let val_groups = &classes[N_TRAIN..];
-    let mut model = W2Pairs::new(FrozenMlp::new(matrix)?, &ModelOptions::default())?;
+    let mut model = W2Pairs::new(FrozenMlp::new(matrix)?, &model_options()?)?;
     let group_p1 = |m: &W2Pairs| -> Result<f64> {
         let e = m.encode(&val_ids, 1024)?;
         Ok(group_retrieval(&e, val_groups, Distance::Cosine)?.precision_at_1)
@@ -930,6 +931,32 @@ fn arg(name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// `--device cpu|cuda|cuda:N` (default cpu): where the workloads W1 to W3 and the FAQ
+/// task keep their models and caches (the loss micro-benchmark W4 stays on the CPU).
+fn bench_device() -> Result<Device> {
+    let spec = arg("--device").unwrap_or_else(|| "cpu".into());
+    match spec.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let n = s["cuda".len()..].trim_start_matches(':');
+            let ordinal = if n.is_empty() {
+                0
+            } else {
+                n.parse().context("--device cuda:N")?
+            };
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+fn model_options() -> Result<ModelOptions> {
+    Ok(ModelOptions {
+        device: bench_device()?,
+        ..Default::default()
+    })
 }
 
 fn flag(name: &str) -> bool {

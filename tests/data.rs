@@ -104,11 +104,7 @@ fn groups(n: usize, classes: i64) -> Vec<SimilarityGroupSample<String>> {
 
 fn group_model(seed: u64) -> (Groups, Arc<AtomicUsize>) {
     let objects = Arc::new(AtomicUsize::new(0));
-    let m = Groups::new(
-        Counting::new(seed, objects.clone()),
-        &ModelOptions::default(),
-    )
-    .unwrap();
+    let m = Groups::new(Counting::new(seed, objects.clone()), &common::options()).unwrap();
     (m, objects)
 }
 
@@ -159,7 +155,7 @@ fn class_balanced_batches_hold_m_items_of_batch_size_over_m_classes() {
 #[test]
 fn class_balanced_errors_name_the_option() {
     let pairs = common::faq_pairs("train", 20);
-    let mut model = Pairs::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let mut model = Pairs::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     let cfg = TrainerConfig {
         sampler: Sampler::ClassBalanced { m: 2 },
         ..config(1, 8)
@@ -212,7 +208,7 @@ fn fit_iter_matches_fit_with_cached_encoders() {
 #[test]
 fn fit_iter_keeps_records_for_uncached_encoders() {
     let pairs = common::faq_pairs("train", 60);
-    let build = || Uncached::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let build = || Uncached::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     let (mut a, mut b) = (build(), build());
     let trainer = Trainer::new(config(2, 16));
     let ra = trainer.fit(&mut a, &pairs, None).unwrap();

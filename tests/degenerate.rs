@@ -8,6 +8,8 @@
 //! and dtype uses), with gradients taken with respect to the embeddings and every
 //! trainable parameter of the loss. All failures are collected and reported together.
 
+mod common;
+
 use similarity_core::candle_core::{DType, Device, Tensor, Var};
 use similarity_core::data::{
     GroupTargets, PairMeta, PairTargets, SimilarityPairSample, SimilaritySample,
@@ -160,7 +162,7 @@ trait Probe {
 
 /// `(rows, D)` in `dtype` on the CPU.
 fn tensor(values: &[f64], dtype: DType) -> Tensor {
-    Tensor::from_vec(values.to_vec(), (values.len() / D, D), &Device::Cpu)
+    Tensor::from_vec(values.to_vec(), (values.len() / D, D), &common::device())
         .and_then(|t| t.to_dtype(dtype))
         .unwrap()
 }
@@ -190,7 +192,7 @@ fn outcome(loss: &Tensor, x: &Var, params: &Params) -> similarity_core::Result<O
 }
 
 fn groups_tensor(groups: &[i64]) -> Tensor {
-    Tensor::new(groups, &Device::Cpu).unwrap()
+    Tensor::new(groups, &common::device()).unwrap()
 }
 
 /// A group loss on a batch.
@@ -198,7 +200,7 @@ struct Batch<L: SimilarityLoss<Kind = GroupKind>>(L::Config);
 
 impl<L: SimilarityLoss<Kind = GroupKind>> Probe for Batch<L> {
     fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
-        let mut params = Params::new(&Device::Cpu, 7);
+        let mut params = Params::new(&common::device(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let input = group_batch(case);
         let x = Var::from_tensor(&tensor(&input.embeddings, dtype))?;
@@ -218,7 +220,7 @@ impl<L: MemoryLoss> Probe for Memory<L> {
     }
 
     fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
-        let mut params = Params::new(&Device::Cpu, 7);
+        let mut params = Params::new(&common::device(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let (batch, memory) = (group_batch(case), group_memory(case));
         let x = Var::from_tensor(&tensor(&batch.embeddings, dtype))?;
@@ -237,7 +239,7 @@ struct Pairs<L: SimilarityLoss<Kind = PairKind>>(L::Config);
 
 impl<L: SimilarityLoss<Kind = PairKind>> Probe for Pairs<L> {
     fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
-        let mut params = Params::new(&Device::Cpu, 7);
+        let mut params = Params::new(&common::device(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let input = pair_batch(case);
         let metas: Vec<PairMeta> = input
@@ -246,7 +248,7 @@ impl<L: SimilarityLoss<Kind = PairKind>> Probe for Pairs<L> {
             .zip(&input.groups)
             .map(|(&score, &subgroup)| PairMeta { score, subgroup })
             .collect();
-        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &Device::Cpu)?;
+        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &common::device())?;
         let x = Var::from_tensor(&tensor(&input.embeddings, dtype))?;
         outcome(&loss.forward(x.as_tensor(), &targets)?, &x, &params)
     }

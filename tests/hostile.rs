@@ -48,11 +48,11 @@ fn encoder() -> HashedNgramEncoder {
 }
 
 fn faq() -> FaqModel {
-    FaqModel::new(encoder(), &ModelOptions::default()).unwrap()
+    FaqModel::new(encoder(), &common::options()).unwrap()
 }
 
 fn group_model() -> GroupModel {
-    GroupModel::new(encoder(), &ModelOptions::default()).unwrap()
+    GroupModel::new(encoder(), &common::options()).unwrap()
 }
 
 fn pairs() -> Vec<SimilarityPairSample<String>> {
@@ -261,14 +261,14 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 }
 
 fn edit_tensors(path: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
-    let mut t = similarity_core::candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let mut t = similarity_core::candle_core::safetensors::load(path, &common::device()).unwrap();
     edit(&mut t);
     similarity_core::candle_core::safetensors::save(&t, path).unwrap();
 }
 
 /// The first tensor name of `path` starting with `prefix`.
 fn first_tensor(path: &Path, prefix: &str) -> String {
-    let t = similarity_core::candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let t = similarity_core::candle_core::safetensors::load(path, &common::device()).unwrap();
     let mut names: Vec<&String> = t.keys().filter(|k| k.starts_with(prefix)).collect();
     names.sort();
     names[0].clone()
@@ -291,7 +291,7 @@ fn nan_like(t: &Tensor) -> Tensor {
         .to_vec1::<f32>()
         .unwrap();
     v[0] = f32::NAN;
-    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+    Tensor::from_vec(v, t.shape(), &common::device()).unwrap()
 }
 
 // ---- model directories ------------------------------------------------------------------------
@@ -301,7 +301,7 @@ fn saved(root: &Path) {
 }
 
 fn load(root: &Path) -> Outcome {
-    FaqModel::load(&root.join("model"), &Device::Cpu).map(drop)
+    FaqModel::load(&root.join("model"), &common::device()).map(drop)
 }
 
 fn model_file(root: &Path, name: &str) -> PathBuf {
@@ -589,7 +589,7 @@ fn model_cases() -> Vec<Case> {
                 edit_tensors(&model_file(r, "weights.safetensors"), |t| {
                     t.insert(
                         "head.extra".into(),
-                        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+                        Tensor::zeros(3, DType::F32, &common::device()).unwrap(),
                     );
                 })
             },
@@ -601,7 +601,7 @@ fn model_cases() -> Vec<Case> {
             |r| {
                 saved(r);
                 replace_first(&model_file(r, "weights.safetensors"), "head", |_| {
-                    Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()
+                    Tensor::zeros(3, DType::F32, &common::device()).unwrap()
                 })
             },
             load,
@@ -914,7 +914,7 @@ fn checkpoint_cases() -> Vec<Case> {
             |r| {
                 trained_checkpoint(r);
                 replace_first(&ckpt(r, "weights.safetensors"), "head", |_| {
-                    Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap()
+                    Tensor::zeros((2, 2), DType::F32, &common::device()).unwrap()
                 })
             },
             resume,
@@ -936,7 +936,7 @@ fn checkpoint_cases() -> Vec<Case> {
                 edit_tensors(&ckpt(r, "weights.safetensors"), |t| {
                     t.insert(
                         "head.extra".into(),
-                        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+                        Tensor::zeros(2, DType::F32, &common::device()).unwrap(),
                     );
                 })
             },
@@ -959,7 +959,7 @@ fn checkpoint_cases() -> Vec<Case> {
             |r| {
                 trained_checkpoint(r);
                 replace_first(&ckpt(r, "optimizer.safetensors"), "m.", |_| {
-                    Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap()
+                    Tensor::zeros(5, DType::F32, &common::device()).unwrap()
                 })
             },
             resume,
@@ -1009,7 +1009,7 @@ fn checkpoint_cases() -> Vec<Case> {
                 edit_tensors(&ckpt(r, "optimizer.safetensors"), |t| {
                     t.insert(
                         "m.nothing".into(),
-                        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+                        Tensor::zeros(2, DType::F32, &common::device()).unwrap(),
                     );
                 })
             },
@@ -1059,7 +1059,7 @@ fn checkpoint_cases() -> Vec<Case> {
                 edit_tensors(&ckpt(r, "extra.safetensors"), |t| {
                     t.insert(
                         "xbm.embeddings".into(),
-                        Tensor::zeros((64, 5), DType::F32, &Device::Cpu).unwrap(),
+                        Tensor::zeros((64, 5), DType::F32, &common::device()).unwrap(),
                     );
                 })
             },
@@ -1086,7 +1086,7 @@ fn checkpoint_cases() -> Vec<Case> {
                 edit_tensors(&ckpt(r, "extra.safetensors"), |t| {
                     t.insert(
                         "xbm.pointer_len".into(),
-                        Tensor::new(&[64i64, 3], &Device::Cpu).unwrap(),
+                        Tensor::new(&[64i64, 3], &common::device()).unwrap(),
                     );
                 })
             },
@@ -1100,7 +1100,7 @@ fn checkpoint_cases() -> Vec<Case> {
                 edit_tensors(&ckpt(r, "extra.safetensors"), |t| {
                     t.insert(
                         "xbm.groups".into(),
-                        Tensor::zeros(64, DType::F32, &Device::Cpu).unwrap(),
+                        Tensor::zeros(64, DType::F32, &common::device()).unwrap(),
                     );
                 })
             },
@@ -1369,7 +1369,7 @@ fn log_cases() -> Vec<Case> {
 // ---- exports -----------------------------------------------------------------------------------------
 
 fn rows() -> Tensor {
-    Tensor::zeros((3, 4), DType::F32, &Device::Cpu).unwrap()
+    Tensor::zeros((3, 4), DType::F32, &common::device()).unwrap()
 }
 
 fn export_cases() -> Vec<Case> {

@@ -39,7 +39,7 @@ fn trained() -> FaqModel {
         HashedNgramEncoder::default(),
         &ModelOptions {
             seed: 3,
-            ..Default::default()
+            ..common::options()
         },
     )
     .unwrap();
@@ -77,7 +77,7 @@ fn save_load_encode_round_trip_is_exact() {
     let tmp = temp_dir();
     let dir = tmp.path().join("model");
     model.save(&dir).unwrap();
-    let loaded = FaqModel::load(&dir, &Device::Cpu).unwrap();
+    let loaded = FaqModel::load(&dir, &common::device()).unwrap();
     let (a, b) = (
         model.encode(&texts(), 7).unwrap(),
         loaded.encode(&texts(), 7).unwrap(),
@@ -88,7 +88,7 @@ fn save_load_encode_round_trip_is_exact() {
         HashedNgramEncoder::default(),
         &ModelOptions {
             seed: 3,
-            ..Default::default()
+            ..common::options()
         },
     )
     .unwrap();
@@ -108,7 +108,7 @@ fn save_load_encode_round_trip_is_exact() {
 fn overwriting_is_atomic_and_leaves_no_temporary_files() {
     let tmp = temp_dir();
     let dir = tmp.path().join("model");
-    FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())
+    FaqModel::new(HashedNgramEncoder::default(), &common::options())
         .unwrap()
         .save(&dir)
         .unwrap();
@@ -119,7 +119,7 @@ fn overwriting_is_atomic_and_leaves_no_temporary_files() {
         vec![tmp.path().join(".model.lock"), dir.clone()],
         "only the model directory and its lock file remain"
     );
-    let loaded = FaqModel::load(&dir, &Device::Cpu).unwrap();
+    let loaded = FaqModel::load(&dir, &common::device()).unwrap();
     assert_eq!(
         model
             .encode(&texts(), 20)
@@ -137,7 +137,7 @@ fn overwriting_is_atomic_and_leaves_no_temporary_files() {
 fn saved() -> (tempfile::TempDir, PathBuf) {
     let tmp = temp_dir();
     let dir = tmp.path().join("model");
-    FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default())
+    FaqModel::new(HashedNgramEncoder::default(), &common::options())
         .unwrap()
         .save(&dir)
         .unwrap();
@@ -152,7 +152,9 @@ fn edit_manifest(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) {
 }
 
 fn load_err(dir: &Path) -> String {
-    FaqModel::load(dir, &Device::Cpu).unwrap_err().to_string()
+    FaqModel::load(dir, &common::device())
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -200,7 +202,7 @@ fn damaged_directories_give_errors_that_name_the_file() {
     assert!(e.contains("encoders/text/config.json"), "{e}");
 
     let (_t, dir) = saved();
-    let e = OtherModel::load(&dir, &Device::Cpu)
+    let e = OtherModel::load(&dir, &common::device())
         .unwrap_err()
         .to_string();
     assert!(
@@ -256,7 +258,7 @@ struct CostedModel {
 fn encode_batches_by_cost_and_returns_rows_in_record_order() {
     let model = CostedModel::new(
         LengthCosted(HashedNgramEncoder::default()),
-        &ModelOptions::default(),
+        &common::options(),
     )
     .unwrap();
     let texts = texts();
@@ -308,7 +310,7 @@ struct SizedModel {
 fn saved_sized() -> (tempfile::TempDir, PathBuf) {
     let tmp = temp_dir();
     let dir = tmp.path().join("model");
-    SizedModel::new(HashedNgramEncoder::default(), &ModelOptions::default())
+    SizedModel::new(HashedNgramEncoder::default(), &common::options())
         .unwrap()
         .save(&dir)
         .unwrap();
@@ -327,7 +329,7 @@ fn hostile_load_err<M: TrainableModel + 'static>(dir: &Path) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     let owned = dir.to_path_buf();
     std::thread::spawn(move || {
-        let result = M::load(&owned, &Device::Cpu).map(drop);
+        let result = M::load(&owned, &common::device()).map(drop);
         let _ = tx.send(result.map_err(|e| e.to_string()));
     });
     match rx.recv_timeout(LOAD_LIMIT) {
@@ -520,5 +522,41 @@ fn a_bad_option_read_from_the_manifest_names_it() {
         &dir,
         "config.json",
         &["head.input_size is 100", "sum to 384"],
+    );
+}
+
+/// Quaterion's models pickle their device; here a model saved from the test device (a GPU
+/// under `SIMILARITY_TEST_DEVICE=cuda`) loads on the CPU and one saved from the CPU loads
+/// on the test device, with the same embeddings (to float tolerance across devices).
+#[test]
+fn a_model_saved_on_one_device_loads_on_another() {
+    let tmp = temp_dir();
+    let model = trained();
+    let expected = model.encode(&texts(), 7).unwrap().to_vec2::<f32>().unwrap();
+    let close = |got: Vec<Vec<f32>>, what: &str| {
+        for (a, b) in got.iter().flatten().zip(expected.iter().flatten()) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{what}: {a} vs {b}"
+            );
+        }
+    };
+    model.save(&tmp.path().join("from-device")).unwrap();
+    let on_cpu = FaqModel::load(&tmp.path().join("from-device"), &Device::Cpu).unwrap();
+    close(
+        on_cpu.encode(&texts(), 7).unwrap().to_vec2().unwrap(),
+        "saved on the test device, loaded on the CPU",
+    );
+    on_cpu.save(&tmp.path().join("from-cpu")).unwrap();
+    let back = FaqModel::load(&tmp.path().join("from-cpu"), &common::device()).unwrap();
+    assert!(
+        back.encode(&texts(), 7)
+            .unwrap()
+            .device()
+            .same_device(&common::device())
+    );
+    close(
+        back.encode(&texts(), 7).unwrap().to_vec2().unwrap(),
+        "saved on the CPU, loaded on the test device",
     );
 }

@@ -25,7 +25,7 @@ fn model() -> FaqModel {
         HashedNgramEncoder::default(),
         &ModelOptions {
             seed: 11,
-            ..Default::default()
+            ..common::options()
         },
     )
     .unwrap()
@@ -104,7 +104,7 @@ fn a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one() {
         HashedNgramEncoder::default(),
         &ModelOptions {
             seed: 12,
-            ..Default::default()
+            ..common::options()
         },
     )
     .unwrap();
@@ -329,7 +329,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
         save_best: false,
     });
     // Training calls only (no validation): calls 0-1 are epoch 0, call 3 is epoch 1 step 1.
-    let mut m = Diverging::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let mut m = Diverging::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     m.loss.nan_at = 3;
     let e = Trainer::new(cfg).fit(&mut m, &train, None).unwrap_err();
     assert!(
@@ -444,7 +444,7 @@ struct BadGradient {
 }
 
 fn bad_gradient(from: usize, to: usize) -> BadGradient {
-    let mut m = BadGradient::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let mut m = BadGradient::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     m.loss.bad = (from, to);
     m
 }
@@ -661,7 +661,7 @@ fn a_cached_encoder_of_the_wrong_width_is_named_not_the_head() {
     let train = common::faq_pairs("train", 40);
     let mut m = MisdeclaredModel::new(
         Misdeclared(HashedNgramEncoder::default()),
-        &ModelOptions::default(),
+        &common::options(),
     )
     .unwrap();
     let e = Trainer::new(config(1))

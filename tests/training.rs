@@ -36,7 +36,7 @@ fn quiet(epochs: usize, batch_size: usize, lr: f64) -> TrainerConfig {
 fn faq_model_loss_falls_and_precision_rises() {
     let train = common::faq_pairs("train", 600);
     let val = common::faq_pairs("val", 300);
-    let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let mut model = FaqModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     let trainer = Trainer::new(quiet(15, 100, 1e-2));
     let before = trainer.evaluate(&mut model, &val).unwrap();
     let report = trainer.fit(&mut model, &train, Some(&val)).unwrap();
@@ -72,7 +72,7 @@ fn training_is_reproducible_from_the_seeds() {
             HashedNgramEncoder::default(),
             &ModelOptions {
                 seed: 5,
-                ..Default::default()
+                ..common::options()
             },
         )
         .unwrap();
@@ -96,7 +96,7 @@ struct Mlp {
 
 impl Mlp {
     fn new(input: usize, output: usize, seed: u64, calls: Arc<AtomicUsize>) -> Self {
-        let mut params = Params::new(&Device::Cpu, seed);
+        let mut params = Params::new(&common::device(), seed);
         params
             .var(
                 "w",
@@ -203,7 +203,7 @@ fn mixed_model_caches_the_frozen_encoder_and_trains_the_other() {
     let trainable_calls = Arc::new(AtomicUsize::new(0));
     let frozen = Frozen(Mlp::new(6, 4, 1, frozen_calls.clone()));
     let trainable = Mlp::new(6, 3, 2, trainable_calls.clone());
-    let mut model = MixedModel::new(frozen, trainable, &ModelOptions::default()).unwrap();
+    let mut model = MixedModel::new(frozen, trainable, &common::options()).unwrap();
     // The head is sized from both encoders: 4 + 3.
     assert_eq!(
         model.state().params().named_vars()["head.fc_0.weight"].dims(),
@@ -226,7 +226,7 @@ fn mixed_model_caches_the_frozen_encoder_and_trains_the_other() {
 fn every_trainable_variable_receives_a_gradient() {
     let frozen = Frozen(Mlp::new(6, 4, 1, Arc::default()));
     let trainable = Mlp::new(6, 3, 2, Arc::default());
-    let model = MixedModel::new(frozen, trainable, &ModelOptions::default()).unwrap();
+    let model = MixedModel::new(frozen, trainable, &common::options()).unwrap();
     let data = mixed_pairs(8);
     let records: Vec<&MixedModelRecord> = data
         .iter()
@@ -239,7 +239,7 @@ fn every_trainable_variable_receives_a_gradient() {
         .iter()
         .map(|p| similarity_core::data::SimilaritySample::meta(p).unwrap())
         .collect();
-    let targets = <SimilarityPairSample<MixedModelRecord> as similarity_core::data::SimilaritySample>::targets(&metas, &Device::Cpu).unwrap();
+    let targets = <SimilarityPairSample<MixedModelRecord> as similarity_core::data::SimilaritySample>::targets(&metas, &common::device()).unwrap();
     let loss = model.loss().forward(&emb, &targets).unwrap();
     let grads = loss.backward().unwrap();
     let vars = model.state().trainable_vars();
@@ -251,7 +251,7 @@ fn every_trainable_variable_receives_a_gradient() {
 
 #[test]
 fn bad_inputs_are_named() {
-    let mut model = FaqModel::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let mut model = FaqModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     let trainer = Trainer::new(quiet(1, 8, 1e-3));
     let err = trainer.fit(&mut model, &[], None).unwrap_err().to_string();
     assert!(
@@ -273,7 +273,7 @@ fn bad_inputs_are_named() {
     let mut mixed = MixedModel::new(
         Frozen(Mlp::new(6, 4, 1, Arc::default())),
         Mlp::new(6, 3, 2, Arc::default()),
-        &ModelOptions::default(),
+        &common::options(),
     )
     .unwrap();
     let mut data = mixed_pairs(4);
@@ -298,7 +298,7 @@ fn non_finite_inputs_and_bad_pairs_are_named() {
     let mut mixed = MixedModel::new(
         Frozen(Mlp::new(6, 4, 1, Arc::default())),
         Mlp::new(6, 3, 2, Arc::default()),
-        &ModelOptions::default(),
+        &common::options(),
     )
     .unwrap();
     let err = trainer
@@ -325,15 +325,15 @@ fn non_finite_inputs_and_bad_pairs_are_named() {
     let loss = MultipleNegativesRankingLoss::new(
         2,
         Default::default(),
-        &mut Params::new(&Device::Cpu, 0).scope("l"),
+        &mut Params::new(&common::device(), 0).scope("l"),
     )
     .unwrap();
     let targets = similarity_core::data::PairTargets {
-        pairs: Tensor::new(&[[0u32, 1], [1, 9]], &Device::Cpu).unwrap(),
-        labels: Tensor::new(&[1f32, 1.0], &Device::Cpu).unwrap(),
-        subgroups: Tensor::new(&[0i64, 0, 0, 0], &Device::Cpu).unwrap(),
+        pairs: Tensor::new(&[[0u32, 1], [1, 9]], &common::device()).unwrap(),
+        labels: Tensor::new(&[1f32, 1.0], &common::device()).unwrap(),
+        subgroups: Tensor::new(&[0i64, 0, 0, 0], &common::device()).unwrap(),
     };
-    let e = Tensor::zeros((4, 2), DType::F32, &Device::Cpu).unwrap();
+    let e = Tensor::zeros((4, 2), DType::F32, &common::device()).unwrap();
     let err = loss.forward(&e, &targets).unwrap_err().to_string();
     assert!(
         err.contains("pair 1") && err.contains("[1, 9]") && err.contains("4 embeddings"),

@@ -31,7 +31,7 @@ struct Reference {
 }
 
 fn reference() -> Reference {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/minilm_reference.json");
+    let path = common::repo_root().join("data/minilm_reference.json");
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).expect("data/minilm_reference.json")).unwrap();
     let mat = |k: &str| -> Vec<Vec<f64>> { serde_json::from_value(v[k].clone()).unwrap() };

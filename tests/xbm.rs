@@ -91,7 +91,7 @@ fn groups(n: usize) -> Vec<SimilarityGroupSample<String>> {
 }
 
 fn model() -> Digits {
-    Digits::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap()
+    Digits::new(HashedNgramEncoder::default(), &common::options()).unwrap()
 }
 
 fn config(epochs: usize) -> TrainerConfig {
@@ -130,7 +130,7 @@ fn memory_loss_starts_at_start_iteration_and_memory_is_filled_from_the_first_ste
         #[loss]
         loss: SpreadLoss,
     }
-    let mut plain = NoMemory::new(HashedNgramEncoder::default(), &ModelOptions::default()).unwrap();
+    let mut plain = NoMemory::new(HashedNgramEncoder::default(), &common::options()).unwrap();
     let mut plain_seen = Vec::new();
     Trainer::new(config(2))
         .fit_with_hook(&mut plain, &data, None, &mut |out| {

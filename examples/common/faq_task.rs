@@ -40,9 +40,13 @@ struct FaqRow {
     answer: String,
 }
 
-/// The directory of the cloud-FAQ data in this repository.
+/// The directory of the cloud-FAQ data in this repository (under `SIMILARITY_REPO_ROOT`
+/// when set: a binary built here and run from a copy of the repository elsewhere).
 pub fn data_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/cloud-faq")
+    std::env::var_os("SIMILARITY_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .join("data/cloud-faq")
 }
 
 /// Reads one split (`"train"` or `"val"`) as positive (question, answer) pairs.

@@ -8,6 +8,44 @@ use similarity_core::data::SimilarityPairSample;
 
 pub mod parity;
 
+/// The device the integration tests run on: the CPU, or the GPU named by
+/// `SIMILARITY_TEST_DEVICE=cuda` (or `cuda:N`), so that the same suite checks the CUDA
+/// build (`scripts/gpu-check.sh`). A GPU that was asked for and cannot be opened fails
+/// the test rather than falling back.
+pub fn device() -> similarity_core::Device {
+    match std::env::var("SIMILARITY_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => similarity_core::Device::Cpu,
+        Ok(spec) => {
+            let ordinal = match spec.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(n) => n.trim_start_matches(':').parse().unwrap_or_else(|_| {
+                    panic!("SIMILARITY_TEST_DEVICE={spec}: expected cpu, cuda or cuda:N")
+                }),
+                None => panic!("SIMILARITY_TEST_DEVICE={spec}: expected cpu, cuda or cuda:N"),
+            };
+            similarity_core::Device::new_cuda(ordinal)
+                .unwrap_or_else(|e| panic!("SIMILARITY_TEST_DEVICE={spec}: {e}"))
+        }
+    }
+}
+
+/// Model options on the test [`device`], seed 0.
+pub fn options() -> similarity_core::train::ModelOptions {
+    similarity_core::train::ModelOptions {
+        device: device(),
+        ..Default::default()
+    }
+}
+
+/// The repository's root: `SIMILARITY_REPO_ROOT` when set (test binaries built on one
+/// machine and run from a copy of the repository elsewhere, as on the GPU machine), else
+/// the source tree the tests were built from.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("SIMILARITY_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
 /// Asserts that every `(name, var)` has a finite, non-zero gradient in `grads`: a
 /// gradient that silently stops (a non-differentiable op) shows up as a missing or zero one.
 pub fn assert_every_var_has_a_gradient<'a>(
@@ -36,9 +74,7 @@ pub fn assert_every_var_has_a_gradient<'a>(
 pub fn minilm_dir() -> PathBuf {
     let dir = std::env::var_os("SIMILARITY_MINILM_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/all-MiniLM-L6-v2")
-        });
+        .unwrap_or_else(|| repo_root().join("target/models/all-MiniLM-L6-v2"));
     assert!(
         dir.join("model.safetensors").is_file(),
         "all-MiniLM-L6-v2 is not in `{}`: run `bash scripts/fetch-minilm.sh` first \
@@ -50,8 +86,8 @@ pub fn minilm_dir() -> PathBuf {
 
 /// The first `n` pairs of a cloud-FAQ split (`"train"` or `"val"`).
 pub fn faq_pairs(split: &str, n: usize) -> Vec<SimilarityPairSample<String>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../data/cloud-faq")
+    let path = repo_root()
+        .join("data/cloud-faq")
         .join(format!("{split}_cloud_faq_dataset.jsonl.gz"));
     let file = std::fs::File::open(&path).expect("data/cloud-faq is part of the repository");
     std::io::BufReader::new(flate2::read::GzDecoder::new(file))

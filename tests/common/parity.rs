@@ -1,16 +1,12 @@
 //! Reading the Quaterion parity files (`tests/parity/*.json`, see `SCHEMA.md` there).
 
-use std::path::Path;
-
 use serde_json::Value;
 use similarity_core::candle_core::DType;
 use similarity_core::{Device, Tensor};
 
 /// The parsed parity file `name`.
 pub fn load(name: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/parity")
-        .join(name);
+    let path = super::repo_root().join("tests/parity").join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
