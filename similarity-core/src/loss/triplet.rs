@@ -167,8 +167,13 @@ pub enum TripletMining {
 }
 
 /// Semi-hard mining: the negative taken for an (anchor, positive) pair when no negative is
-/// farther from the anchor than the positive (see "The semi-hard fallback" in the
-/// [module docs](self)).
+/// farther from the anchor than the positive.
+///
+/// Semi-hard mining exists to keep the hardest negatives out of training (FaceNet §3.2:
+/// they lead to a collapsed model early on), and this case is most common exactly then, so
+/// the default is the anchor's farthest negative, the one nearest the positive's distance,
+/// as TensorFlow's `triplet_semihard_loss` does; its term is at least the margin. The
+/// reasoning is in full in the module docs (`loss/triplet.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SemiHardFallback {
