@@ -49,7 +49,6 @@
 //! the file; the negative controls check that each convention the test tells apart moves
 //! the value by far more.
 
-
 use std::path::Path;
 
 use serde_json::Value;
