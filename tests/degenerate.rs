@@ -19,7 +19,8 @@ use similarity_core::loss::{
     ArcFaceLossConfig, CenterLossConfig, CircleLossConfig, CombinedLossConfig,
     ContrastiveLossConfig, CosFaceLossConfig, FastAPLossConfig, GroupKind,
     MultiSimilarityLossConfig, MultipleNegativesRankingLossConfig, OnlineContrastiveLossConfig,
-    PairKind, PairMining, SoftmaxLossConfig, TripletLossConfig, TripletMining,
+    PairKind, PairMining, Reduction, SemiHardFallback, SoftmaxLossConfig, TripletLossConfig,
+    TripletMining,
 };
 use similarity_core::nn::Params;
 use similarity_core::prelude::*;
@@ -299,21 +300,50 @@ const NO_MEMORY_PAIRS: &[Case] = &[NoPositive, OneGroup, OneItem];
 fn rows() -> Vec<Row> {
     let mut rows = Vec::new();
     for distance in DISTANCES {
+        let triplet = |mining, soft, scale_by_mean_negative| TripletLossConfig {
+            distance,
+            mining,
+            soft,
+            scale_by_mean_negative,
+            ..Default::default()
+        };
+        let non_zero = Some(Reduction::MeanNonZero);
         let triplets = [
-            ("all", TripletMining::All, false, false),
-            ("semi_hard", TripletMining::SemiHard, false, false),
-            ("hard, scaled", TripletMining::Hard, false, true),
-            ("hard", TripletMining::Hard, false, false),
-            ("hard, soft", TripletMining::Hard, true, false),
+            ("all", triplet(TripletMining::All, false, false)),
+            (
+                "all, mean",
+                TripletLossConfig {
+                    reduction: Some(Reduction::Mean),
+                    ..triplet(TripletMining::All, false, false)
+                },
+            ),
+            ("semi_hard", triplet(TripletMining::SemiHard, false, false)),
+            (
+                "semi_hard, hardest-negative fallback",
+                TripletLossConfig {
+                    semi_hard_fallback: SemiHardFallback::HardestNegative,
+                    ..triplet(TripletMining::SemiHard, false, false)
+                },
+            ),
+            (
+                "semi_hard, non-zero mean",
+                TripletLossConfig {
+                    reduction: non_zero,
+                    ..triplet(TripletMining::SemiHard, false, false)
+                },
+            ),
+            ("hard, scaled", triplet(TripletMining::Hard, false, true)),
+            (
+                "hard, scaled, non-zero mean",
+                TripletLossConfig {
+                    reduction: non_zero,
+                    ..triplet(TripletMining::Hard, false, true)
+                },
+            ),
+            ("hard", triplet(TripletMining::Hard, false, false)),
+            ("hard, soft", triplet(TripletMining::Hard, true, false)),
         ];
-        for (mode, mining, soft, scale) in triplets {
-            let cfg = TripletLossConfig {
-                distance,
-                mining,
-                soft,
-                scale_by_mean_negative: scale,
-                ..Default::default()
-            };
+        for (mode, cfg) in triplets {
             let name = format!("TripletLoss {mode} {distance:?}");
             rows.push(row(&name, Batch::<TripletLoss>(cfg.clone()), NO_PAIRS));
             rows.push(row(
@@ -322,10 +352,17 @@ fn rows() -> Vec<Row> {
                 NO_MEMORY_PAIRS,
             ));
         }
-        for (mode, mining) in [("all", PairMining::All), ("hard", PairMining::Hard)] {
+        let contrastive = [
+            ("all", PairMining::All, None),
+            ("all, non-zero mean", PairMining::All, non_zero),
+            ("hard", PairMining::Hard, None),
+            ("hard, non-zero mean", PairMining::Hard, non_zero),
+        ];
+        for (mode, mining, reduction) in contrastive {
             let cfg = OnlineContrastiveLossConfig {
                 distance,
                 mining,
+                reduction,
                 ..Default::default()
             };
             let name = format!("OnlineContrastiveLoss {mode} {distance:?}");
@@ -340,26 +377,29 @@ fn rows() -> Vec<Row> {
                 &[],
             ));
         }
-        let cfg = CircleLossConfig {
-            distance,
-            ..Default::default()
-        };
-        let name = format!("CircleLoss {distance:?}");
-        let mut batch = row(&name, Batch::<CircleLoss>(cfg.clone()), NO_PAIRS);
-        let mut memory = row(
-            format!("{name} + memory"),
-            Memory::<CircleLoss>(cfg),
-            NO_MEMORY_PAIRS,
-        );
-        if distance == Distance::DotProduct {
-            // α_n · s_n with α_n = [s_n + m]_+.
-            batch.beyond_f32.push((Case::Huge, SQUARES_THE_DOT_PRODUCT));
-            memory
-                .beyond_f32
-                .push((Case::Huge, SQUARES_THE_DOT_PRODUCT));
+        for (form, pooled) in [("per anchor", false), ("pooled", true)] {
+            let cfg = CircleLossConfig {
+                distance,
+                pooled,
+                ..Default::default()
+            };
+            let name = format!("CircleLoss {form} {distance:?}");
+            let mut batch = row(&name, Batch::<CircleLoss>(cfg.clone()), NO_PAIRS);
+            let mut memory = row(
+                format!("{name} + memory"),
+                Memory::<CircleLoss>(cfg),
+                NO_MEMORY_PAIRS,
+            );
+            if distance == Distance::DotProduct {
+                // α_n · s_n with α_n = [s_n + m]_+.
+                batch.beyond_f32.push((Case::Huge, SQUARES_THE_DOT_PRODUCT));
+                memory
+                    .beyond_f32
+                    .push((Case::Huge, SQUARES_THE_DOT_PRODUCT));
+            }
+            rows.push(batch);
+            rows.push(memory);
         }
-        rows.push(batch);
-        rows.push(memory);
         for size_average in [true, false] {
             let cfg = ContrastiveLossConfig {
                 distance,

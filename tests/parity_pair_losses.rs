@@ -348,6 +348,7 @@ fn online_contrastive_loss_matches_the_corrected_reference() {
             margin,
             distance: metric,
             mining,
+            reduction: None,
         });
         let targets = GroupTargets { groups: groups_t };
         let value = loss.forward(&emb, &targets).unwrap();
@@ -444,6 +445,7 @@ fn online_contrastive_gradients_match_finite_differences() {
                 margin: 1.2,
                 distance: metric,
                 mining,
+                reduction: None,
             });
             let name = format!("online {metric:?} {mining:?}");
             let (a, m) = (rows(&flat, dim), rows(&mem_flat, dim));

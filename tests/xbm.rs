@@ -201,3 +201,144 @@ fn a_group_data_set_of_single_item_groups_is_an_error() {
         "{err}"
     );
 }
+
+/// The ring buffer against Quaterion 0.1.35's `XbmBuffer` (`tests/parity/xbm_buffer.json`:
+/// size 10, batches of 4, 4, 4, 3, 5, 10 and 2 rows whose targets count up from 0).
+///
+/// It cannot match everywhere: Quaterion writes an overflowing batch's first `excess` rows
+/// to the start of the buffer and the rest to its end, which is not first in, first out.
+/// After the fifth batch it still holds targets 8 and 9 and has lost the newer 10 and 11.
+/// So the test checks that:
+/// 1. a model of that wrap-around reproduces every raw buffer of the file (the file is read
+///    right, and the quirk is the whole difference);
+/// 2. ours agrees with Quaterion on the write pointer and on fullness at every step, and on
+///    the raw buffer and `get()` at every step where Quaterion's buffer is the FIFO one;
+/// 3. ours is the FIFO ring at every step: the row of target `t` sits at `t mod size`,
+///    holding the embedding queued with `t`, and `get()` holds the last `min(queued,
+///    size)` rows.
+#[test]
+fn ring_buffer_against_quaterion_and_strict_fifo() {
+    use common::parity::{load, tensor, values};
+    use similarity_core::xbm::XbmConfig;
+
+    let file = load("xbm_buffer.json");
+    let size = file["params"]["buffer_size"].as_u64().unwrap() as usize;
+    let width = file["params"]["embedding_size"].as_u64().unwrap() as usize;
+    let steps = file["cases"][0]["steps"].as_array().unwrap();
+    let mut ours = Xbm::new(
+        XbmConfig {
+            size,
+            ..Default::default()
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
+    // Quaterion's buffer, as its `queue` writes it; and every row queued so far.
+    let (mut q_rows, mut q_targets) = (vec![0f32; size * width], vec![0i64; size]);
+    let mut q_pointer = 0;
+    let mut queued: Vec<(i64, Vec<f32>)> = Vec::new();
+    let mut agreeing_steps = 0;
+    for (k, step) in steps.iter().enumerate() {
+        let (e, shape) = values(&step["queue_embeddings"]);
+        let t: Vec<i64> = values(&step["queue_targets"])
+            .0
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
+        let n = shape[0];
+        queued.extend(
+            t.iter()
+                .zip(e.chunks(width))
+                .map(|(&t, row)| (t, row.to_vec())),
+        );
+        // 1. Quaterion's wrap-around: the first `excess` rows to the start, the rest to the
+        //    end.
+        let excess = (q_pointer + n).saturating_sub(size);
+        for (i, (&target, row)) in t.iter().zip(e.chunks(width)).enumerate() {
+            let at = if i < excess {
+                i
+            } else {
+                q_pointer + i - excess
+            };
+            q_targets[at] = target;
+            q_rows[at * width..(at + 1) * width].copy_from_slice(row);
+        }
+        q_pointer = if excess > 0 {
+            excess
+        } else {
+            (q_pointer + n) % size
+        };
+        let want = &step["expected"];
+        let want_targets: Vec<i64> = values(&want["buffer_targets"])
+            .0
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
+        assert_eq!(q_targets, want_targets, "step {k}: Quaterion's targets");
+        assert_eq!(q_rows, values(&want["buffer_embeddings"]).0, "step {k}");
+
+        ours.enqueue(
+            &tensor(&step["queue_embeddings"]),
+            &tensor(&step["queue_targets"]),
+        )
+        .unwrap();
+        let state = ours.state_tensors();
+        let pointer_len = state["xbm.pointer_len"].to_vec1::<i64>().unwrap();
+        let raw_targets = state["xbm.groups"].to_vec1::<i64>().unwrap();
+        let raw_rows: Vec<f32> = state["xbm.embeddings"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // 2. Pointer and fullness always agree.
+        assert_eq!(
+            pointer_len[0],
+            want["pointer"].as_i64().unwrap(),
+            "step {k}"
+        );
+        assert_eq!(
+            pointer_len[1] == size as i64,
+            want["is_full"].as_bool().unwrap(),
+            "step {k}"
+        );
+        // 3. FIFO: target t at t mod size, with its own embedding.
+        let mut fifo_targets = vec![0i64; size];
+        let mut fifo_rows = vec![0f32; size * width];
+        for (target, row) in &queued {
+            let at = *target as usize % size;
+            fifo_targets[at] = *target;
+            fifo_rows[at * width..(at + 1) * width].copy_from_slice(row);
+        }
+        assert_eq!(raw_targets, fifo_targets, "step {k}: FIFO targets");
+        assert_eq!(raw_rows, fifo_rows, "step {k}: FIFO rows");
+        let (got_rows, got_targets) = ours.get().unwrap().unwrap();
+        let mut held = got_targets.to_vec1::<i64>().unwrap();
+        held.sort_unstable();
+        let last: Vec<i64> = queued[queued.len().saturating_sub(size)..]
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(held, last, "step {k}: the last rows queued");
+        // 2. Where Quaterion's buffer is the FIFO one, everything agrees.
+        if want_targets == fifo_targets {
+            agreeing_steps += 1;
+            assert_eq!(raw_rows, values(&want["buffer_embeddings"]).0, "step {k}");
+            assert_eq!(
+                got_rows.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                values(&want["get_embeddings"]).0,
+                "step {k}: get()"
+            );
+            assert_eq!(
+                got_targets.to_vec1::<i64>().unwrap(),
+                values(&want["get_targets"])
+                    .0
+                    .iter()
+                    .map(|&v| v as i64)
+                    .collect::<Vec<_>>(),
+                "step {k}: get()"
+            );
+        }
+    }
+    // Steps 1, 2, 6 and 7 are FIFO in Quaterion too; 3 to 5 show its wrap-around.
+    assert_eq!(agreeing_steps, 4);
+}

@@ -1,30 +1,55 @@
 //! `CircleLoss` (Sun et al. 2020, <https://arxiv.org/abs/2002.10857>).
 //!
-//! With `s = similarity_matrix(embeddings)`, the positive pairs `s_p` (same group, `i < j`)
-//! and negative pairs `s_n` (different groups, `i < j`) of the whole batch pooled:
+//! With `s = similarity_matrix(embeddings)`, for every anchor `i` its positive scores
+//! `s_ip` (same group, `p ≠ i`) and negative scores `s_in` (other groups):
 //!
 //! ```text
 //! α_p = [1 + m − s_p]_+ ,  α_n = [s_n + m]_+          (detached weights)
-//! L = softplus( logsumexp_n γ·α_n·(s_n − m) + logsumexp_p −γ·α_p·(s_p − (1 − m)) )
+//! L_i = softplus( logsumexp_n γ·α_n·(s_in − m) + logsumexp_p −γ·α_p·(s_ip − (1 − m)) )
+//! L   = mean of L_i over the anchors with a positive and a negative
 //! ```
 //!
+//! This is the paper's loss: Eq. 1 and 4 define it for one sample over its own `K`
+//! within-class and `L` between-class scores, and training averages it over the samples.
+//! `pooled = true` gives Quaterion's form instead: every positive pair `i < j` of the batch
+//! against every negative pair `i < j`, in one softplus:
+//!
+//! ```text
+//! L = softplus( logsumexp_{n: i<j} γ·α_n·(s_n − m) + logsumexp_{p: i<j} −γ·α_p·(s_p − (1 − m)) )
+//! ```
+//!
+//! That is one sample's loss with the batch's pairs as its scores, not a mean over samples:
+//! the log-sum-exps are dominated by the few worst pairs of the whole batch, so with γ =
+//! 80 or 256 the gradient lands on a handful of rows and the others hardly learn in that
+//! step (in the inputs of `tests/parity-pml/`, 4 to 10 of 16 to 64 rows get more than a
+//! thousandth of the largest row's gradient, against nearly every row per anchor,
+//! and the gradient's norm is 4 to 5 times larger).
+//!
 //! Parameters and defaults (Quaterion's): `margin m = 0.25`, `scale_factor γ = 256`,
-//! `distance = cosine` (whose similarity is `cos`). A batch without a positive (or without
-//! a negative) pair gives `0`, as the empty log-sum-exp is `−∞` in the paper.
+//! `distance = cosine` (whose similarity is `cos`), and `pooled = false`. A batch without a
+//! positive (or without a negative) pair gives `0`, as the empty log-sum-exp is `−∞` in the
+//! paper; per anchor, so does an anchor without one, which is left out of the mean.
+//!
+//! **Averaging.** Every anchor with a positive and a negative counts. Each of its two
+//! log-sum-exps is at least `−γ·m²`, so its term is at least `softplus(−2γm²) > 0`, and this
+//! mean is also pytorch-metric-learning's mean over the non-zero terms (`AvgNonZeroReducer`,
+//! its default): its `CircleLoss` is this form, checked in `tests/parity_pml.rs`.
 //!
 //! **Differences from Quaterion** (0.1.35):
+//! * the pooled form is the default there; here it is the `pooled` option (see above).
 //! * Quaterion's weights are `[1 + m + s_p]_+` and `[s_n − m]_+`: both signs flipped
 //!   against the paper (eq. 7, `α_p = [O_p − s_p]_+`, `α_n = [s_n − O_n]_+`, `O_p = 1 + m`,
-//!   `O_n = −m`). Here they are the paper's.
+//!   `O_n = −m`). Here they are the paper's, in both forms.
 //! * its cosine similarity matrix is `(1 + cos) / 2`; here `cos`, the paper's `s ∈ [−1, 1]`.
 //!
-//! As a [`MemoryLoss`], the pairs are every (batch, memory) pair instead of `i < j`.
+//! As a [`MemoryLoss`], the batch rows are the anchors and the memory rows their scores
+//! (pooled: every (batch, memory) pair instead of `i < j`).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::masks::group_masks;
-use super::triplet::{check_groups, masked_logsumexp, softplus};
+use super::triplet::{check_groups, masked_logsumexp, softplus, weighted_mean};
 use super::{GroupKind, MemoryLoss, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
@@ -41,6 +66,10 @@ pub struct CircleLossConfig {
     pub scale_factor: f64,
     /// Distance whose similarity is used. Default cosine.
     pub distance: Distance,
+    /// Quaterion's form: all pairs of the batch in one softplus, instead of the paper's
+    /// loss per anchor averaged over the anchors. Default false.
+    #[serde(default)]
+    pub pooled: bool,
 }
 
 impl Default for CircleLossConfig {
@@ -49,18 +78,20 @@ impl Default for CircleLossConfig {
             margin: 0.25,
             scale_factor: 256.0,
             distance: Distance::Cosine,
+            pooled: false,
         }
     }
 }
 
-/// Circle loss over the pooled pairs of a batch; see the module docs.
+/// Circle loss, per anchor (or pooled over the batch); see the module docs.
 #[derive(Debug, Clone)]
 pub struct CircleLoss {
     config: CircleLossConfig,
 }
 
 impl CircleLoss {
-    /// The loss of similarities `s` with `{0, 1}` pair masks, all `(n, m)`.
+    /// The loss of similarities `s` with `{0, 1}` pair masks, all `(n, m)`: row `i` holds
+    /// anchor `i`'s scores (pooled: every entry is one pair of the batch).
     fn loss(&self, s: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
         let (m, gamma) = (self.config.margin, self.config.scale_factor);
         let sd = s.detach();
@@ -71,12 +102,21 @@ impl CircleLoss {
             .mul(&alpha_p)?
             .affine(-gamma, 0.0)?;
         let logit_n = s.affine(1.0, -m)?.mul(&alpha_n)?.affine(gamma, 0.0)?;
-        let flat = |t: &Tensor| t.flatten_all()?.unsqueeze(0);
-        let lse_p = masked_logsumexp(&flat(&logit_p)?, &flat(pos)?)?;
-        let lse_n = masked_logsumexp(&flat(&logit_n)?, &flat(neg)?)?;
-        softplus(&lse_p.add(&lse_n)?)?
-            .squeeze(0)
-            .map_err(Into::into)
+        if self.config.pooled {
+            let flat = |t: &Tensor| t.flatten_all()?.unsqueeze(0);
+            let lse_p = masked_logsumexp(&flat(&logit_p)?, &flat(pos)?)?;
+            let lse_n = masked_logsumexp(&flat(&logit_n)?, &flat(neg)?)?;
+            return softplus(&lse_p.add(&lse_n)?)?
+                .squeeze(0)
+                .map_err(Into::into);
+        }
+        // An anchor without a positive or a negative has a log-sum-exp near −big: its
+        // softplus is 0 with a zero gradient, and `valid` leaves it out of the mean.
+        let lse_p = masked_logsumexp(&logit_p, pos)?;
+        let lse_n = masked_logsumexp(&logit_n, neg)?;
+        let per_anchor = softplus(&lse_p.add(&lse_n)?)?;
+        let valid = pos.max(1)?.mul(&neg.max(1)?)?.detach();
+        weighted_mean(&per_anchor, &valid)
     }
 }
 
@@ -114,20 +154,23 @@ impl SimilarityLoss for CircleLoss {
         let dtype = embeddings.dtype();
         let n = embeddings.dim(0)?;
         let s = self.config.distance.similarity_matrix(embeddings, None)?;
-        // Each unordered pair once: i < j.
+        let (pos, neg) = group_masks(&targets.groups, None, dtype)?;
+        if !self.config.pooled {
+            return self.loss(&s, &pos, &neg);
+        }
+        // Pooled: each unordered pair once, i < j.
         let upper = Tensor::triu2(n, dtype, embeddings.device())?.sub(&Tensor::eye(
             n,
             dtype,
             embeddings.device(),
         )?)?;
-        let (pos, neg) = group_masks(&targets.groups, None, dtype)?;
-        let (pos, neg) = (pos.mul(&upper)?, neg.mul(&upper)?);
-        self.loss(&s, &pos, &neg)
+        self.loss(&s, &pos.mul(&upper)?, &neg.mul(&upper)?)
     }
 }
 
 impl MemoryLoss for CircleLoss {
-    /// Every (batch, memory) pair. An empty memory gives 0.
+    /// Each batch row an anchor against the memory (pooled: every (batch, memory) pair).
+    /// An empty memory gives 0.
     fn forward_memory(
         &self,
         embeddings: &Tensor,
@@ -173,19 +216,40 @@ mod tests {
         let t = GroupTargets {
             groups: Tensor::new(&[0i64, 0, 1], &Device::Cpu).unwrap(),
         };
-        let l = loss(CircleLossConfig {
-            scale_factor: 1.0,
-            ..Default::default()
-        });
+        let circle = |pooled| {
+            loss(CircleLossConfig {
+                scale_factor: 1.0,
+                pooled,
+                ..Default::default()
+            })
+        };
+        // Pooled: the positive pair (0, 1) and the negatives (0, 2), (1, 2) in one softplus.
         let lp = -0.25f64 * 0.25;
         let ln = (2.0f64).ln() - 0.0625;
         let expected = (1.0 + (lp + ln).exp()).ln();
-        let got = val(&l.forward(&e, &t).unwrap());
+        let got = val(&circle(true).forward(&e, &t).unwrap());
+        assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
+        // Per anchor: anchors 0 and 1 each have one positive (logit −0.0625) and one
+        // negative (−0.0625); anchor 2 has no positive and is left out of the mean.
+        let expected = (1.0 + (-0.125f64).exp()).ln();
+        let got = val(&circle(false).forward(&e, &t).unwrap());
         assert!((got - expected).abs() < 1e-6, "{got} vs {expected}");
         // No positive pair at all → 0.
         let t = GroupTargets {
             groups: Tensor::new(&[0i64, 1, 2], &Device::Cpu).unwrap(),
         };
-        assert_eq!(val(&l.forward(&e, &t).unwrap()), 0.0);
+        for pooled in [true, false] {
+            assert_eq!(val(&circle(pooled).forward(&e, &t).unwrap()), 0.0);
+        }
+    }
+
+    #[test]
+    fn the_default_is_per_anchor_and_old_configs_still_load() {
+        assert!(!CircleLossConfig::default().pooled);
+        let cfg: CircleLossConfig = serde_json::from_str(
+            r#"{"margin": 0.25, "scale_factor": 256.0, "distance": "cosine"}"#,
+        )
+        .unwrap();
+        assert!(!cfg.pooled);
     }
 }

@@ -16,7 +16,9 @@
 //!
 //! The kernel is the trainable variable `kernel: (d, C)`, drawn from `N(0, 0.01²)`. Group
 //! ids must be valid class indices (an id outside `[0, C)` is an error naming it).
-//! Retrieval metrics use the cosine distance.
+//! Retrieval metrics use the cosine distance. The mean over the batch is
+//! pytorch-metric-learning's `MeanReducer`, its default: this is PML 2.9's `CosFaceLoss`
+//! with the same `W: (d, C)` (checked in `tests/parity_pml.rs`).
 //!
 //! **Difference from Quaterion**: Quaterion 0.1.35 subtracts the margin from the cosine
 //! and then applies `cos` a second time, computing `s · cos(cos θ − m·[c = g])`; the

@@ -11,6 +11,14 @@
 //! Every loss is a batched expression of matrix operations (no per-item loops) returning
 //! a scalar tensor. Losses with trainable parameters create them in the
 //! [`ParamScope`] they are built with, so the trainer optimises them too.
+//!
+//! **Averaging.** A loss made of per-anchor (per-pair, per-triplet) terms says in its docs
+//! which terms its mean runs over. pytorch-metric-learning (PML) has two conventions, its
+//! reducers: the mean over every valid term (`MeanReducer`) and the mean over the non-zero
+//! terms only (`AvgNonZeroReducer`, its default for its triplet, contrastive, circle and
+//! SupCon losses). Where they differ in practice (the hinge losses, whose terms reach 0 once
+//! their margin is met) the loss has a [`Reduction`] option; `tests/parity_pml.rs` checks
+//! every loss that PML also has against PML 2.9, under the convention its docs state.
 
 mod arcface;
 mod center;
@@ -28,8 +36,8 @@ mod supcon;
 mod triplet;
 
 use candle_core::Tensor;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 pub use arcface::{ArcFaceLoss, ArcFaceLossConfig};
 pub use center::{CenterLoss, CenterLossConfig};
@@ -45,7 +53,7 @@ pub use multiple_negatives_ranking::{
 pub use online_contrastive::{OnlineContrastiveLoss, OnlineContrastiveLossConfig, PairMining};
 pub use softmax::{SoftmaxLoss, SoftmaxLossConfig};
 pub use supcon::{SupConLoss, SupConLossConfig};
-pub use triplet::{TripletLoss, TripletLossConfig, TripletMining, triplet_mask};
+pub use triplet::{SemiHardFallback, TripletLoss, TripletLossConfig, TripletMining, triplet_mask};
 
 use crate::data::{
     GroupMeta, GroupTargets, PairMeta, PairTargets, SimilarityGroupSample, SimilarityPairSample,
@@ -186,6 +194,39 @@ impl LossKind for GroupKind {
             ("precision@1", scores.precision_at_1),
             ("r_precision", scores.r_precision),
         ])
+    }
+}
+
+/// Which terms a loss's mean runs over (see "Averaging" in the [module docs](self)). Losses
+/// that take it as `reduction: Option<Reduction>` use their own documented convention for
+/// `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reduction {
+    /// The mean over every valid term, the zero ones included (PML's `MeanReducer`): terms
+    /// that already meet their margin keep their weight in the average, so the loss and its
+    /// gradient shrink as training satisfies them.
+    Mean,
+    /// The mean over the terms that are not zero (PML's `AvgNonZeroReducer`): terms that
+    /// meet their margin drop out, so the remaining violations keep their full weight. `0`,
+    /// with a zero gradient, when every term is `0`.
+    MeanNonZero,
+}
+
+impl Reduction {
+    /// The mean of `values` over the entries where the `{0, 1}` mask `valid` (same shape) is
+    /// 1, and for [`MeanNonZero`](Reduction::MeanNonZero) `values` is also non-zero; `0`
+    /// when no entry counts. Which entries count is not differentiated.
+    pub(crate) fn reduce(self, values: &Tensor, valid: &Tensor) -> Result<Tensor> {
+        let weights = match self {
+            Reduction::Mean => valid.clone(),
+            Reduction::MeanNonZero => values
+                .detach()
+                .ne(0.0)?
+                .to_dtype(values.dtype())?
+                .mul(valid)?,
+        };
+        triplet::weighted_mean(values, &weights)
     }
 }
 

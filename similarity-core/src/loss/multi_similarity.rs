@@ -18,6 +18,10 @@
 //! (the empty min / max), as in pytorch-metric-learning's miner. The mining selection is
 //! not differentiated. Memory: `O(N²)` (`O(N·M)` against a memory).
 //!
+//! The mean over all `N` anchors is pytorch-metric-learning's `MeanReducer`, its default for
+//! this loss: mined and unmined, this is PML 2.9's `MultiSimilarityLoss` (with its
+//! `MultiSimilarityMiner`), checked in `tests/parity_pml.rs`.
+//!
 //! Not in Quaterion.
 
 use candle_core::Tensor;

@@ -13,7 +13,10 @@
 //! ```
 //!
 //! (an empty mean or sum counts as 0). Distances are not squared, as in Quaterion.
-//! Options and defaults (Quaterion's): `margin` 0.5, `distance` cosine, `mining` hard.
+//! Options and defaults (Quaterion's): `margin` 0.5, `distance` cosine, `mining` hard, and
+//! `reduction` `None`, which is [`Reduction::Mean`]: each of the two means runs over every
+//! pair (`all`) or every anchor that has one (`hard`), zero hinges included.
+//! `Some(Reduction::MeanNonZero)` averages each part over its non-zero terms instead.
 //!
 //! Against a memory bank ([`MemoryLoss`]) the batch rows are anchors and the memory rows
 //! candidates; the masks compare groups only (a memory row is never "the anchor itself").
@@ -29,13 +32,24 @@
 //! * In `hard` mode it takes the maximum of `P⊙D` (zeros off the mask), which ignores
 //!   negative distances (dot product); here the maximum is over positives only.
 //! * Its in-place masking breaks the Euclidean backward; the masks here are arithmetic.
+//!
+//! **Against pytorch-metric-learning** 2.9 (`ContrastiveLoss` on cosine similarities with
+//! `pos_margin = 1`, `neg_margin = 1 − margin`, whose terms are these; checked in
+//! `tests/parity_pml.rs`), three conventions differ:
+//! * PML adds the two means without the `½`;
+//! * it averages each over its non-zero terms (`AvgNonZeroReducer`), which is `reduction =
+//!   Some(Reduction::MeanNonZero)` here; so PML's value is twice this loss with that option;
+//! * `hard` (its `BatchEasyHardMiner(HARD, HARD)`): PML keeps only the anchors that have both
+//!   a positive and a negative, while here an anchor with a negative but no positive (a
+//!   group of one in the batch) still pushes its hardest negative away, and the mirror case
+//!   still pulls its hardest positive. With every anchor having both, the two agree.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use super::contrastive::mask_offset;
 use super::triplet::check_groups;
-use super::{GroupKind, MemoryLoss, SimilarityLoss, masks};
+use super::{GroupKind, MemoryLoss, Reduction, SimilarityLoss, masks};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
 use crate::error::{Error, Result};
@@ -62,6 +76,10 @@ pub struct OnlineContrastiveLossConfig {
     pub distance: Distance,
     /// Pair mining strategy. Default hard.
     pub mining: PairMining,
+    /// Which terms each of the two means runs over. Default `None`: every term
+    /// ([`Reduction::Mean`]); see the module docs.
+    #[serde(default)]
+    pub reduction: Option<Reduction>,
 }
 
 impl Default for OnlineContrastiveLossConfig {
@@ -70,6 +88,7 @@ impl Default for OnlineContrastiveLossConfig {
             margin: 0.5,
             distance: Distance::Cosine,
             mining: PairMining::Hard,
+            reduction: None,
         }
     }
 }
@@ -81,17 +100,28 @@ pub struct OnlineContrastiveLoss {
 }
 
 impl OnlineContrastiveLoss {
+    /// `½ (reduce(positive terms) + reduce(negative terms))`, each over its `{0, 1}` mask.
+    fn halves(
+        &self,
+        pos_terms: &Tensor,
+        has_pos: &Tensor,
+        neg_terms: &Tensor,
+        has_neg: &Tensor,
+    ) -> Result<Tensor> {
+        let reduction = self.config.reduction.unwrap_or(Reduction::Mean);
+        let pos_loss = reduction.reduce(pos_terms, has_pos)?;
+        let neg_loss = reduction.reduce(neg_terms, has_neg)?;
+        Ok(((pos_loss + neg_loss)? * 0.5)?)
+    }
+
     /// The loss of distances `d: (n, m)` with `{0, 1}` masks `pos`, `neg` of the same shape.
     fn masked_loss(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
         let margin = self.config.margin;
-        let (pos_loss, neg_loss) = match self.config.mining {
+        match self.config.mining {
             PairMining::All => {
                 // relu(m − D) is only read where `neg` is 1.
                 let hinge = d.neg()?.affine(1.0, margin)?.relu()?;
-                (
-                    masked_mean(&(pos * d)?.sum_all()?, &pos.sum_all()?)?,
-                    masked_mean(&(neg * &hinge)?.sum_all()?, &neg.sum_all()?)?,
-                )
+                self.halves(&(pos * d)?, pos, &(neg * &hinge)?, neg)
             }
             PairMining::Hard => {
                 let offset = mask_offset(d, margin)?;
@@ -107,17 +137,18 @@ impl OnlineContrastiveLoss {
                 let has_pos = pos.max(1)?;
                 let has_neg = neg.max(1)?;
                 let neg_hinge = hardest_neg.neg()?.affine(1.0, margin)?.relu()?;
-                (
-                    masked_mean(&(&has_pos * hardest_pos)?.sum_all()?, &has_pos.sum_all()?)?,
-                    masked_mean(&(&has_neg * neg_hinge)?.sum_all()?, &has_neg.sum_all()?)?,
+                // Anchors without one are zeroed before the mean (their gathered column is
+                // arbitrary).
+                self.halves(
+                    &(&has_pos * hardest_pos)?,
+                    &has_pos,
+                    &(&has_neg * neg_hinge)?,
+                    &has_neg,
                 )
             }
-        };
-        Ok(((pos_loss + neg_loss)? * 0.5)?)
+        }
     }
-}
 
-impl OnlineContrastiveLoss {
     /// `hard` mining with the cosine distance on the fused kernels: the hardest positive
     /// and negative of every anchor are mined on detached similarities and only those pairs
     /// are recomputed with gradient (no `n × m` matrix in the graph). `None` for other
@@ -136,15 +167,13 @@ impl OnlineContrastiveLoss {
             return Ok(None);
         };
         let neg_hinge = h.neg.neg()?.affine(1.0, self.config.margin)?.relu()?;
-        let pos_loss = masked_mean(&(&h.has_pos * &h.pos)?.sum_all()?, &h.has_pos.sum_all()?)?;
-        let neg_loss = masked_mean(&(&h.has_neg * neg_hinge)?.sum_all()?, &h.has_neg.sum_all()?)?;
-        Ok(Some(((pos_loss + neg_loss)? * 0.5)?))
+        Ok(Some(self.halves(
+            &(&h.has_pos * &h.pos)?,
+            &h.has_pos,
+            &(&h.has_neg * neg_hinge)?,
+            &h.has_neg,
+        )?))
     }
-}
-
-/// `total / max(count, 1)`: counts are whole numbers, so an empty set gives 0.
-fn masked_mean(total: &Tensor, count: &Tensor) -> Result<Tensor> {
-    Ok(total.div(&count.clamp(1.0, f64::MAX)?)?)
 }
 
 impl SimilarityLoss for OnlineContrastiveLoss {
@@ -221,10 +250,19 @@ mod tests {
     use candle_core::Device;
 
     fn loss(mining: PairMining, margin: f64) -> OnlineContrastiveLoss {
+        with_reduction(mining, margin, None)
+    }
+
+    fn with_reduction(
+        mining: PairMining,
+        margin: f64,
+        reduction: Option<Reduction>,
+    ) -> OnlineContrastiveLoss {
         let cfg = OnlineContrastiveLossConfig {
             margin,
             mining,
             distance: Distance::Euclidean,
+            reduction,
         };
         OnlineContrastiveLoss::new(1, cfg, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
     }
@@ -244,6 +282,13 @@ mod tests {
         // negatives: 3, 2, 2 → relu: 0, 0.5, 0.5 → mean 1/3. L = ½(1 + 1/3).
         let got = scalar(&loss(PairMining::Hard, 2.5).forward(&e, &t).unwrap());
         assert!((got - 2.0 / 3.0).abs() < 1e-5, "{got}");
+        // The non-zero mean leaves out the zero hinges: all: negatives 0.5, 0.5 → 0.5;
+        // hard: 0.5, 0.5 → 0.5. Both give ½(1 + 0.5).
+        for mining in [PairMining::All, PairMining::Hard] {
+            let l = with_reduction(mining, 2.5, Some(Reduction::MeanNonZero));
+            let got = scalar(&l.forward(&e, &t).unwrap());
+            assert!((got - 0.75).abs() < 1e-5, "{mining:?}: {got}");
+        }
     }
 
     #[test]

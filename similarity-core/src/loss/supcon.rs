@@ -11,7 +11,10 @@
 //! ```
 //!
 //! Anchors without a positive are left out (the loss is 0, with a zero gradient, when no
-//! anchor has one). The anchor itself is excluded from the denominator by a mask that
+//! anchor has one). That is pytorch-metric-learning's `AvgNonZeroReducer`, its default for
+//! `SupConLoss`: an anchor with a positive has `ℓᵢ > 0` unless its only candidate is that
+//! positive, so the two means run over the same anchors (checked against PML 2.9 in
+//! `tests/parity_pml.rs`). The anchor itself is excluded from the denominator by a mask that
 //! selects the candidates before any arithmetic, and the log-sum-exp is shifted by the
 //! maximum over the candidates (detached), so it is stable at any temperature.
 //!

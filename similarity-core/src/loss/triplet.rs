@@ -5,14 +5,15 @@
 //! anchor itself) and negatives `n` (another group):
 //!
 //! ```text
-//! all:        L = Σ_{valid (a,p,n)} [d_ap − d_an + m]_+  /  #{(a,p,n) : d_ap − d_an + m > 0}
+//! all:        L = mean_{valid (a,p,n)} [d_ap − d_an + m]_+
 //! hard:       L = mean_a [ (d_a,p* − d_a,n*) / max(mean_a d_a,n*, ε) + m ]_+  (scale_by_mean_negative)
 //!             L = mean_a [ d_a,p* − d_a,n* + m ]_+                        (without it)
 //!             L = mean_a softplus(d_a,p* − d_a,n*)                        (soft; m unused)
 //!               with p* = argmax_p d_ap (hardest positive), n* = argmin_n d_an (hardest negative)
 //! semi_hard:  L = mean_{(a,p)} [ d_ap − d_a,n⁺(a,p) + m ]_+
 //!               with n⁺(a,p) = argmin { d_an : d_an > d_ap } (closest negative farther than
-//!               the positive), or the hardest negative of `a` when there is none
+//!               the positive); when there is none, the fallback: by default the farthest
+//!               negative of `a`, argmax_n d_an (`semi_hard_fallback`)
 //! ```
 //!
 //! Parameters and defaults (Quaterion's): `margin = 0.5`, `distance = cosine`,
@@ -20,12 +21,33 @@
 //! against collapse: in non-soft hard mining the difference is divided by the batch mean of
 //! the hardest-negative distances, which makes that mode invariant to the distance scale).
 //!
+//! **Which terms the means run over** (`reduction`, default `None`: the mining's own, as in
+//! Quaterion): `all` averages over the triplets whose term is non-zero
+//! ([`Reduction::MeanNonZero`]; Quaterion's batch-all), `hard` over every anchor that has a
+//! positive and a negative, and `semi_hard` over every (anchor, positive) pair whose anchor
+//! has a negative, zero terms included ([`Reduction::Mean`]). `Some(reduction)` applies that
+//! reduction to whichever mining is chosen.
+//!
 //! Anchors without a positive or without a negative are left out (of the means and of the
 //! mean hardest-negative distance); a batch with no usable anchor (or triplet) gives `0`,
 //! with a zero gradient. With `scale_by_mean_negative`, a mean hardest-negative distance
 //! below `ε = 10⁻⁶` in magnitude is replaced by `ε` (written `max(·, ε)` above): it is 0
 //! in a batch without a usable anchor, and 0 or a round-off of either sign when every
 //! hardest negative coincides with its anchor, where the quotient would be 0/0 or noise.
+//!
+//! **The semi-hard fallback.** FaceNet's semi-hard negatives are farther from the anchor
+//! than the positive but still inside the margin; it does not say what to do for an
+//! (anchor, positive) pair when every negative is closer than the positive. Semi-hard
+//! mining exists to keep the hardest negatives out of training (FaceNet §3.2: they lead to
+//! bad local minima, a collapsed model, early on), and that case is most common exactly
+//! then, so the default falls back to the anchor's *farthest* negative: the one whose
+//! distance is nearest the positive's from below. The chosen negative is then always the
+//! one nearest the positive's distance, above it when there is one. This is what
+//! TensorFlow's `triplet_semihard_loss` does (the reference most users know) and
+//! sentence-transformers' `BatchSemiHardTripletLoss`, a port of it. The term is at least the
+//! margin there, so the pair still teaches. [`SemiHardFallback::HardestNegative`] takes the
+//! closest negative instead (batch-hard's choice; the default of earlier versions of this
+//! crate).
 //!
 //! Memory: `hard` and `semi_hard` take `O(N²)` (`O(N·M)` against a memory); `all` builds the
 //! full `(N, N, N)` triplet tensor (`(N, M, M)` against a memory) and is the only mode that
@@ -45,12 +67,19 @@
 //!   term to `[0, m]`. Here it is FaceNet's per-anchor semi-hard mining described above.
 //! * memory (XBM) with `all`: Quaterion returns the constant `0`; here it is the real
 //!   all-triplets loss with batch anchors and memory positives and negatives.
+//!
+//! **Against pytorch-metric-learning** 2.9 (`TripletMarginLoss` with `BatchHardMiner`,
+//! cosine `CosineSimilarity`, checked in `tests/parity_pml.rs`): the same mining and terms;
+//! PML averages with `AvgNonZeroReducer` by default, which is `reduction =
+//! Some(Reduction::MeanNonZero)` here (`all` already is). Its semi-hard miner
+//! (`TripletMarginMiner(type_of_triplets="semihard")`) is another definition: every triplet
+//! with `0 < d_an − d_ap ≤ m`, not one negative per (anchor, positive), and no fallback.
 
 use candle_core::{D, DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::masks::group_masks;
-use super::{GroupKind, MemoryLoss, SimilarityLoss};
+use super::{GroupKind, MemoryLoss, Reduction, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
 use crate::error::{Error, Result};
@@ -137,6 +166,25 @@ pub enum TripletMining {
     SemiHard,
 }
 
+/// Semi-hard mining: the negative taken for an (anchor, positive) pair when no negative is
+/// farther from the anchor than the positive.
+///
+/// Semi-hard mining exists to keep the hardest negatives out of training (FaceNet §3.2:
+/// they lead to a collapsed model early on), and this case is most common exactly then, so
+/// the default is the anchor's farthest negative, the one nearest the positive's distance,
+/// as TensorFlow's `triplet_semihard_loss` does; its term is at least the margin. The
+/// reasoning is in full in the module docs (`loss/triplet.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SemiHardFallback {
+    /// The anchor's farthest negative, the one nearest the positive's distance (TensorFlow's
+    /// `triplet_semihard_loss`).
+    #[default]
+    FarthestNegative,
+    /// The anchor's closest (hardest) negative.
+    HardestNegative,
+}
+
 /// Options of [`TripletLoss`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -153,6 +201,14 @@ pub struct TripletLossConfig {
     /// distances (against collapse). Default true, as in Quaterion. That mean must be
     /// positive: with dot-product distances (which can be ≤ 0) turn it off.
     pub scale_by_mean_negative: bool,
+    /// Semi-hard mining only: the negative of an (anchor, positive) pair that has no
+    /// negative farther than the positive. Default the farthest negative.
+    #[serde(default)]
+    pub semi_hard_fallback: SemiHardFallback,
+    /// Which terms the mean runs over. Default `None`: the mining's own (`all`: the
+    /// non-zero triplets; `hard`, `semi_hard`: every term); see the module docs.
+    #[serde(default)]
+    pub reduction: Option<Reduction>,
 }
 
 impl Default for TripletLossConfig {
@@ -163,6 +219,8 @@ impl Default for TripletLossConfig {
             mining: TripletMining::Hard,
             soft: false,
             scale_by_mean_negative: true,
+            semi_hard_fallback: SemiHardFallback::FarthestNegative,
+            reduction: None,
         }
     }
 }
@@ -174,6 +232,14 @@ pub struct TripletLoss {
 }
 
 impl TripletLoss {
+    /// The reduction in effect: the configured one, else the mining's own.
+    fn reduction(&self) -> Reduction {
+        self.config.reduction.unwrap_or(match self.config.mining {
+            TripletMining::All => Reduction::MeanNonZero,
+            TripletMining::Hard | TripletMining::SemiHard => Reduction::Mean,
+        })
+    }
+
     /// The loss of anchors `a` against candidates `b` (`b = None`: the batch itself, self
     /// excluded from the positives).
     fn loss(&self, a: &Tensor, groups_a: &Tensor, b: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
@@ -207,8 +273,7 @@ impl TripletLoss {
             .affine(1.0, self.config.margin)?
             .relu()?
             .mul(&mask)?;
-        let active = t.gt(0.0)?.to_dtype(d.dtype())?;
-        weighted_mean(&t, &active)
+        self.reduction().reduce(&t, &mask)
     }
 
     fn hard(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
@@ -295,7 +360,7 @@ impl TripletLoss {
         } else {
             diff.affine(1.0, self.config.margin)?.relu()?
         };
-        weighted_mean(&per_anchor, valid)
+        self.reduction().reduce(&per_anchor, valid)
     }
 
     fn semi_hard(&self, d: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
@@ -321,10 +386,15 @@ impl TripletLoss {
             .to_dtype(DType::U32)?
             .contiguous()?;
         let farther = sorted_neg.gather(&index, 1)?;
-        let hardest = sorted_neg.narrow(1, 0, 1)?;
+        let fallback = match self.config.semi_hard_fallback {
+            SemiHardFallback::FarthestNegative => {
+                sorted_neg.gather(&last.to_dtype(DType::U32)?.contiguous()?, 1)?
+            }
+            SemiHardFallback::HardestNegative => sorted_neg.narrow(1, 0, 1)?,
+        };
         let semi = farther
             .mul(&has_farther)?
-            .broadcast_add(&hardest.broadcast_mul(&(1.0 - &has_farther)?)?)?;
+            .broadcast_add(&fallback.broadcast_mul(&(1.0 - &has_farther)?)?)?;
         let has_neg = n_neg.gt(0.0)?.to_dtype(dtype)?;
         let valid = pos.broadcast_mul(&has_neg)?.detach();
         let t = d
@@ -332,7 +402,7 @@ impl TripletLoss {
             .mul(&valid)?
             .affine(1.0, self.config.margin)?
             .relu()?;
-        weighted_mean(&t, &valid)
+        self.reduction().reduce(&t, &valid)
     }
 }
 
@@ -353,6 +423,17 @@ impl SimilarityLoss for TripletLoss {
                 "TripletLoss option `soft`",
                 format!(
                     "only applies to mining `hard`, but mining is {:?}",
+                    config.mining
+                ),
+            ));
+        }
+        if config.semi_hard_fallback != SemiHardFallback::default()
+            && config.mining != TripletMining::SemiHard
+        {
+            return Err(Error::invalid(
+                "TripletLoss option `semi_hard_fallback`",
+                format!(
+                    "only applies to mining `semi_hard`, but mining is {:?}",
                     config.mining
                 ),
             ));
@@ -462,6 +543,73 @@ mod tests {
     }
 
     #[test]
+    fn semi_hard_fallback_and_reduction_by_hand() {
+        // Euclidean on a line: 0 and 3.3 in group 0, 1.2 and 2.1 in group 1.
+        let e = Tensor::new(&[[0.0f64], [3.3], [1.2], [2.1]], &Device::Cpu).unwrap();
+        let t = targets(&[0, 0, 1, 1]);
+        let value = |margin, semi_hard_fallback, reduction| {
+            let l = loss(TripletLossConfig {
+                margin,
+                distance: Distance::Euclidean,
+                mining: TripletMining::SemiHard,
+                semi_hard_fallback,
+                reduction,
+                ..Default::default()
+            });
+            val(&l.forward(&e, &t).unwrap())
+        };
+        use SemiHardFallback::{FarthestNegative, HardestNegative};
+        // (0 → 3.3) and (3.3 → 0): d_ap = 3.3, negatives at 1.2 and 2.1, none farther:
+        // the farthest gives 3.3 − 2.1 + m, the hardest 3.3 − 1.2 + m. (1.2 → 2.1) and
+        // (2.1 → 1.2): d_ap = 0.9, the closest farther negative is at 1.2: 0.9 − 1.2 + m.
+        let close = |got: f64, want: f64| assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        close(
+            value(0.5, FarthestNegative, None),
+            (1.7 + 1.7 + 0.2 + 0.2) / 4.0,
+        );
+        close(
+            value(0.5, HardestNegative, None),
+            (2.6 + 2.6 + 0.2 + 0.2) / 4.0,
+        );
+        // Margin 0.2: the last two terms are 0; the non-zero mean leaves them out.
+        close(value(0.2, FarthestNegative, None), (1.4 + 1.4) / 4.0);
+        close(
+            value(0.2, FarthestNegative, Some(Reduction::MeanNonZero)),
+            1.4,
+        );
+        // `all` averages over the non-zero triplets unless told otherwise: anchor 0 has
+        // [3.3 − 1.2 + 0.2]_+ = 2.3, [3.3 − 2.1 + 0.2]_+ = 1.4; anchor 3.3: 1.4 and 2.3;
+        // anchors 1.2, 2.1: [0.9 − 1.2 + 0.2]_+ = 0 and [0.9 − 2.1 + 0.2]_+ = 0.
+        let all = |reduction| {
+            let l = loss(TripletLossConfig {
+                margin: 0.2,
+                distance: Distance::Euclidean,
+                mining: TripletMining::All,
+                reduction,
+                ..Default::default()
+            });
+            val(&l.forward(&e, &t).unwrap())
+        };
+        close(all(None), 7.4 / 4.0);
+        close(all(Some(Reduction::Mean)), 7.4 / 8.0);
+    }
+
+    #[test]
+    fn semi_hard_fallback_needs_semi_hard_mining() {
+        let err = TripletLoss::new(
+            2,
+            TripletLossConfig {
+                semi_hard_fallback: SemiHardFallback::HardestNegative,
+                ..Default::default()
+            },
+            &mut Params::new(&Device::Cpu, 0).scope("loss"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("semi_hard_fallback"), "{err}");
+    }
+
+    #[test]
     fn no_usable_anchor_gives_zero() {
         let e = Tensor::new(&[[0.0f32, 1.0], [1.0, 0.0]], &Device::Cpu).unwrap();
         for mining in [
@@ -486,6 +634,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.mining, TripletMining::SemiHard);
+        // Written before the fallback and the reduction existed: their defaults.
+        assert_eq!(cfg.semi_hard_fallback, SemiHardFallback::FarthestNegative);
+        assert_eq!(cfg.reduction, None);
+        let cfg: TripletLossConfig = serde_json::from_str(
+            r#"{"margin": 1.0, "distance": "cosine", "mining": "semi_hard", "soft": false,
+                "scale_by_mean_negative": false, "semi_hard_fallback": "hardest_negative",
+                "reduction": "mean_non_zero"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.semi_hard_fallback, SemiHardFallback::HardestNegative);
+        assert_eq!(cfg.reduction, Some(Reduction::MeanNonZero));
         assert!(
             serde_json::from_str::<TripletLossConfig>(r#"{"margin": 1.0, "typo": 1}"#).is_err()
         );
