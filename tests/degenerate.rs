@@ -10,7 +10,7 @@
 
 mod common;
 
-use similarity_core::candle_core::{DType, Device, Tensor, Var};
+use similarity_core::candle_core::{DType, Tensor, Var};
 use similarity_core::data::{
     GroupTargets, PairMeta, PairTargets, SimilarityPairSample, SimilaritySample,
 };

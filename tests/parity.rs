@@ -4,6 +4,7 @@
 
 mod common;
 
+use similarity_core::Tensor;
 use similarity_core::candle_core::{DType, Var};
 use similarity_core::data::PairTargets;
 use similarity_core::distance::Distance;
@@ -11,7 +12,6 @@ use similarity_core::loss::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig, SimilarityLoss,
 };
 use similarity_core::nn::Params;
-use similarity_core::{Device, Tensor};
 
 use common::parity::{assert_close, load, lookup, tensor, values};
 
@@ -65,7 +65,7 @@ fn multiple_negatives_ranking_loss_matches_quaterion_up_to_its_cosine_scale() {
             pairs: Tensor::from_vec(
                 pairs.iter().map(|&v| v as u32).collect::<Vec<u32>>(),
                 pshape,
-                &Device::Cpu,
+                &common::device(),
             )
             .unwrap(),
             labels: tensor(lookup(&file, inputs["labels"].as_str().unwrap())),
@@ -82,7 +82,7 @@ fn multiple_negatives_ranking_loss_matches_quaterion_up_to_its_cosine_scale() {
             MultipleNegativesRankingLoss::new(
                 16,
                 config,
-                &mut Params::new(&Device::Cpu, 0).scope("loss"),
+                &mut Params::new(&common::device(), 0).scope("loss"),
             )
             .unwrap()
         };
@@ -136,7 +136,7 @@ fn multiple_negatives_ranking_loss_matches_quaterion_up_to_its_cosine_scale() {
 #[test]
 fn multiple_negatives_ranking_loss_gradient_matches_finite_differences() {
     use similarity_core::data::{PairMeta, SimilarityPairSample, SimilaritySample};
-    let x = Tensor::randn(0f64, 1.0, (8, 5), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f64, 1.0, (8, 5), &common::device()).unwrap();
     let metas = vec![
         PairMeta {
             score: 1.0,
@@ -144,7 +144,7 @@ fn multiple_negatives_ranking_loss_gradient_matches_finite_differences() {
         };
         4
     ];
-    let targets = SimilarityPairSample::<()>::targets(&metas, &Device::Cpu).unwrap();
+    let targets = SimilarityPairSample::<()>::targets(&metas, &common::device()).unwrap();
     for (distance, symmetric) in [
         (Distance::Cosine, true),
         (Distance::Euclidean, false),
@@ -158,7 +158,7 @@ fn multiple_negatives_ranking_loss_gradient_matches_finite_differences() {
         let loss = MultipleNegativesRankingLoss::new(
             5,
             config,
-            &mut Params::new(&Device::Cpu, 0).scope("loss"),
+            &mut Params::new(&common::device(), 0).scope("loss"),
         )
         .unwrap();
         common::check_gradient(&format!("MNRL {distance:?}"), &x, 1e-5, |e| {

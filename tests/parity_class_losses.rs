@@ -6,6 +6,7 @@
 mod common;
 
 use serde_json::Value;
+use similarity_core::Tensor;
 use similarity_core::candle_core::{DType, Var};
 use similarity_core::data::GroupTargets;
 use similarity_core::loss::{
@@ -14,7 +15,6 @@ use similarity_core::loss::{
     SupConLoss, SupConLossConfig,
 };
 use similarity_core::nn::Params;
-use similarity_core::{Device, Tensor};
 
 use common::parity::{assert_close, load, lookup, tensor, values};
 
@@ -51,7 +51,7 @@ fn class_loss_parity<L: SimilarityLoss<Kind = similarity_core::loss::GroupKind>>
         assert!(case["error"].is_null(), "{id}: Quaterion raised");
         let p = &case["params"];
         let embedding_size = p["embedding_size"].as_u64().unwrap() as usize;
-        let mut params = Params::new(&Device::Cpu, 0);
+        let mut params = Params::new(&common::device(), 0);
         let loss = L::new(embedding_size, config(p), &mut params.scope("loss")).unwrap();
         let kernel = &params.named_vars()["loss.kernel"];
         kernel
@@ -130,15 +130,15 @@ fn arcface_loss_matches_quaterion_values_and_gradients() {
 
 #[test]
 fn arcface_rejects_group_ids_that_are_not_class_indices() {
-    let mut params = Params::new(&Device::Cpu, 0);
+    let mut params = Params::new(&common::device(), 0);
     let cfg = ArcFaceLossConfig {
         num_groups: 3,
         ..Default::default()
     };
     let loss = ArcFaceLoss::new(4, cfg, &mut params.scope("loss")).unwrap();
-    let x = Tensor::ones((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::ones((2, 4), DType::F32, &common::device()).unwrap();
     let targets = GroupTargets {
-        groups: Tensor::new(&[1i64, 7], &Device::Cpu).unwrap(),
+        groups: Tensor::new(&[1i64, 7], &common::device()).unwrap(),
     };
     let err = loss.forward(&x, &targets).unwrap_err().to_string();
     assert!(
@@ -225,7 +225,7 @@ fn cos_face_is_the_papers_loss_not_quaterions_double_cosine() {
                 scale: s,
                 margin: m,
             };
-            let mut params = Params::new(&Device::Cpu, 0);
+            let mut params = Params::new(&common::device(), 0);
             let loss = CosFaceLoss::new(x.dim(1).unwrap(), cfg, &mut params.scope("loss")).unwrap();
             params.named_vars()["loss.kernel"].set(&kernel).unwrap();
             let targets = GroupTargets {
@@ -259,7 +259,7 @@ fn center_loss_matches_an_f64_reference() {
         num_groups: 5,
         lambda_c: 0.3,
     };
-    let mut params = Params::new(&Device::Cpu, 11);
+    let mut params = Params::new(&common::device(), 11);
     let loss = CenterLoss::new(12, cfg, &mut params.scope("loss")).unwrap();
     let centers = rows(loss.centers());
     let g = groups.to_vec1::<i64>().unwrap();
@@ -318,7 +318,7 @@ fn supcon_matches_an_f64_reference_in_batch_and_against_memory() {
     let loss = SupConLoss::new(
         12,
         SupConLossConfig::default(),
-        &mut Params::new(&Device::Cpu, 0).scope("loss"),
+        &mut Params::new(&common::device(), 0).scope("loss"),
     )
     .unwrap();
     // `edge` has singleton groups: those anchors are excluded.
@@ -370,7 +370,7 @@ fn combined_loss_is_the_weighted_sum_of_its_parts() {
         },
         weights: (0.1, 2.0),
     };
-    let mut params = Params::new(&Device::Cpu, 5);
+    let mut params = Params::new(&common::device(), 5);
     let loss = Three::new(12, cfg, &mut params.scope("loss")).unwrap();
     let names: Vec<&String> = params.named_vars().keys().collect();
     assert_eq!(names, ["loss.0.kernel", "loss.1.1.centers"]);
@@ -401,7 +401,7 @@ fn random(n: usize, d: usize, seed: u64) -> Tensor {
             2.0 * (t - t.floor()) - 1.0
         })
         .collect();
-    Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+    Tensor::from_vec(v, (n, d), &common::device()).unwrap()
 }
 
 fn nonzero(g: &Tensor) -> bool {
@@ -423,9 +423,9 @@ fn check_loss<L: SimilarityLoss<Kind = similarity_core::loss::GroupKind>>(
     let (n, d) = (7, 5);
     let x = random(n, d, 1);
     let targets = GroupTargets {
-        groups: Tensor::new(&[0i64, 1, 2, 0, 1, 0, 2], &Device::Cpu).unwrap(),
+        groups: Tensor::new(&[0i64, 1, 2, 0, 1, 0, 2], &common::device()).unwrap(),
     };
-    let mut params = Params::new(&Device::Cpu, 3);
+    let mut params = Params::new(&common::device(), 3);
     let loss = L::new(d, config, &mut params.scope("loss")).unwrap();
     // Class kernels start tiny (std 0.01); larger ones make the check meaningful.
     for (i, var) in params.vars().iter().enumerate() {
@@ -498,13 +498,13 @@ fn supcon_memory_gradient_matches_finite_differences() {
     let loss = SupConLoss::new(
         4,
         SupConLossConfig { temperature: 0.3 },
-        &mut Params::new(&Device::Cpu, 0).scope("loss"),
+        &mut Params::new(&common::device(), 0).scope("loss"),
     )
     .unwrap();
     let x = random(4, 4, 2);
-    let g = Tensor::new(&[0i64, 1, 2, 0], &Device::Cpu).unwrap();
+    let g = Tensor::new(&[0i64, 1, 2, 0], &common::device()).unwrap();
     let m = random(6, 4, 3);
-    let mg = Tensor::new(&[0i64, 0, 1, 3, 2, 1], &Device::Cpu).unwrap();
+    let mg = Tensor::new(&[0i64, 0, 1, 3, 2, 1], &common::device()).unwrap();
     common::check_gradient("SupConLoss memory", &x, 1e-5, |e| {
         loss.forward_memory(e, &g, &m, &mg).unwrap()
     });

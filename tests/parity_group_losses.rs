@@ -15,6 +15,7 @@
 mod common;
 
 use serde_json::Value;
+use similarity_core::Tensor;
 use similarity_core::candle_core::{DType, Var};
 use similarity_core::data::GroupTargets;
 use similarity_core::distance::Distance;
@@ -24,7 +25,6 @@ use similarity_core::loss::{
     TripletLossConfig, TripletMining, triplet_mask,
 };
 use similarity_core::nn::Params;
-use similarity_core::{Device, Tensor};
 
 use common::check_gradient;
 use common::parity::{assert_close, load, lookup, tensor, values};
@@ -34,11 +34,16 @@ use common::parity::{assert_close, load, lookup, tensor, values};
 // ---------------------------------------------------------------------------------------
 
 fn build<L: SimilarityLoss>(config: L::Config) -> L {
-    L::new(4, config, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+    L::new(
+        4,
+        config,
+        &mut Params::new(&common::device(), 0).scope("loss"),
+    )
+    .unwrap()
 }
 
 fn groups_tensor(g: &[i64]) -> Tensor {
-    Tensor::new(g, &Device::Cpu).unwrap()
+    Tensor::new(g, &common::device()).unwrap()
 }
 
 fn targets(g: &[i64]) -> GroupTargets {
@@ -111,7 +116,7 @@ fn random(n: usize, d: usize, seed: u64) -> Tensor {
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         })
         .collect();
-    Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap()
+    Tensor::from_vec(v, (n, d), &common::device()).unwrap()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -970,7 +975,7 @@ fn circle_frozen(
             }
         }
     }
-    let t = |v: &[f64]| Tensor::from_vec(v.to_vec(), (n, k), &Device::Cpu).unwrap();
+    let t = |v: &[f64]| Tensor::from_vec(v.to_vec(), (n, k), &common::device()).unwrap();
     let masked_exp = |w: &[f64], mask: &[f64], delta: f64| {
         let logits = (s.affine(1.0, -delta).unwrap() * t(w)).unwrap();
         (logits.exp().unwrap() * t(mask)).unwrap()
@@ -988,7 +993,7 @@ fn circle_frozen(
         })
         .map(|i| i as u32)
         .collect();
-    let rows = Tensor::new(valid.as_slice(), &Device::Cpu).unwrap();
+    let rows = Tensor::new(valid.as_slice(), &common::device()).unwrap();
     let lse = |e: Tensor| {
         e.index_select(&rows, 0)
             .unwrap()

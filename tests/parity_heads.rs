@@ -37,7 +37,7 @@ fn check_file<H: Head>(
     for case in cases {
         let id = case["id"].as_str().unwrap();
         let config = config_of(&case["params"]);
-        let mut params = Params::new(&Device::Cpu, 0);
+        let mut params = Params::new(&common::device(), 0);
         let head = H::new(input_size, config.clone(), &mut params.scope("head")).unwrap();
         assert_eq!(
             head.output_size() as u64,
@@ -305,7 +305,7 @@ fn switch_head_matches_quaterion_routing_by_meta() {
 // Every variable gets a gradient.
 
 fn random(shape: (usize, usize), seed: u64) -> Tensor {
-    let mut p = Params::new(&Device::Cpu, seed);
+    let mut p = Params::new(&common::device(), seed);
     p.var(
         "x",
         &[shape.0, shape.1],
@@ -319,7 +319,7 @@ fn random(shape: (usize, usize), seed: u64) -> Tensor {
 }
 
 fn assert_all_vars_get_gradients<H: Head + 'static>(config: H::Config, route: Option<&[usize]>) {
-    let mut params = Params::new(&Device::Cpu, 3);
+    let mut params = Params::new(&common::device(), 3);
     let head = H::new(6, config, &mut params.scope("head")).unwrap();
     let x = random((8, 6), 11);
     let out = match route {

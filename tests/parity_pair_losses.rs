@@ -26,6 +26,7 @@
 mod common;
 
 use serde_json::Value;
+use similarity_core::Tensor;
 use similarity_core::candle_core::{DType, Var};
 use similarity_core::data::{GroupTargets, PairTargets};
 use similarity_core::distance::Distance;
@@ -34,7 +35,6 @@ use similarity_core::loss::{
     OnlineContrastiveLossConfig, PairMining, SimilarityLoss,
 };
 use similarity_core::nn::Params;
-use similarity_core::{Device, Tensor};
 
 use common::check_gradient;
 use common::parity::{assert_close, load, lookup, tensor, values};
@@ -196,7 +196,7 @@ fn pair_targets(file: &Value, inputs: &Value) -> PairTargets {
         pairs: Tensor::from_vec(
             pairs.iter().map(|&v| v as u32).collect::<Vec<u32>>(),
             shape,
-            &Device::Cpu,
+            &common::device(),
         )
         .unwrap(),
         labels: tensor(get("labels")),
@@ -205,11 +205,21 @@ fn pair_targets(file: &Value, inputs: &Value) -> PairTargets {
 }
 
 fn contrastive(config: ContrastiveLossConfig) -> ContrastiveLoss {
-    ContrastiveLoss::new(1, config, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+    ContrastiveLoss::new(
+        1,
+        config,
+        &mut Params::new(&common::device(), 0).scope("loss"),
+    )
+    .unwrap()
 }
 
 fn online(config: OnlineContrastiveLossConfig) -> OnlineContrastiveLoss {
-    OnlineContrastiveLoss::new(1, config, &mut Params::new(&Device::Cpu, 0).scope("loss")).unwrap()
+    OnlineContrastiveLoss::new(
+        1,
+        config,
+        &mut Params::new(&common::device(), 0).scope("loss"),
+    )
+    .unwrap()
 }
 
 /// Loss and gradient of `f` at the f32 embeddings `e`.
@@ -390,7 +400,7 @@ const METRICS: [Distance; 4] = [
 fn contrastive_gradients_match_finite_differences() {
     let (p, dim) = (5, 4);
     let flat = random(2 * p * dim, 1);
-    let emb = Tensor::from_vec(flat.clone(), (2 * p, dim), &Device::Cpu).unwrap();
+    let emb = Tensor::from_vec(flat.clone(), (2 * p, dim), &common::device()).unwrap();
     let labels = [1.0f32, 0.0, 0.3, 1.0, 0.0];
     for subgroups in [vec![0i64, 1, 1, 2, 0], vec![0; 5]] {
         let sg: Vec<i64> = subgroups.iter().chain(&subgroups).copied().collect();
@@ -400,11 +410,11 @@ fn contrastive_gradients_match_finite_differences() {
                     .flat_map(|i| [i, i + p as u32])
                     .collect::<Vec<u32>>(),
                 (p, 2),
-                &Device::Cpu,
+                &common::device(),
             )
             .unwrap(),
-            labels: Tensor::new(&labels, &Device::Cpu).unwrap(),
-            subgroups: Tensor::new(sg.as_slice(), &Device::Cpu).unwrap(),
+            labels: Tensor::new(&labels, &common::device()).unwrap(),
+            subgroups: Tensor::new(sg.as_slice(), &common::device()).unwrap(),
         };
         for metric in METRICS {
             for size_average in [true, false] {
@@ -429,16 +439,16 @@ fn contrastive_gradients_match_finite_differences() {
 fn online_contrastive_gradients_match_finite_differences() {
     let (n, dim) = (8, 4);
     let flat = random(n * dim, 2);
-    let emb = Tensor::from_vec(flat.clone(), (n, dim), &Device::Cpu).unwrap();
+    let emb = Tensor::from_vec(flat.clone(), (n, dim), &common::device()).unwrap();
     // Group 3 is a singleton: an anchor without positives.
     let groups = [0i64, 1, 0, 2, 1, 0, 3, 2];
     let targets = GroupTargets {
-        groups: Tensor::new(&groups, &Device::Cpu).unwrap(),
+        groups: Tensor::new(&groups, &common::device()).unwrap(),
     };
     let mem_flat = random(6 * dim, 3);
-    let memory = Tensor::from_vec(mem_flat.clone(), (6, dim), &Device::Cpu).unwrap();
+    let memory = Tensor::from_vec(mem_flat.clone(), (6, dim), &common::device()).unwrap();
     let mem_groups = [0i64, 0, 1, 2, 4, 1];
-    let mem_groups_t = Tensor::new(&mem_groups, &Device::Cpu).unwrap();
+    let mem_groups_t = Tensor::new(&mem_groups, &common::device()).unwrap();
     for metric in METRICS {
         for mining in [PairMining::All, PairMining::Hard] {
             let loss = online(OnlineContrastiveLossConfig {

@@ -49,9 +49,10 @@
 //! the file; the negative controls check that each convention the test tells apart moves
 //! the value by far more.
 
-use std::path::Path;
+mod common;
 
 use serde_json::Value;
+use similarity_core::Tensor;
 use similarity_core::candle_core::{DType, Var};
 use similarity_core::data::GroupTargets;
 use similarity_core::distance::Distance;
@@ -62,7 +63,6 @@ use similarity_core::loss::{
     TripletLossConfig, TripletMining,
 };
 use similarity_core::nn::Params;
-use similarity_core::{Device, Tensor};
 
 // ---------------------------------------------------------------------------------------
 // Cases
@@ -94,7 +94,7 @@ impl Case {
 }
 
 fn load() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/parity-pml/pml_losses.json");
+    let path = common::repo_root().join("tests/parity-pml/pml_losses.json");
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 
@@ -533,20 +533,20 @@ fn run<L: SimilarityLoss<Kind = GroupKind>>(
     case: &Case,
     dtype: DType,
 ) -> (f64, Vec<f64>) {
-    let mut params = Params::new(&Device::Cpu, 0);
+    let mut params = Params::new(&common::device(), 0);
     let loss = L::new(case.d, config, &mut params.scope("loss")).unwrap();
     if let Some(kernel) = params.named_vars().get("loss.kernel") {
-        let k = Tensor::from_vec(case.kernel.clone(), (case.d, case.c), &Device::Cpu)
+        let k = Tensor::from_vec(case.kernel.clone(), (case.d, case.c), &common::device())
             .and_then(|k| k.to_dtype(DType::F32))
             .unwrap();
         kernel.set(&k).unwrap();
     }
-    let x = Tensor::from_vec(case.x.clone(), (case.n, case.d), &Device::Cpu)
+    let x = Tensor::from_vec(case.x.clone(), (case.n, case.d), &common::device())
         .and_then(|x| x.to_dtype(dtype))
         .unwrap();
     let x = Var::from_tensor(&x).unwrap();
     let targets = GroupTargets {
-        groups: Tensor::new(case.groups.as_slice(), &Device::Cpu).unwrap(),
+        groups: Tensor::new(case.groups.as_slice(), &common::device()).unwrap(),
     };
     let value = loss.forward(x.as_tensor(), &targets).unwrap();
     let grad = value.backward().unwrap().get(&x).unwrap().clone();

@@ -230,7 +230,7 @@ fn ring_buffer_against_quaterion_and_strict_fifo() {
             size,
             ..Default::default()
         },
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     // Quaterion's buffer, as its `queue` writes it; and every row queued so far.

@@ -103,7 +103,7 @@ pub fn faq_pairs(split: &str, n: usize) -> Vec<SimilarityPairSample<String>> {
         .collect()
 }
 
-use similarity_core::candle_core::{DType, Device, Tensor, Var};
+use similarity_core::candle_core::{DType, Tensor, Var};
 
 /// Checks the gradient of the scalar `f(x)` at `x` against central finite differences,
 /// in f64 (`x` is converted): every component must agree to `rel` relative to the largest
@@ -122,7 +122,7 @@ pub fn check_gradient(name: &str, x: &Tensor, rel: f64, f: impl Fn(&Tensor) -> T
     let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
     let eps = 1e-6;
     let eval = |v: Vec<f64>| -> f64 {
-        let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(v, x.shape(), x.device()).unwrap();
         f(&t).to_scalar::<f64>().unwrap()
     };
     let scale = analytic.iter().fold(0f64, |m, g| m.max(g.abs())).max(1e-3);

@@ -1,8 +1,8 @@
 //! Reading the Quaterion parity files (`tests/parity/*.json`, see `SCHEMA.md` there).
 
 use serde_json::Value;
+use similarity_core::Tensor;
 use similarity_core::candle_core::DType;
-use similarity_core::{Device, Tensor};
 
 /// The parsed parity file `name`.
 pub fn load(name: &str) -> Value {
@@ -34,7 +34,7 @@ pub fn values(t: &Value) -> (Vec<f32>, Vec<usize>) {
 
 pub fn tensor(t: &Value) -> Tensor {
     let (v, shape) = values(t);
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    Tensor::from_vec(v, shape, &super::device()).unwrap()
 }
 
 pub fn lookup<'a>(file: &'a Value, reference: &str) -> &'a Value {
