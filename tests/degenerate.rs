@@ -54,6 +54,28 @@ enum Case {
     /// Memory forms only: a memory with no rows (the trainer never asks for it, but
     /// `MemoryLoss` is public). Nothing can be learnt.
     EmptyMemory,
+    /// Not degenerate: an ordinary batch (and memory), for the cross-device check.
+    Ordinary,
+}
+
+thread_local! {
+    /// The device the probes run on, when a test sets one (else the test device).
+    static DEVICE: std::cell::RefCell<Option<Device>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The device of the current run.
+fn dev() -> Device {
+    DEVICE
+        .with(|d| d.borrow().clone())
+        .unwrap_or_else(common::device)
+}
+
+/// Runs `f` with the probes on `device`.
+fn on<T>(device: &Device, f: impl FnOnce() -> T) -> T {
+    DEVICE.with(|d| *d.borrow_mut() = Some(device.clone()));
+    let out = f();
+    DEVICE.with(|d| *d.borrow_mut() = None);
+    out
 }
 
 const CASES: [Case; 8] = [
@@ -101,6 +123,7 @@ fn group_batch(case: Case) -> Input {
         Case::Singletons => (0..6).collect(),
         Case::OneItem => vec![0],
         Case::Identical | Case::Zeros | Case::Huge | Case::EmptyMemory => vec![0, 0, 1, 1, 2, 2],
+        Case::Ordinary => vec![0, 1, 2, 3, 0, 1, 2, 3, 4, 4],
     };
     Input {
         embeddings: embeddings(case, groups.len(), 0),
@@ -118,6 +141,7 @@ fn group_memory(case: Case) -> Input {
         Case::OneItem => vec![0],
         Case::Identical | Case::Zeros | Case::Huge => vec![0, 1, 2, 0, 3],
         Case::EmptyMemory => Vec::new(),
+        Case::Ordinary => vec![0, 1, 2, 3, 4, 5, 6, 0],
     };
     Input {
         embeddings: embeddings(case, groups.len(), 10),
@@ -136,6 +160,7 @@ fn pair_batch(case: Case) -> Input {
         Case::Identical | Case::Zeros | Case::Huge | Case::EmptyMemory => {
             (vec![1.0; 3], vec![0, 1, 1])
         }
+        Case::Ordinary => (vec![1.0; 5], vec![0, 1, 2, 3, 4]),
     };
     Input {
         embeddings: embeddings(case, 2 * scores.len(), 0),
@@ -161,9 +186,9 @@ trait Probe {
     }
 }
 
-/// `(rows, D)` in `dtype` on the CPU.
+/// `(rows, D)` in `dtype` on the run's device.
 fn tensor(values: &[f64], dtype: DType) -> Tensor {
-    Tensor::from_vec(values.to_vec(), (values.len() / D, D), &common::device())
+    Tensor::from_vec(values.to_vec(), (values.len() / D, D), &dev())
         .and_then(|t| t.to_dtype(dtype))
         .unwrap()
 }
@@ -193,7 +218,7 @@ fn outcome(loss: &Tensor, x: &Var, params: &Params) -> similarity_core::Result<O
 }
 
 fn groups_tensor(groups: &[i64]) -> Tensor {
-    Tensor::new(groups, &common::device()).unwrap()
+    Tensor::new(groups, &dev()).unwrap()
 }
 
 /// A group loss on a batch.
@@ -201,7 +226,7 @@ struct Batch<L: SimilarityLoss<Kind = GroupKind>>(L::Config);
 
 impl<L: SimilarityLoss<Kind = GroupKind>> Probe for Batch<L> {
     fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
-        let mut params = Params::new(&common::device(), 7);
+        let mut params = Params::new(&dev(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let input = group_batch(case);
         let x = Var::from_tensor(&tensor(&input.embeddings, dtype))?;
@@ -221,7 +246,7 @@ impl<L: MemoryLoss> Probe for Memory<L> {
     }
 
     fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
-        let mut params = Params::new(&common::device(), 7);
+        let mut params = Params::new(&dev(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let (batch, memory) = (group_batch(case), group_memory(case));
         let x = Var::from_tensor(&tensor(&batch.embeddings, dtype))?;
@@ -240,7 +265,7 @@ struct Pairs<L: SimilarityLoss<Kind = PairKind>>(L::Config);
 
 impl<L: SimilarityLoss<Kind = PairKind>> Probe for Pairs<L> {
     fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
-        let mut params = Params::new(&common::device(), 7);
+        let mut params = Params::new(&dev(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let input = pair_batch(case);
         let metas: Vec<PairMeta> = input
@@ -249,7 +274,7 @@ impl<L: SimilarityLoss<Kind = PairKind>> Probe for Pairs<L> {
             .zip(&input.groups)
             .map(|(&score, &subgroup)| PairMeta { score, subgroup })
             .collect();
-        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &common::device())?;
+        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &dev())?;
         let x = Var::from_tensor(&tensor(&input.embeddings, dtype))?;
         outcome(&loss.forward(x.as_tensor(), &targets)?, &x, &params)
     }
@@ -579,6 +604,61 @@ fn every_loss_is_finite_on_degenerate_batches_and_flat_where_nothing_can_be_lear
         failures.is_empty(),
         "{} of {runs} runs failed:\n{}",
         failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every row on an ordinary batch, in f32 on the test device, against the same row in f64
+/// on the CPU: on the CPU this holds the fused f32 kernels against the composite forms;
+/// under `SIMILARITY_TEST_DEVICE=cuda` it holds the composite forms on the GPU (where the
+/// kernels do not run) against the CPU, loss and every gradient.
+#[test]
+fn every_loss_on_the_test_device_matches_the_cpu_in_f64() {
+    let mut failures = Vec::new();
+    let rows = rows();
+    for row in &rows {
+        let at = &row.name;
+        let got = row.probe.run(Case::Ordinary, DType::F32);
+        let want = on(&Device::Cpu, || row.probe.run(Case::Ordinary, DType::F64));
+        let (got, want) = match (got, want) {
+            (Ok(g), Ok(w)) => (g, w),
+            (g, w) => {
+                failures.push(format!("{at}: {:?} / {:?}", g.err(), w.err()));
+                continue;
+            }
+        };
+        // f32 rounding (ε ≈ 1.2e-7) amplified by the largest logit scale in the table
+        // (CircleLoss: 4γ = 1024) is about 1.2e-4 of the largest component per term;
+        // 1e-3 leaves room for the sums over a batch (observed: 2.1e-4, CircleLoss pooled).
+        let close = |a: f64, b: f64, scale: f64| (a - b).abs() <= 1e-3 * (1.0 + scale);
+        if !close(got.loss, want.loss, want.loss.abs()) {
+            failures.push(format!("{at}: loss {} vs {}", got.loss, want.loss));
+        }
+        for ((name, g), (_, w)) in got.grads.iter().zip(&want.grads) {
+            let (g, w) = (g.clone().unwrap_or_default(), w.clone().unwrap_or_default());
+            let scale = w.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let zeros = vec![0.0; g.len().max(w.len())];
+            let (g, w) = (
+                if g.is_empty() { &zeros } else { &g },
+                if w.is_empty() { &zeros } else { &w },
+            );
+            let worst = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f64, f64::max);
+            if g.len() != w.len() || g.iter().zip(w).any(|(a, b)| !close(*a, *b, scale)) {
+                failures.push(format!(
+                    "{at}: gradient of {name} differs by up to {worst:e} (largest component {scale:e})"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} rows differ across devices:\n{}",
+        failures.len(),
+        rows.len(),
         failures.join("\n")
     );
 }
