@@ -59,6 +59,7 @@ pub mod loss;
 pub mod metric;
 pub mod model;
 pub mod nn;
+mod roles;
 pub mod train;
 pub mod xbm;
 
@@ -120,9 +121,8 @@ pub mod __private {
     pub use ::std::collections::HashMap;
     pub use ::std::path::Path;
 
-    /// Compile-time check that a cached encoder is frozen.
-    pub const fn assert_cacheable<E: FrozenEncoder>() {}
-
-    /// Compile-time check that a model with `#[xbm]` has a loss with a memory form.
-    pub const fn assert_memory_loss<L: MemoryLoss>() {}
+    pub use crate::roles::{
+        CachedByInputField, CachedEncoderField, EncoderField, HashKey, MetricField, XbmField,
+        memory_enqueue, memory_loss,
+    };
 }

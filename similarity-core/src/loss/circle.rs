@@ -80,6 +80,7 @@ impl CircleLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for CircleLoss {
     type Kind = GroupKind;
     type Config = CircleLossConfig;
@@ -126,6 +127,7 @@ impl SimilarityLoss for CircleLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for CircleLoss {
     /// Every (batch, memory) pair. An empty memory gives 0.
     fn forward_memory(

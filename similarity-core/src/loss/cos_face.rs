@@ -70,6 +70,7 @@ impl CosFaceLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for CosFaceLoss {
     type Kind = GroupKind;
     type Config = CosFaceLossConfig;

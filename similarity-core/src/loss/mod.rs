@@ -209,6 +209,11 @@ pub trait MemoryLoss: SimilarityLoss<Kind = GroupKind> {
 }
 
 /// A similarity loss.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a similarity loss",
+    label = "`SimilarityLoss` is not implemented for `{Self}`",
+    note = "the #[loss] field holds a loss such as `MultipleNegativesRankingLoss` (pairs) or `TripletLoss` (groups); a head belongs in the #[head] field"
+)]
 pub trait SimilarityLoss: Sized + Send + Sync {
     /// The data it trains on.
     type Kind: LossKind;

@@ -147,6 +147,7 @@ fn masked_mean(total: &Tensor, count: &Tensor) -> Result<Tensor> {
     Ok(total.div(&count.clamp(1.0, f64::MAX)?)?)
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for OnlineContrastiveLoss {
     type Kind = GroupKind;
     type Config = OnlineContrastiveLossConfig;
@@ -182,6 +183,7 @@ impl SimilarityLoss for OnlineContrastiveLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for OnlineContrastiveLoss {
     fn forward_memory(
         &self,

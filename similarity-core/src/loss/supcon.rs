@@ -91,6 +91,7 @@ impl SupConLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for SupConLoss {
     type Kind = GroupKind;
     type Config = SupConLossConfig;
@@ -120,6 +121,7 @@ impl SimilarityLoss for SupConLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for SupConLoss {
     fn forward_memory(
         &self,

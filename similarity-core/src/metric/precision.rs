@@ -39,9 +39,10 @@ impl Default for RetrievalPrecision {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl Metric for RetrievalPrecision {
     fn name(&self) -> String {
-        format!("retrieval_precision@{}", self.k)
+        format!("precision@{}", self.k)
     }
 
     fn check(&self, candidates: usize) -> Result<()> {

@@ -35,6 +35,7 @@ pub fn r_precision_per_row(distances: &Tensor, relevance: &Tensor) -> Result<Vec
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RetrievalRPrecision;
 
+#[diagnostic::do_not_recommend]
 impl Metric for RetrievalRPrecision {
     fn name(&self) -> String {
         "retrieval_r_precision".into()
