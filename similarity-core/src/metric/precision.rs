@@ -7,9 +7,12 @@
 //! ```
 //!
 //! Relevance values are summed as they are (graded pair scores count with their value,
-//! as in Quaterion); entries `≤ 0` count as 0. Every row is scored, a row with no relevant
-//! candidate scores 0, and the metric is the mean over rows. When `k` exceeds a row's
-//! number of relevant candidates the row cannot reach 1.
+//! as in Quaterion); entries `≤ 0` count as 0. On a dense block every row is scored, a row
+//! with no relevant candidate scores 0, and the metric is the mean over rows (Quaterion's
+//! raw function); over a data set the [`Evaluator`](super::Evaluator) only makes queries of
+//! objects with something relevant. When `k` exceeds a row's number of relevant
+//! candidates the row cannot reach 1. Reported as `precision@k`: with `k = 1`, the
+//! fraction of queries whose nearest candidate is relevant.
 
 use candle_core::Tensor;
 
