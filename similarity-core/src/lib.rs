@@ -135,6 +135,11 @@ pub mod prelude {
     pub use candle_core::Var;
 }
 
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 /// What `#[trainable_model]` expansions refer to. Not a public API.
 #[doc(hidden)]
 pub mod __private {
