@@ -277,6 +277,9 @@ impl Relevance<'_> {
     }
 }
 
+/// `(name, value)` of each metric, `None` for one that no query could score.
+type Scores = Vec<(String, Option<f64>)>;
+
 /// Scores retrieval over a whole embedded dataset in blocks of query rows (see the module
 /// docs for the memory bound).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,13 +360,14 @@ impl Evaluator {
         relevance: &Relevance<'_>,
         metrics: &[&dyn Metric],
     ) -> Result<Vec<(String, f64)>> {
-        if self.eligible(embeddings, relevance)?.is_empty() {
+        let (queries, values) = self.run(embeddings, relevance, metrics)?;
+        if queries == 0 {
             return Err(Error::invalid(
                 "Evaluator relevance",
                 "no object has a relevant candidate (every group has one member, or no pair is positive)",
             ));
         }
-        self.scores(embeddings, relevance, metrics)?
+        values
             .into_iter()
             .zip(metrics)
             .map(|((name, value), metric)| match value {
@@ -376,12 +380,6 @@ impl Evaluator {
             .collect()
     }
 
-    /// The queries of `relevance` over `embeddings`, before sampling.
-    fn eligible(&self, embeddings: &Tensor, relevance: &Relevance<'_>) -> Result<Vec<usize>> {
-        let n = embeddings.dims().first().copied().unwrap_or(0);
-        Ok(relevance.plan(n)?.queries(n))
-    }
-
     /// As [`evaluate`](Self::evaluate), but a metric that no query could score (a
     /// training batch without a positive pair, or without two members of one group) is
     /// `None` instead of an error.
@@ -391,6 +389,16 @@ impl Evaluator {
         relevance: &Relevance<'_>,
         metrics: &[&dyn Metric],
     ) -> Result<Vec<(String, Option<f64>)>> {
+        Ok(self.run(embeddings, relevance, metrics)?.1)
+    }
+
+    /// The number of queries and every metric's value (`None` where none was scored).
+    fn run(
+        &self,
+        embeddings: &Tensor,
+        relevance: &Relevance<'_>,
+        metrics: &[&dyn Metric],
+    ) -> Result<(usize, Scores)> {
         if embeddings.rank() != 2 {
             return Err(Error::shape(
                 "Evaluator embeddings",
@@ -477,11 +485,12 @@ impl Evaluator {
                 }
             }
         }
-        Ok(metrics
+        let values = metrics
             .iter()
             .zip(totals)
             .map(|(metric, t)| (metric.name(), t.value()))
-            .collect())
+            .collect();
+        Ok((queries.len(), values))
     }
 }
 
