@@ -59,7 +59,7 @@ use similarity_core::loss::{
     ArcFaceLossConfig, CenterLossConfig, CombinedLossConfig, CosFaceLossConfig, LossKind,
     OnlineContrastiveLossConfig, PairMining, SoftmaxLossConfig, TripletLossConfig, TripletMining,
 };
-use similarity_core::metric::group_retrieval;
+use similarity_core::metric::{Evaluator, Relevance, RetrievalPrecision};
 use similarity_core::nn::{Mode, Params};
 use similarity_core::prelude::*;
 
@@ -604,8 +604,7 @@ fn faq(epochs: usize) -> Result<Value> {
     let total_s = model_started.elapsed().as_secs_f64();
     let secs: Vec<f64> = report.epochs.iter().map(|e| e.seconds).collect();
     let after_first = &secs[1.min(secs.len() - 1)..];
-    let rr =
-        |e: &similarity_core::train::Evaluation| e.metric("reciprocal_rank").unwrap_or(f64::NAN);
+    let rr = |e: &similarity_core::train::Evaluation| e.metric("mrr").unwrap_or(f64::NAN);
     Ok(json!({
         "workload": "faq",
         "model": dir,
@@ -683,7 +682,12 @@ fn w2(matrix: Arc<Tensor>, classes: &[i64], epochs: usize) -> Result<Value> {
     let mut model = W2Pairs::new(FrozenMlp::new(matrix)?, &model_options()?)?;
     let group_p1 = |m: &W2Pairs| -> Result<f64> {
         let e = m.encode(&val_ids, 1024)?;
-        Ok(group_retrieval(&e, val_groups, Distance::Cosine)?.precision_at_1)
+        let scores = Evaluator::new(Distance::Cosine).evaluate(
+            &e,
+            &Relevance::Groups(val_groups),
+            &[&RetrievalPrecision { k: 1 }],
+        )?;
+        Ok(scores[0].1)
     };
     let t = trainer(epochs);
     let before_pairs = t.evaluate(&mut model, &val_pairs)?;

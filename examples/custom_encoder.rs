@@ -31,7 +31,6 @@
 use std::path::Path;
 
 use anyhow::Result;
-use similarity_core::nn::Mode;
 use similarity_core::prelude::*;
 
 /// A product listing: your own record type.

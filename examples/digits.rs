@@ -29,11 +29,7 @@ use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use similarity_core::candle_core::Var;
-use similarity_core::distance::Distance;
-use similarity_core::loss::TripletMining;
-use similarity_core::metric::group_retrieval;
-use similarity_core::nn::{Linear, Mode, Params};
+use similarity_core::model::{read_json, write_json};
 use similarity_core::prelude::*;
 
 /// Options of [`PixelMlp`], saved with it.
@@ -98,13 +94,13 @@ impl Encoder for PixelMlp {
     }
 
     fn save(&self, dir: &Path) -> similarity_core::Result<()> {
-        similarity_core::model::write_json(&dir.join("config.json"), &self.config)?;
+        write_json(&dir.join("config.json"), &self.config)?;
         self.params
             .save_safetensors(&dir.join("weights.safetensors"))
     }
 
     fn load(dir: &Path, _device: &Device) -> similarity_core::Result<Self> {
-        let encoder = PixelMlp::new(similarity_core::model::read_json(&dir.join("config.json"))?)?;
+        let encoder = PixelMlp::new(read_json(&dir.join("config.json"))?)?;
         encoder
             .params
             .load_safetensors(&dir.join("weights.safetensors"))?;
@@ -175,8 +171,12 @@ fn held_out_scores<M: TrainableModel<Record = Vec<f32>>>(
 ) -> Result<(f64, f64)> {
     let records: Vec<Vec<f32>> = held_out.iter().map(|s| s.obj.clone()).collect();
     let groups: Vec<i64> = held_out.iter().map(|s| s.group).collect();
-    let scores = group_retrieval(&model.encode(&records, 512)?, &groups, Distance::Cosine)?;
-    Ok((scores.precision_at_1, scores.r_precision))
+    let scores = Evaluator::new(Distance::Cosine).evaluate(
+        &model.encode(&records, 512)?,
+        &Relevance::Groups(&groups),
+        &[&RetrievalPrecision { k: 1 }, &RPrecision],
+    )?;
+    Ok((scores[0].1, scores[1].1))
 }
 
 fn run<M: TrainableModel<Record = Vec<f32>>>(

@@ -43,7 +43,6 @@ use anyhow::{Result, ensure};
 #[cfg(feature = "transformers")]
 use faq_task::FaqMiniLm;
 use faq_task::{FaqModel, read_split};
-use similarity_core::distance::Distance;
 use similarity_core::prelude::*;
 
 fn arg(name: &str) -> Option<String> {
@@ -116,8 +115,7 @@ where
 
     let before = trainer.evaluate(&mut model, val)?;
     let p1 = |e: &similarity_core::train::Evaluation| e.metric("precision@1").unwrap_or(f64::NAN);
-    let rr =
-        |e: &similarity_core::train::Evaluation| e.metric("reciprocal_rank").unwrap_or(f64::NAN);
+    let rr = |e: &similarity_core::train::Evaluation| e.metric("mrr").unwrap_or(f64::NAN);
     println!(
         "before training: precision@1 {:.4}  MRR {:.4}  (each of {} questions ranked against all {} answers)",
         p1(&before),

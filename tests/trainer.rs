@@ -215,7 +215,7 @@ fn logs_hook_and_parameter_groups() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "epoch,train_loss,val_loss,lr,seconds,precision@1,reciprocal_rank"
+        "epoch,train_loss,val_loss,lr,seconds,precision@1,mrr"
     );
     assert_eq!(lines.len(), 4);
     let jsonl = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
@@ -369,21 +369,79 @@ fn attached_metrics_are_computed_per_batch_and_over_the_validation_set() {
     let report = trainer.fit(&mut model(), &train, Some(&val)).unwrap();
     let last = report.epochs.last().unwrap();
     let names: Vec<&str> = last.train_metrics.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["train_retrieval_precision@1", "train_map@r"]);
+    assert_eq!(names, ["train_precision@1", "train_map@r"]);
     assert!(
         last.train_metrics
             .iter()
             .all(|(_, v)| (0.0..=1.0).contains(v))
     );
     let val_eval = last.validation.as_ref().unwrap();
-    // Over all 100 validation objects, each with its one partner relevant: P@1 here counts
-    // answers retrieving their question too, so it differs from the question→answer one.
-    let p1 = val_eval.metric("retrieval_precision@1").unwrap();
-    assert!((0.0..=1.0).contains(&p1) && val_eval.metric("map@r").is_some());
+    // `RetrievalPrecision { k: 1 }` is the kind's own precision@1: one name, one value.
+    let names: Vec<&str> = val_eval.metrics.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["precision@1", "mrr", "map@r"]);
     assert!(
-        val_eval.metric("precision@1").is_some(),
-        "the kind's own metrics stay"
+        val_eval
+            .metrics
+            .iter()
+            .all(|(_, v)| (0.0..=1.0).contains(v))
     );
+}
+
+/// `fit`, `evaluate` and `LossKind::evaluate` report the same values, and they are the
+/// question → answer ranks computed here by hand: each question against all answers,
+/// rank = answers strictly nearer than its own (cosine; no two answers tie here).
+#[test]
+fn evaluate_fit_and_the_loss_kind_agree_with_ranks_by_hand() {
+    use similarity_core::distance::Distance;
+    use similarity_core::loss::{LossKind, PairKind};
+    let train = common::faq_pairs("train", 80);
+    let val = common::faq_pairs("val", 60);
+    let trainer = Trainer::new(config(1)).with_metrics(vec![Box::new(RetrievalPrecision { k: 1 })]);
+    let mut m = model();
+    let report = trainer.fit(&mut m, &train, Some(&val)).unwrap();
+    let from_fit = report.epochs[0].validation.clone().unwrap().metrics;
+    let from_evaluate = trainer.evaluate(&mut m, &val).unwrap().metrics;
+    assert_eq!(from_fit, from_evaluate);
+
+    let questions: Vec<String> = val.iter().map(|p| p.obj_a.clone()).collect();
+    let answers: Vec<String> = val.iter().map(|p| p.obj_b.clone()).collect();
+    let (q, a) = (
+        m.encode(&questions, 64).unwrap(),
+        m.encode(&answers, 64).unwrap(),
+    );
+    let metas = similarity_core::data::metas(&val).unwrap();
+    let both = Tensor::cat(&[&q, &a], 0).unwrap();
+    let from_kind = PairKind::evaluate(&both, &metas, Distance::Cosine).unwrap();
+    assert_eq!(from_kind.len(), 2);
+    for ((name, v), (want_name, want)) in from_kind.iter().zip(&from_evaluate) {
+        assert_eq!(name, want_name);
+        assert!((v - want).abs() < 1e-9, "{name}: {v} vs {want}");
+    }
+
+    let d = Distance::Cosine
+        .distance_matrix(&q, Some(&a))
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let ranks: Vec<usize> = d
+        .iter()
+        .enumerate()
+        .map(|(i, row)| row.iter().filter(|&&x| x < row[i]).count())
+        .collect();
+    let n = ranks.len() as f64;
+    let p1 = ranks.iter().filter(|&&r| r == 0).count() as f64 / n;
+    let mrr = ranks.iter().map(|&r| 1.0 / (r as f64 + 1.0)).sum::<f64>() / n;
+    assert_eq!(from_evaluate[0].0, "precision@1");
+    assert!(
+        (from_evaluate[0].1 - p1).abs() < 1e-12,
+        "{from_evaluate:?} vs {p1}"
+    );
+    assert_eq!(from_evaluate[1].0, "mrr");
+    assert!(
+        (from_evaluate[1].1 - mrr).abs() < 1e-12,
+        "{from_evaluate:?} vs {mrr}"
+    );
+    assert!(p1 > 0.0 && p1 < 1.0);
 }
 
 /// MNRL whose gradient is NaN on the training calls in `bad.0..bad.1` (counted from 0)

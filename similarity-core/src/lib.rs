@@ -59,6 +59,7 @@ pub mod loss;
 pub mod metric;
 pub mod model;
 pub mod nn;
+mod roles;
 pub mod train;
 pub mod xbm;
 
@@ -67,10 +68,38 @@ pub use error::{Error, Result};
 pub use similarity_macros::trainable_model;
 pub use train::{TrainableModel, Trainer, TrainerConfig};
 
-/// Everything a model definition and a training script need.
+/// Everything a model definition and a training script need: `use
+/// similarity_core::prelude::*;`.
+///
+/// * the macro and the components: [`trainable_model`], every built-in encoder, head,
+///   loss and metric, [`Xbm`](crate::xbm::Xbm), the traits they implement, and the enums
+///   their options take ([`Distance`](crate::distance::Distance),
+///   [`TripletMining`](crate::loss::TripletMining), [`PairMining`](crate::loss::PairMining),
+///   [`CacheType`](crate::cache::CacheType));
+/// * what an encoder of your own is written with: [`Params`](crate::nn::Params),
+///   [`ParamScope`](crate::nn::ParamScope), [`Init`](crate::nn::Init),
+///   [`Linear`](crate::nn::Linear), [`Mode`](crate::nn::Mode), [`Tensor`], [`Var`],
+///   [`Device`], [`DType`];
+/// * the data and the trainer: the samples, [`Sampler`](crate::data::Sampler),
+///   [`ClassBalancedSampler`](crate::data::ClassBalancedSampler), [`Trainer`],
+///   [`TrainerConfig`] and the types of its fields ([`OptimizerConfig`](crate::train::OptimizerConfig),
+///   [`LrSchedule`](crate::train::LrSchedule), [`ParamGroup`](crate::train::ParamGroup),
+///   [`CheckpointConfig`](crate::train::CheckpointConfig),
+///   [`EarlyStopping`](crate::train::EarlyStopping), [`MonitorMode`](crate::train::MonitorMode),
+///   [`NonFinitePolicy`](crate::train::NonFinitePolicy)), what it returns
+///   ([`FitReport`](crate::train::FitReport), [`Evaluation`](crate::train::Evaluation)) and
+///   [`ModelOptions`](crate::train::ModelOptions).
+///
+/// Not in it: [`Result`] and [`Error`] (they would shadow yours; write
+/// `similarity_core::Result`), and the file helpers of an encoder's `save`/`load`
+/// ([`model::write_json`], [`model::read_json`]).
+///
+/// [`Var`]: candle_core::Var
 pub mod prelude {
     pub use crate::cache::CacheType;
-    pub use crate::data::{SimilarityGroupSample, SimilarityPairSample};
+    pub use crate::data::{
+        ClassBalancedSampler, Sampler, SimilarityGroupSample, SimilarityPairSample,
+    };
     pub use crate::distance::Distance;
     #[cfg(feature = "hf-hub")]
     pub use crate::encoder::HubModel;
@@ -87,17 +116,29 @@ pub mod prelude {
     pub use crate::loss::{
         ArcFaceLoss, CenterLoss, CircleLoss, CombinedLoss, ContrastiveLoss, CosFaceLoss,
         FastAPLoss, MemoryLoss, MultiSimilarityLoss, MultipleNegativesRankingLoss,
-        OnlineContrastiveLoss, SimilarityLoss, SoftmaxLoss, SupConLoss, TripletLoss,
+        OnlineContrastiveLoss, PairMining, SimilarityLoss, SoftmaxLoss, SupConLoss, TripletLoss,
+        TripletMining,
     };
     pub use crate::metric::{
-        Evaluator, MapAtR, MeanReciprocalRank, Metric, Ndcg, RecallAtK, Relevance,
+        Evaluator, MapAtR, MeanReciprocalRank, Metric, Ndcg, RPrecision, RecallAtK, Relevance,
         RetrievalPrecision, RetrievalRPrecision, RetrievalReciprocalRank,
     };
-    pub use crate::train::{ModelOptions, OptimizerConfig, TrainableModel, Trainer, TrainerConfig};
+    pub use crate::nn::{Init, Linear, Mode, ParamScope, Params};
+    pub use crate::train::{
+        CheckpointConfig, EarlyStopping, Evaluation, FitReport, LrSchedule, ModelOptions,
+        MonitorMode, NonFinitePolicy, OptimizerConfig, ParamGroup, TrainableModel, Trainer,
+        TrainerConfig,
+    };
     pub use crate::trainable_model;
     pub use crate::xbm::Xbm;
-    pub use crate::{Device, Tensor};
+    pub use crate::{DType, Device, Tensor};
+    pub use candle_core::Var;
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
 
 /// What `#[trainable_model]` expansions refer to. Not a public API.
 #[doc(hidden)]
@@ -120,9 +161,8 @@ pub mod __private {
     pub use ::std::collections::HashMap;
     pub use ::std::path::Path;
 
-    /// Compile-time check that a cached encoder is frozen.
-    pub const fn assert_cacheable<E: FrozenEncoder>() {}
-
-    /// Compile-time check that a model with `#[xbm]` has a loss with a memory form.
-    pub const fn assert_memory_loss<L: MemoryLoss>() {}
+    pub use crate::roles::{
+        CachedByInputField, CachedEncoderField, EncoderField, HashKey, MetricField, XbmField,
+        memory_enqueue, memory_loss,
+    };
 }

@@ -15,6 +15,33 @@ use crate::ctxt::Ctxt;
 /// The cache types of `#[encoder(cache = "...")]`.
 pub const CACHE_TYPES: [&str; 4] = ["auto", "cpu", "gpu", "none"];
 
+/// The field roles, as attribute names.
+pub const ROLES: [&str; 5] = ["encoder", "head", "loss", "xbm", "metric"];
+
+/// The options of `#[trainable_model(...)]`.
+const MODEL_OPTIONS: [&str; 2] = ["optimizer", "record"];
+
+/// The options of `#[encoder(...)]`.
+const ENCODER_OPTIONS: [&str; 3] = ["cache", "key", "input"];
+
+/// Attributes of the language and of common derives, which are never a misspelt role.
+const KNOWN_ATTRIBUTES: [&str; 14] = [
+    "doc",
+    "cfg",
+    "cfg_attr",
+    "allow",
+    "warn",
+    "deny",
+    "forbid",
+    "expect",
+    "deprecated",
+    "must_use",
+    "serde",
+    "default",
+    "diagnostic",
+    "inline",
+];
+
 /// What a field is.
 pub enum Role {
     Encoder(EncoderAttr),
@@ -73,12 +100,29 @@ pub fn parse_model_options(cx: &Ctxt, args: proc_macro2::TokenStream) -> ModelOp
             }
             out.record = Some(meta.value()?.parse()?);
         } else {
+            let name = meta.path.to_token_stream_string();
+            let hint = did_you_mean(&name, &MODEL_OPTIONS);
             cx.error_spanned_by(
                 &meta.path,
-                "unknown #[trainable_model] option; expected `optimizer = OptimizerConfig::...` or `record = YourRecordType`",
+                format!(
+                    "unknown #[trainable_model] option `{name}`{}; expected `optimizer = OptimizerConfig::...` or `record = YourRecordType`",
+                    hint.map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default()
+                ),
             );
+            // Read the value as the option it was probably meant to be, so that the
+            // misspelling is the only error.
             if meta.input.peek(syn::Token![=]) {
-                let _: Expr = meta.value()?.parse()?;
+                match hint {
+                    Some("record") if out.record.is_none() => {
+                        out.record = Some(meta.value()?.parse()?)
+                    }
+                    Some("optimizer") if out.optimizer.is_none() => {
+                        out.optimizer = Some(meta.value()?.parse()?)
+                    }
+                    _ => {
+                        let _: Expr = meta.value()?.parse()?;
+                    }
+                }
             }
         }
         Ok(())
@@ -97,9 +141,34 @@ pub struct ComponentAttr {
 /// Parses one of our attributes; `None` when `attr` is not ours.
 pub fn parse_role(cx: &Ctxt, attr: &Attribute) -> Option<(Role, Span)> {
     let path = attr.path();
-    let kind = ["encoder", "head", "loss", "xbm", "metric"]
-        .into_iter()
-        .find(|k| path.is_ident(k))?;
+    let kind = ROLES.into_iter().find(|k| path.is_ident(k))?;
+    Some(parse_role_as(cx, attr, kind))
+}
+
+/// The role `attr` was probably meant to be (`#[haed]`: `head`), for an attribute that is
+/// neither ours nor one the language or a common derive knows.
+pub fn misspelt_role(attr: &Attribute) -> Option<&'static str> {
+    let ident = attr.path().get_ident()?.to_string();
+    if KNOWN_ATTRIBUTES.contains(&ident.as_str()) {
+        return None;
+    }
+    did_you_mean(&ident, &ROLES)
+}
+
+/// The nearest of `candidates` to `name`, when it is close enough to be a misspelling
+/// (at most two edits, case ignored, and fewer edits than letters kept).
+pub fn did_you_mean(name: &str, candidates: &[&'static str]) -> Option<&'static str> {
+    let lower = name.to_lowercase();
+    candidates
+        .iter()
+        .map(|c| (edit_distance(&lower, c), *c))
+        .filter(|&(d, c)| d <= 2 && d < c.len().min(lower.len()))
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, c)| c)
+}
+
+/// Parses `attr` as the role `kind` (one of [`ROLES`]), whatever its name.
+pub fn parse_role_as(cx: &Ctxt, attr: &Attribute, kind: &str) -> (Role, Span) {
     let span = attr.span();
     let role = match kind {
         "encoder" => Role::Encoder(parse_encoder(cx, attr)),
@@ -111,7 +180,7 @@ pub fn parse_role(cx: &Ctxt, attr: &Attribute) -> Option<(Role, Span)> {
         }
         _ => Role::Loss(parse_component(cx, attr, false).0),
     };
-    Some((role, span))
+    (role, span)
 }
 
 fn parse_encoder(cx: &Ctxt, attr: &Attribute) -> EncoderAttr {
@@ -144,9 +213,12 @@ fn parse_encoder(cx: &Ctxt, attr: &Attribute) -> EncoderAttr {
             out.input = Some(path);
         } else {
             let name = meta.path.to_token_stream_string();
+            let hint = did_you_mean(&name, &ENCODER_OPTIONS)
+                .map(|h| format!(" (did you mean `{h}`?)"))
+                .unwrap_or_default();
             cx.error_spanned_by(
                 &meta.path,
-                format!("unknown encoder option `{name}`; expected `cache = \"auto\" | \"cpu\" | \"gpu\" | \"none\"`, `key = path::to::fn` or `input = path::to::fn`"),
+                format!("unknown encoder option `{name}`{hint}; expected `cache = \"auto\" | \"cpu\" | \"gpu\" | \"none\"`, `key = path::to::fn` or `input = path::to::fn`"),
             );
             // Skip the value so that parsing goes on to the next option.
             if meta.input.peek(syn::Token![=]) {
@@ -174,8 +246,16 @@ fn parse_component(cx: &Ctxt, attr: &Attribute, flags: bool) -> (ComponentAttr, 
         let Some(ident) = meta.path.get_ident().cloned() else {
             return Err(meta.error("expected an option name, e.g. `dropout = 0.1`"));
         };
-        if flags && ident == "prog_bar" && !meta.input.peek(syn::Token![=]) {
-            if prog_bar {
+        if flags && !meta.input.peek(syn::Token![=]) {
+            if ident != "prog_bar" {
+                let hint = did_you_mean(&ident.to_string(), &["prog_bar"])
+                    .map(|h| format!(": did you mean `{h}`?"))
+                    .unwrap_or_default();
+                cx.error_spanned_by(
+                    &ident,
+                    format!("unknown flag `{ident}`{hint}; a metric takes the flag `prog_bar` and options `name = value`"),
+                );
+            } else if prog_bar {
                 cx.error_spanned_by(&ident, "duplicate flag `prog_bar`");
             }
             prog_bar = true;
@@ -204,5 +284,45 @@ impl PathString for Path {
         quote::ToTokens::to_token_stream(self)
             .to_string()
             .replace(' ', "")
+    }
+}
+
+/// Levenshtein distance.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn edit_distance_picks_nearest() {
+        assert_eq!(edit_distance("gpuu", "gpu"), 1);
+        assert_eq!(edit_distance("cpu", "cpu"), 0);
+        assert_eq!(edit_distance("", "auto"), 4);
+    }
+
+    #[test]
+    fn misspellings_and_strangers() {
+        assert_eq!(did_you_mean("haed", &ROLES), Some("head"));
+        assert_eq!(did_you_mean("Encoder", &ROLES), Some("encoder"));
+        assert_eq!(did_you_mean("metrics", &ROLES), Some("metric"));
+        assert_eq!(did_you_mean("recrod", &MODEL_OPTIONS), Some("record"));
+        assert_eq!(did_you_mean("cahce", &ENCODER_OPTIONS), Some("cache"));
+        // Too far from every role, or too short to tell.
+        assert_eq!(did_you_mean("serde", &ROLES), None);
+        assert_eq!(did_you_mean("test", &ROLES), None);
+        assert_eq!(did_you_mean("ab", &ROLES), None);
     }
 }

@@ -1,22 +1,34 @@
 //! Code generation. For a model `M` the expansion is:
 //! * the struct, with our attributes removed and one hidden field, `__similarity`
 //!   (`ModelState`: trainable variables, caches, device);
-//! * for several encoders, a record type `MRecord` with one field per encoder;
+//! * for several encoders, a record type `MRecord` with one field per encoder, generic
+//!   over the encoders' inputs (defaulted to them) so that it derives `Clone`, `Debug`
+//!   and `PartialEq` exactly when the inputs have them;
 //! * `M::new(encoders..., &ModelOptions)`: builds the head from the summed embedding
 //!   sizes and the loss from the head's output size, options as typed config literals;
 //! * `impl TrainableModel for M`: embed (cache or encoder → concat → head), cache fill,
 //!   save and load (`load` reads the encoders, then checks the manifest's sizes and the
 //!   head's options against them and `similarity_core::limits` before building the head;
 //!   errors of building the head and the loss from saved options name the manifest);
-//! * with an `#[xbm]` field, the memory loss, enqueueing and checkpoint state;
-//! * compile-time assertions (a cached encoder must be frozen; XBM needs a loss with a
-//!   memory form).
+//! * with an `#[xbm]` field, the memory loss, enqueueing and checkpoint state.
 //!
-//! On a validation error only the cleaned struct and the errors are emitted, so the user
-//! sees the real problem instead of a cascade.
+//! **Type checks, one error each.** Every generated item carries the same `where`
+//! predicates, one per field, spanned at the field's type: `Text: EncoderField` (or
+//! `CachedEncoderField`, `CachedByInputField` for a cached encoder), `Head: Head`, `Loss:
+//! SimilarityLoss` (and `MemoryLoss` with `#[xbm]`), `Xbm: XbmField`, metrics
+//! `MetricField` (see `similarity-core/src/roles.rs`). A type that does not fit its role
+//! fails its predicate once, with the `on_unimplemented` message of the trait it lacks:
+//! rustc merges the identical reports of the copies, and the items' bodies assume the
+//! predicate, so no use of the type adds an error.
+//!
+//! **Fallback.** With a validation error the errors are emitted next to the full
+//! expansion when the model is still complete ([`Model::is_complete`]: an unknown option
+//! is ignored, a misspelt role is read as the role it resembles), and otherwise next to
+//! the struct and a `new` that never runs (thiserror's `fallback.rs`, clap's
+//! `dummies.rs`), so that code using the model does not fail a second time.
 
-use proc_macro2::{Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned};
+use proc_macro2::{Span, TokenStream, TokenTree};
+use quote::{ToTokens, format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 use syn::{Ident, ItemStruct};
 
@@ -43,7 +55,11 @@ pub fn trainable_model(args: TokenStream, input: TokenStream) -> TokenStream {
     match cx.check() {
         Ok(()) => expand(&model),
         Err(e) => {
-            let mut out = cleaned_struct(&model, false);
+            let mut out = if model.is_complete() {
+                expand(&model)
+            } else {
+                fallback(&model)
+            };
             out.extend(e.into_compile_error());
             out
         }
@@ -56,7 +72,7 @@ fn private() -> TokenStream {
     P.parse().expect("valid path")
 }
 
-/// The struct without our attributes, plus the hidden state field.
+/// The struct without our attributes, plus (with `with_state`) the hidden state field.
 fn cleaned_struct(model: &Model, with_state: bool) -> TokenStream {
     let p = private();
     let ItemStruct {
@@ -92,13 +108,307 @@ fn cleaned_struct(model: &Model, with_state: bool) -> TokenStream {
     }
 }
 
+/// Whether an encoder field is cached (`cache` other than `"none"`).
+fn cached(f: &Field) -> bool {
+    matches!(f.role(), Some(Role::Encoder(e)) if e.cache.as_ref().is_some_and(|c| c.value() != "none"))
+}
+
+/// `#ty: #bound`, the bound spanned at the type's last token, so that an unsatisfied
+/// predicate underlines the whole type.
+fn predicate(ty: &syn::Type, bound: &str) -> TokenStream {
+    let span = ty.to_token_stream().into_iter().last().map_or_else(
+        || ty.span(),
+        |t| match t {
+            TokenTree::Group(g) => g.span_close(),
+            t => t.span(),
+        },
+    );
+    let bound: TokenStream = format!("{P}::{bound}").parse().expect("valid path");
+    let bound = respan(bound, span);
+    quote!(#ty: #bound)
+}
+
+/// `tokens` with every span set to `span`.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut t| {
+            if let TokenTree::Group(g) = &t {
+                let mut group = proc_macro2::Group::new(g.delimiter(), respan(g.stream(), span));
+                group.set_span(span);
+                t = TokenTree::Group(group);
+            }
+            t.set_span(span);
+            t
+        })
+        .collect()
+}
+
+/// The `where` predicates of every generated item: what each field's role asks of its
+/// type (see the module docs), for the fields whose role is one of `roles`. Predicates
+/// that are written the same are kept once.
+fn predicates(model: &Model, roles: &[&str]) -> Vec<TokenStream> {
+    let mut out: Vec<TokenStream> = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    let mut push = |ty: &syn::Type, bound: &str| {
+        let key = format!("{}: {bound}", ty.to_token_stream());
+        if !seen.contains(&key) {
+            seen.push(key);
+            out.push(predicate(ty, bound));
+        }
+    };
+    let record = model.options.record.is_none();
+    for f in &model.fields {
+        if !f.role().is_some_and(|r| roles.contains(&r.name())) {
+            continue;
+        }
+        match f.role() {
+            Some(Role::Encoder(e)) if cached(f) && e.key.is_some() => {
+                push(&f.ty, "CachedEncoderField")
+            }
+            Some(Role::Encoder(_)) if cached(f) => push(&f.ty, "CachedByInputField"),
+            Some(Role::Encoder(_)) if record => push(&f.ty, "EncoderField"),
+            Some(Role::Encoder(_)) => push(&f.ty, "Encoder"),
+            Some(Role::Head(_)) => push(&f.ty, "Head"),
+            Some(Role::Loss(_)) => {
+                push(&f.ty, "SimilarityLoss");
+                if model.xbm().is_some() {
+                    push(&f.ty, "MemoryLoss");
+                }
+            }
+            Some(Role::Xbm(_)) => push(&f.ty, "XbmField"),
+            Some(Role::Metric(..)) => push(&f.ty, "MetricField"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The record type and, for several encoders without `record = ...`, its definition:
+/// `MRecord<TextInput = <Text as Encoder>::Input, ...>`, generic so that its derives
+/// hold exactly when the inputs allow them.
+fn record(model: &Model, predicates: &[TokenStream]) -> (TokenStream, Option<TokenStream>) {
+    let p = private();
+    let name = &model.item.ident;
+    let vis = &model.item.vis;
+    let encoders: Vec<&Field> = model.encoders().collect();
+    if let Some(ty) = &model.options.record {
+        return (quote!(#ty), None);
+    }
+    match encoders.as_slice() {
+        // Only in a fallback: a model without an encoder has no record.
+        [] => return (quote!(()), None),
+        [only] => {
+            let ty = &only.ty;
+            return (quote!(<#ty as #p::Encoder>::Input), None);
+        }
+        _ => {}
+    }
+    let record_ident = format_ident!("{}Record", name);
+    // Type parameters named after the fields, kept apart from every name in the types.
+    let taken: Vec<String> = model
+        .fields
+        .iter()
+        .flat_map(|f| idents(f.ty.to_token_stream()))
+        .collect();
+    let params: Vec<Ident> = encoders
+        .iter()
+        .map(|f| {
+            let mut name = format!("{}Input", camel(&f.ident.to_string()));
+            while taken.contains(&name) {
+                name.insert(0, '_');
+            }
+            Ident::new(&name, f.ident.span())
+        })
+        .collect();
+    let defaults = encoders.iter().zip(&params).map(|(f, param)| {
+        let ty = &f.ty;
+        quote!(#param = <#ty as #p::Encoder>::Input)
+    });
+    let fields = encoders.iter().zip(&params).map(|(f, param)| {
+        let ident = &f.ident;
+        let doc = format!("Input of encoder `{ident}`.");
+        quote!(#[doc = #doc] pub #ident: #param)
+    });
+    let doc = format!(
+        "One object for [`{name}`]: the input of each of its encoders, in the order their \
+         embeddings are concatenated. `Clone`, `Debug` and `PartialEq` when the inputs are."
+    );
+    let idents: Vec<&Ident> = encoders.iter().map(|f| &f.ident).collect();
+    let names: Vec<String> = idents.iter().map(|i| i.to_string()).collect();
+    let record_name = record_ident.to_string();
+    // The derives written out: a derive's reports of a false predicate would carry its own
+    // note and so not merge with those of the other items.
+    let def = quote! {
+        #[doc = #doc]
+        #vis struct #record_ident<#(#defaults),*>
+        where
+            #(#predicates,)*
+        {
+            #(#fields,)*
+        }
+
+        #[automatically_derived]
+        impl<#(#params: ::core::clone::Clone),*> ::core::clone::Clone for #record_ident<#(#params),*>
+        where
+            #(#predicates,)*
+        {
+            fn clone(&self) -> Self {
+                Self { #(#idents: ::core::clone::Clone::clone(&self.#idents),)* }
+            }
+        }
+
+        #[automatically_derived]
+        impl<#(#params: ::core::fmt::Debug),*> ::core::fmt::Debug for #record_ident<#(#params),*>
+        where
+            #(#predicates,)*
+        {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                f.debug_struct(#record_name)
+                    #(.field(#names, &self.#idents))*
+                    .finish()
+            }
+        }
+
+        #[automatically_derived]
+        impl<#(#params: ::core::cmp::PartialEq),*> ::core::cmp::PartialEq for #record_ident<#(#params),*>
+        where
+            #(#predicates,)*
+        {
+            fn eq(&self, other: &Self) -> bool {
+                #(self.#idents == other.#idents)&&*
+            }
+        }
+    };
+    (quote!(#record_ident), Some(def))
+}
+
+fn idents(tokens: TokenStream) -> Vec<String> {
+    tokens
+        .into_iter()
+        .flat_map(|t| match t {
+            TokenTree::Ident(i) => vec![i.to_string()],
+            TokenTree::Group(g) => idents(g.stream()),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+/// `product_title` → `ProductTitle`.
+fn camel(snake: &str) -> String {
+    snake
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// What is emitted next to the errors of a model that cannot be expanded: the struct,
+/// the record of its encoders and a `new` that never runs, so that code calling
+/// `Model::new` or naming the record does not fail too.
+fn fallback(model: &Model) -> TokenStream {
+    let mut out = cleaned_struct(model, false);
+    if !model.item.generics.params.is_empty() {
+        return out;
+    }
+    let p = private();
+    let name = &model.item.ident;
+    let vis = &model.item.vis;
+    let loss = model.loss().filter(|_| {
+        let losses = model
+            .fields
+            .iter()
+            .filter(|f| matches!(f.role(), Some(Role::Loss(_))));
+        losses.count() == 1 && model.swapped_head_and_loss().is_none()
+    });
+    let has_record = model.options.record.is_some() || model.encoders().next().is_some();
+    let stub_impl = loss.is_some() && has_record;
+    let roles: &[&str] = if stub_impl {
+        &["encoder", "loss"]
+    } else {
+        &["encoder"]
+    };
+    let (record_ty, record_def) = record(model, &predicates(model, &["encoder"]));
+    let predicates = predicates(model, roles);
+    let enc_idents: Vec<&Ident> = model.encoders().map(|f| &f.ident).collect();
+    let enc_tys: Vec<&syn::Type> = model.encoders().map(|f| &f.ty).collect();
+    out.extend(quote! {
+        #record_def
+
+        #[automatically_derived]
+        impl #name {
+            /// Not built: the model has errors.
+            #vis fn new(
+                #(#enc_idents: #enc_tys,)*
+                options: &#p::ModelOptions,
+            ) -> #p::Result<Self> {
+                let _ = (#(#enc_idents,)* options);
+                ::core::unreachable!("the model has compile errors")
+            }
+        }
+    });
+    if let Some(loss) = loss.filter(|_| stub_impl) {
+        let loss_ty = &loss.ty;
+        let name_str = name.to_string();
+        out.extend(quote! {
+            #[automatically_derived]
+            impl #p::TrainableModel for #name
+            where
+                #(#predicates,)*
+            {
+                type Record = #record_ty;
+                type Loss = #loss_ty;
+                const NAME: &'static str = #name_str;
+
+                fn state(&self) -> &#p::ModelState {
+                    ::core::unreachable!("the model has compile errors")
+                }
+
+                fn loss(&self) -> &Self::Loss {
+                    ::core::unreachable!("the model has compile errors")
+                }
+
+                fn embed(
+                    &self,
+                    _: &#p::EncoderBatch<'_, Self::Record>,
+                    _: &mut #p::Mode<'_>,
+                ) -> #p::Result<#p::Tensor> {
+                    ::core::unreachable!("the model has compile errors")
+                }
+
+                fn fill_caches(
+                    &mut self,
+                    _: &[&Self::Record],
+                    _: usize,
+                    _: &mut dyn #p::FnMut(&'static str, usize, usize),
+                ) -> #p::Result<#p::CachedRows> {
+                    ::core::unreachable!("the model has compile errors")
+                }
+
+                fn save(&self, _: &#p::Path) -> #p::Result<()> {
+                    ::core::unreachable!("the model has compile errors")
+                }
+
+                fn load(_: &#p::Path, _: &#p::Device) -> #p::Result<Self> {
+                    ::core::unreachable!("the model has compile errors")
+                }
+            }
+        });
+    }
+    out
+}
+
 fn expand(model: &Model) -> TokenStream {
     let p = private();
     let name = &model.item.ident;
     let vis = &model.item.vis;
     let name_str = name.to_string();
-    let head = model.head().expect("validated");
-    let loss = model.loss().expect("validated");
+    let head = model.head().expect("complete");
+    let loss = model.loss().expect("complete");
     let (head_ident, head_ty) = (&head.ident, &head.ty);
     let (loss_ident, loss_ty) = (&loss.ident, &loss.ty);
     let encoders: Vec<&Field> = model.encoders().collect();
@@ -107,32 +417,11 @@ fn expand(model: &Model) -> TokenStream {
     let enc_names: Vec<String> = enc_idents.iter().map(|i| i.to_string()).collect();
     let n_encoders = encoders.len();
     let single = n_encoders == 1;
+    let encoder_predicates = predicates(model, &["encoder"]);
+    let predicates = predicates(model, &crate::attr::ROLES);
 
-    // The record type, and how each encoder's input is reached from a record.
-    let record_ident = format_ident!("{}Record", name);
     let user_record = model.options.record.as_ref();
-    let (record_ty, record_def) = if let Some(ty) = user_record {
-        (quote!(#ty), None)
-    } else if single {
-        let ty = enc_tys[0];
-        (quote!(<#ty as #p::Encoder>::Input), None)
-    } else {
-        let doc = format!("One object for [`{name}`]: the input of each of its encoders.");
-        let fields = encoders.iter().map(|f| {
-            let (ident, ty) = (&f.ident, &f.ty);
-            let doc = format!("Input of encoder `{ident}`.");
-            quote!(#[doc = #doc] pub #ident: <#ty as #p::Encoder>::Input)
-        });
-        (
-            quote!(#record_ident),
-            Some(quote! {
-                #[doc = #doc]
-                #vis struct #record_ident {
-                    #(#fields,)*
-                }
-            }),
-        )
-    };
+    let (record_ty, record_def) = record(model, &encoder_predicates);
     // How each encoder's input is read from a record, as a closure and as an expression
     // of `r`.
     let inputs: Vec<TokenStream> = encoders
@@ -140,7 +429,7 @@ fn expand(model: &Model) -> TokenStream {
         .map(|f| {
             let ident = &f.ident;
             match f.role() {
-                Some(Role::Encoder(e)) if e.input.is_some() => {
+                Some(Role::Encoder(e)) if e.input.is_some() && user_record.is_some() => {
                     let path = e.input.as_ref().expect("checked");
                     quote_spanned!(path.span()=> #path(r))
                 }
@@ -169,34 +458,26 @@ fn expand(model: &Model) -> TokenStream {
             quote!(#p::CacheType::#v)
         })
         .collect();
-    // Only cached encoders are filled; their inputs must be hashable (or have a key).
+    // Only cached encoders are filled; their inputs are hashable (or have a key).
     let fills: Vec<TokenStream> = encoders
         .iter()
         .zip(accessors.iter().zip(&inputs))
         .enumerate()
         .filter_map(|(slot, (f, (access, input)))| {
             let Some(Role::Encoder(e)) = f.role() else { unreachable!() };
-            if e.cache.as_ref().is_none_or(|c| c.value() == "none") {
+            if !cached(f) {
                 return None;
             }
             let ident = &f.ident;
             let key = match &e.key {
                 Some(path) => quote_spanned!(path.span()=> |r: &Self::Record| #p::cache_key(&#path(#input))),
-                None => quote_spanned!(f.ty.span()=> |r: &Self::Record| #p::cache_key(#input)),
+                None => quote!(|r: &Self::Record| #p::HashKey::hash_key(#input)),
             };
             Some(quote! {
                 self.__similarity.fill_encoder(#slot, &self.#ident, records, #access, #key, batch_size, progress, &mut rows)?;
             })
         })
         .collect();
-    let assertions = encoders.iter().filter_map(|f| {
-        let Some(Role::Encoder(e)) = f.role() else {
-            return None;
-        };
-        let cached = e.cache.as_ref().is_some_and(|c| c.value() != "none");
-        let ty = &f.ty;
-        cached.then(|| quote_spanned!(ty.span()=> #p::assert_cacheable::<#ty>();))
-    });
 
     // Without a cached encoder there is nothing to fill.
     let unused = fills
@@ -204,14 +485,12 @@ fn expand(model: &Model) -> TokenStream {
         .then(|| quote!(let _ = (records, batch_size, progress);));
     let xbm = model.xbm();
     let xbm_build = xbm.map(|f| {
-        let ident = &f.ident;
+        let (ident, ty) = (&f.ident, &f.ty);
         let config = config_literal(f, quote!(#p::XbmConfig));
-        quote!(let #ident = #p::Xbm::new(#config, &options.device)?;)
+        quote!(let #ident = <#ty as #p::XbmField>::build(#config, &options.device)?;)
     });
     let xbm_ident = xbm.map(|f| &f.ident);
     let xbm_field = xbm_ident.map(|i| quote!(#i,));
-    let xbm_assertion =
-        xbm.map(|_| quote_spanned!(loss_ty.span()=> #p::assert_memory_loss::<#loss_ty>();));
     let xbm_methods = xbm_ident.map(|x| {
         let targets = quote!(<<Self::Loss as #p::SimilarityLoss>::Kind as #p::LossKind>::Targets);
         quote! {
@@ -221,19 +500,26 @@ fn expand(model: &Model) -> TokenStream {
                 targets: &#targets,
                 step: usize,
             ) -> #p::Result<::core::option::Option<#p::Tensor>> {
-                self.#x.loss(&self.#loss_ident, embeddings, &targets.groups, step)
+                #p::memory_loss::<#loss_ty>(
+                    #p::XbmField::xbm(&self.#x),
+                    &self.#loss_ident,
+                    embeddings,
+                    targets,
+                    step,
+                )
             }
 
             fn memory_enqueue(&mut self, embeddings: &#p::Tensor, targets: &#targets) -> #p::Result<()> {
-                self.#x.enqueue(embeddings, &targets.groups)
+                #p::memory_enqueue::<#loss_ty>(#p::XbmField::xbm_mut(&mut self.#x), embeddings, targets)
             }
 
             fn extra_state(&self) -> #p::HashMap<::std::string::String, #p::Tensor> {
-                self.#x.state_tensors()
+                #p::XbmField::xbm(&self.#x).state_tensors()
             }
 
             fn load_extra_state(&mut self, state: &#p::HashMap<::std::string::String, #p::Tensor>) -> #p::Result<()> {
-                self.#x.load_state(state, #p::Head::output_size(&self.#head_ident))
+                let dim = #p::Head::output_size(&self.#head_ident);
+                #p::XbmField::xbm_mut(&mut self.#x).load_state(state, dim)
             }
         }
     });
@@ -285,11 +571,6 @@ fn expand(model: &Model) -> TokenStream {
 
         #record_def
 
-        const _: () = {
-            #(#assertions)*
-            #xbm_assertion
-        };
-
         #[automatically_derived]
         #[allow(clippy::field_reassign_with_default)]
         impl #name {
@@ -297,7 +578,10 @@ fn expand(model: &Model) -> TokenStream {
             #vis fn new(
                 #(#enc_idents: #enc_tys,)*
                 options: &#p::ModelOptions,
-            ) -> #p::Result<Self> {
+            ) -> #p::Result<Self>
+            where
+                #(#predicates,)*
+            {
                 Self::__build(#(#enc_idents,)* #head_config, #loss_config, options, &|e| e)
             }
 
@@ -309,7 +593,10 @@ fn expand(model: &Model) -> TokenStream {
                 loss_config: <#loss_ty as #p::SimilarityLoss>::Config,
                 options: &#p::ModelOptions,
                 config_error: &dyn ::core::ops::Fn(#p::Error) -> #p::Error,
-            ) -> #p::Result<Self> {
+            ) -> #p::Result<Self>
+            where
+                #(#predicates,)*
+            {
                 let mut params = #p::Params::new(&options.device, options.seed);
                 // The head's input is the concatenation of the encoders, in field order.
                 let input_size = #input_size;
@@ -337,7 +624,10 @@ fn expand(model: &Model) -> TokenStream {
         }
 
         #[automatically_derived]
-        impl #p::TrainableModel for #name {
+        impl #p::TrainableModel for #name
+        where
+            #(#predicates,)*
+        {
             type Record = #record_ty;
             type Loss = #loss_ty;
             const NAME: &'static str = #name_str;

@@ -51,7 +51,10 @@ use proc_macro::TokenStream;
 ///
 /// Without `record`, one encoder consumes its own input type (`String` for a text
 /// encoder); several encoders get a generated `<Model>Record` struct with one public field
-/// per encoder, named like the encoder fields.
+/// per encoder, named like the encoder fields, in field order (the order in which the
+/// embeddings are concatenated). It is generic over the inputs, each parameter defaulted
+/// to its encoder's `Input` (so `<Model>Record` names the record of the model's inputs),
+/// and implements `Clone`, `Debug` and `PartialEq` whenever every input does.
 ///
 /// **`#[head(...)]`** (exactly one; the type implements `Head`): any field of
 /// `<Head as Head>::Config`, e.g. `SkipConnectionHead`: `dropout: f64 = 0.0`,
@@ -84,11 +87,24 @@ use proc_macro::TokenStream;
 ///
 /// # Compile-time checks
 ///
-/// No encoder; no or two heads or losses; two `#[xbm]`; a field with no role or two; the
-/// same role or option twice; unknown encoder or struct options; an unknown cache type
-/// (with the nearest suggestion); `size = 0` or `k = 0`; `input` without `record`; a
-/// cached encoder that is not frozen; `#[xbm]` with a loss without a memory form; `#[cfg]`
-/// on fields; generic parameters or lifetimes. All are reported in one build.
+/// On the attributes: no encoder; no or two heads or losses; two `#[xbm]`; a field with no
+/// role or two; the same role or option twice; unknown encoder or struct options and
+/// misspelt roles (`#[haed]`), with the nearest name ("did you mean"); an unknown cache
+/// type (with the nearest suggestion); `size = 0` or `k = 0`; `input` without `record`;
+/// `#[cfg]` on fields and roles inside `#[cfg_attr]`; head and loss types swapped; generic
+/// parameters or lifetimes. All are reported in one build.
+///
+/// On the types, at the field's type, each with a message that names the fix: an
+/// `#[encoder]`, `#[head]`, `#[loss]` or `#[metric]` field whose type does not implement
+/// `Encoder`, `Head`, `SimilarityLoss` or `Metric`; an `#[xbm]` field that is not `Xbm`
+/// (`XbmConfig`); `#[xbm]` with a loss without a memory form; a cached encoder that is not
+/// frozen, or whose input is not `Hash` and has no `key`. Every generated item carries
+/// one `where` predicate per field, so a type that does not fit its role is one error,
+/// and nothing that uses the type (or the model) adds another.
+///
+/// A misspelt role or option is read as the one it resembles, and with any attribute
+/// error the model's items are still generated (a `new` that never runs where the model
+/// cannot be built), so code using the model adds no error of its own.
 #[proc_macro_attribute]
 pub fn trainable_model(args: TokenStream, input: TokenStream) -> TokenStream {
     expand::trainable_model(args.into(), input.into()).into()

@@ -4,13 +4,14 @@
 use quote::ToTokens;
 
 use crate::ast::Model;
-use crate::attr::{CACHE_TYPES, Role};
+use crate::attr::{CACHE_TYPES, Role, edit_distance};
 use crate::ctxt::Ctxt;
 
 pub fn check(cx: &Ctxt, model: &Model) {
     check_generics(cx, model);
     check_roles(cx, model);
     check_counts(cx, model);
+    check_swapped(cx, model);
     check_xbm(cx, model);
     check_sizes(cx, model);
     check_record(cx, model);
@@ -95,6 +96,22 @@ fn check_counts(cx: &Ctxt, model: &Model) {
                 }
             }
         }
+    }
+}
+
+/// One error for a head and a loss written in each other's place (each type alone
+/// would give its own error at the type level).
+fn check_swapped(cx: &Ctxt, model: &Model) {
+    if let Some((head, loss)) = model.swapped_head_and_loss() {
+        let (h, l) = (head.ty.to_token_stream(), loss.ty.to_token_stream());
+        cx.error_spanned_by(
+            &head.ty,
+            format!(
+                "the #[head] and #[loss] types are swapped: `{h}` is a loss and `{l}` a head; \
+                 write `#[head] {}: {l}` and `#[loss] {}: {h}`",
+                head.ident, loss.ident
+            ),
+        );
     }
 }
 
@@ -194,29 +211,5 @@ fn check_cfg(cx: &Ctxt, model: &Model) {
                  wiring must not change with the build; put the cfg on the whole struct",
             ));
         }
-    }
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn edit_distance_picks_nearest() {
-        assert_eq!(super::edit_distance("gpuu", "gpu"), 1);
-        assert_eq!(super::edit_distance("cpu", "cpu"), 0);
-        assert_eq!(super::edit_distance("", "auto"), 4);
     }
 }

@@ -1,6 +1,6 @@
 use similarity_core::prelude::*;
 
-#[trainable_model(recrod = String)]
+#[trainable_model]
 struct Model {
     #[encoder(cache = "auto", input = String::as_str)]
     text: HashedNgramEncoder,

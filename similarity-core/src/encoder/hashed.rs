@@ -218,6 +218,7 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+#[diagnostic::do_not_recommend]
 impl Encoder for HashedNgramEncoder {
     type Input = String;
     type Batch = HashedBatch;
@@ -261,6 +262,7 @@ impl Encoder for HashedNgramEncoder {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl FrozenEncoder for HashedNgramEncoder {}
 
 #[cfg(test)]

@@ -32,6 +32,11 @@ use crate::error::Result;
 use crate::nn::Mode;
 
 /// A model that maps records of type [`Input`](Encoder::Input) to embeddings.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not an encoder",
+    label = "`Encoder` is not implemented for `{Self}`",
+    note = "an #[encoder] field holds an encoder: a built-in one such as `HashedNgramEncoder`, or a type of yours that implements `Encoder` (README, \"Your own encoder\")"
+)]
 pub trait Encoder: Sized + Send + Sync {
     /// One record, as the encoder consumes it (e.g. `String` for a text encoder).
     type Input;
@@ -87,9 +92,9 @@ pub trait Encoder: Sized + Send + Sync {
 ///
 /// Implemented by [`Frozen<E>`] and by encoders that have no trainable state.
 #[diagnostic::on_unimplemented(
-    message = "encoder `{Self}` is trainable, so its embeddings cannot be cached",
+    message = "`{Self}` is not a frozen encoder, so its embeddings cannot be cached",
     label = "a cached encoder must be frozen",
-    note = "wrap the field's type in `Frozen<...>`, or remove the `cache` option"
+    note = "wrap a trainable encoder in `Frozen<...>`, or remove the `cache` option; an encoder of yours with nothing to train implements `FrozenEncoder` (an empty impl)"
 )]
 pub trait FrozenEncoder: Encoder {}
 
@@ -110,6 +115,7 @@ impl<E> Frozen<E> {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl<E: Encoder> Encoder for Frozen<E> {
     type Input = E::Input;
     type Batch = E::Batch;
@@ -144,6 +150,7 @@ impl<E: Encoder> Encoder for Frozen<E> {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl<E: Encoder> FrozenEncoder for Frozen<E> {}
 
 /// Collates and embeds `inputs` in batches of `batch_size`, concatenating the results:

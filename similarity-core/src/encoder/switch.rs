@@ -72,6 +72,7 @@ where
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl<R, A, B> Encoder for SwitchEncoder<R, A, B>
 where
     A: Encoder,
@@ -168,6 +169,7 @@ where
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl<R, A, B> FrozenEncoder for SwitchEncoder<R, A, B>
 where
     A: FrozenEncoder,

@@ -840,6 +840,7 @@ fn set_truncation(tok: &mut Tokenizer, max_len: usize, path: &Path) -> Result<()
     Ok(())
 }
 
+#[diagnostic::do_not_recommend]
 impl Encoder for SentenceTransformer {
     type Input = String;
     type Batch = TransformerBatch;

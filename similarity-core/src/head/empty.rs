@@ -30,6 +30,7 @@ pub struct EmptyHead {
     size: usize,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for EmptyHead {
     type Config = EmptyHeadConfig;
     const NAME: &'static str = "EmptyHead";

@@ -38,6 +38,7 @@ pub struct GatedHead {
     gates: Tensor,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for GatedHead {
     type Config = GatedHeadConfig;
     const NAME: &'static str = "GatedHead";

@@ -50,6 +50,7 @@ pub struct LinearHead {
     linear: Linear,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for LinearHead {
     type Config = LinearHeadConfig;
     const NAME: &'static str = "LinearHead";

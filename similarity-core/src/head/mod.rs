@@ -52,6 +52,11 @@ use crate::limits::{self, ParamCount};
 use crate::nn::{Mode, ParamScope};
 
 /// The trainable layer of a model.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a head",
+    label = "`Head` is not implemented for `{Self}`",
+    note = "the #[head] field holds a head such as `SkipConnectionHead`, `LinearHead` or `EmptyHead`; a loss belongs in the #[loss] field"
+)]
 pub trait Head: Sized + Send + Sync {
     /// Options, with Quaterion's defaults in `Default`. Saved with a servable model.
     type Config: Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned;

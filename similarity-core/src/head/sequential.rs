@@ -105,6 +105,7 @@ pub struct SequentialHead {
     layers: Vec<Built>,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for SequentialHead {
     type Config = SequentialHeadConfig;
     const NAME: &'static str = "SequentialHead";

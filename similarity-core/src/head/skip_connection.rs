@@ -53,6 +53,7 @@ pub struct SkipConnectionHead {
     layers: Vec<(Linear, Tensor)>,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for SkipConnectionHead {
     type Config = SkipConnectionHeadConfig;
     const NAME: &'static str = "SkipConnectionHead";

@@ -47,6 +47,7 @@ pub struct SoftmaxEmbeddingsHead {
     projection: Linear,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for SoftmaxEmbeddingsHead {
     type Config = SoftmaxEmbeddingsHeadConfig;
     const NAME: &'static str = "SoftmaxEmbeddingsHead";

@@ -122,6 +122,7 @@ pub struct StackedProjectionHead {
     stack: Stack,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for StackedProjectionHead {
     type Config = StackedProjectionHeadConfig;
     const NAME: &'static str = "StackedProjectionHead";

@@ -151,6 +151,7 @@ pub struct SwitchHead {
     default_route: Option<usize>,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for SwitchHead {
     type Config = SwitchHeadConfig;
     const NAME: &'static str = "SwitchHead";

@@ -54,6 +54,7 @@ pub struct WideningHead {
     stack: Stack,
 }
 
+#[diagnostic::do_not_recommend]
 impl Head for WideningHead {
     type Config = WideningHeadConfig;
     const NAME: &'static str = "WideningHead";

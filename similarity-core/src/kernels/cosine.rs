@@ -1,11 +1,10 @@
-//! Cosine similarity kernels: the full matrix `x̂ ŷᵀ` (and `x̂ x̂ᵀ`), a few chosen pairs
-//! per row, and retrieval ranks.
+//! Cosine similarity kernels: the full matrix `x̂ ŷᵀ` (and `x̂ x̂ᵀ`) and a few chosen pairs
+//! per row.
 //!
 //! ```text
 //! S = x̂ ŷᵀ: (n, d), (m, d) → (n, m)    ∂x̂ = G ŷ, ∂ŷ = Gᵀ x̂ (self: ∂x̂ = (G + Gᵀ) x̂)
 //! pairs:  s_ik = x̂_i · ŷ_{idx_ik}: (n, d), (m, d), idx (n, k) → (n, k)
 //!         ∂x̂_i = Σ_k G_ik ŷ_{idx_ik}, ∂ŷ_j = Σ_{idx_ik = j} G_ik x̂_i   (O((n·k + m)·d))
-//! ranks:  rank_i = #{j : cos(q_i, y_j) > cos(q_i, y_i)}
 //! ```
 //!
 //! Each gradient then goes through the normalisation (see the parent module).
@@ -271,68 +270,4 @@ pub(super) fn cosine_pairs(x: &Tensor, y: &Tensor, cols: Vec<u32>, k: usize) -> 
         k,
     };
     Ok(x.contiguous()?.apply_op2(&y.contiguous()?, Fused(op))?)
-}
-
-/// Counts, for each query `i` of `which`, the candidates strictly closer in cosine than
-/// candidate `i`: the rank of the relevant candidate (0 = nearest). Output `(len)` f32.
-pub(super) struct CosineRanks {
-    which: Vec<u32>,
-}
-
-impl FusedOp<2> for CosineRanks {
-    const NAME: &'static str = "cosine-ranks";
-
-    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let (n, d) = s1.dims2()?;
-        let (m, _) = s2.dims2()?;
-        if self.which.iter().any(|&i| i as usize >= n.min(m)) {
-            candle_core::bail!("cosine-ranks: query index out of range");
-        }
-        let q = s1.data;
-        let y = s2.data;
-        let inv = inverse_norms(y, d);
-        let k = self.which.len();
-        let mut qs = vec![0.0f32; k * d];
-        for (row, &i) in qs.chunks_exact_mut(d.max(1)).zip(&self.which) {
-            row.copy_from_slice(&q[i as usize * d..(i as usize + 1) * d]);
-        }
-        let mut sims = vec![0.0f32; k * m];
-        gemm(&mut sims, &qs, y, k, m, d, false, true);
-        let ranks = sims
-            .chunks_exact(m.max(1))
-            .zip(&self.which)
-            .map(|(row, &i)| closer_than(row, &inv, i as usize) as f32)
-            .collect();
-        Ok((ranks, Shape::from(k)))
-    }
-}
-
-simd_fn! {
-    /// How many columns `j` have `s_j · inv_j > s_own · inv_own`.
-    pub(super) fn closer_than(s: &[f32], inv: &[f32], own: usize) -> usize {
-        let target = s[own] * inv[own];
-        s.iter()
-            .zip(inv)
-            .map(|(&v, &iv)| usize::from(v * iv > target))
-            .sum()
-    }
-}
-
-/// The rank of candidate `i` for each query `i` in `which`, by cosine, as [`CosineRanks`];
-/// `None` where it does not apply.
-pub(crate) fn cosine_ranks(
-    queries: &Tensor,
-    candidates: &Tensor,
-    which: &[u32],
-) -> Result<Option<Vec<f32>>> {
-    if !applies(&[queries, candidates]) {
-        return Ok(None);
-    }
-    let op = CosineRanks {
-        which: which.to_vec(),
-    };
-    let ranks = queries
-        .contiguous()?
-        .apply_op2_no_bwd(&candidates.contiguous()?, &Fused(op))?;
-    Ok(Some(ranks.to_vec1::<f32>()?))
 }

@@ -14,7 +14,7 @@
 //!
 //! | module          | op                                      | shapes                        |
 //! |-----------------|-----------------------------------------|-------------------------------|
-//! | `cosine`        | `S = x̂ ŷᵀ`, chosen pairs, retrieval ranks | `(n, d), (m, d) → (n, m)`     |
+//! | `cosine`        | `S = x̂ ŷᵀ`, chosen pairs                | `(n, d), (m, d) → (n, m)`     |
 //! | `mining`        | batch-hard columns, group masks         | `(n, m)` → `(n)` indices      |
 //! | `cross_entropy` | diagonal cross-entropy, fused MNRL      | `(n, n)` or `(n, d)² → ()`    |
 //! | `skip`          | `x + (x Wᵀ + b) ⊙ σ(gate)`              | `(n, d) → (n, d)`             |
@@ -608,7 +608,7 @@ pub(crate) use activation::{gelu_erf, softmax_last_dim};
 pub(crate) use adam::{AdamStep, adam_applies, adam_step};
 #[cfg(feature = "transformers")]
 pub(crate) use bert::{Epilogue, attention, attention_takes_head_size, dense};
-pub(crate) use cosine::{cosine_ranks, cosine_similarity_matrix};
+pub(crate) use cosine::cosine_similarity_matrix;
 pub(crate) use cross_entropy::{cosine_mnrl, diagonal_cross_entropy};
 pub(crate) use mining::{cosine_hardest, group_masks, hardest_pairs};
 pub(crate) use skip::skip_connection_layer;

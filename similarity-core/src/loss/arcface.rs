@@ -122,6 +122,7 @@ pub(super) fn class_cosines(embeddings: &Tensor, kernel: &Tensor) -> Result<Tens
     Ok(normalize(embeddings)?.matmul(&kernel)?.clamp(-1.0, 1.0)?)
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for ArcFaceLoss {
     type Kind = GroupKind;
     type Config = ArcFaceLossConfig;

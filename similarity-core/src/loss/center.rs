@@ -69,6 +69,7 @@ impl CenterLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for CenterLoss {
     type Kind = GroupKind;
     type Config = CenterLossConfig;

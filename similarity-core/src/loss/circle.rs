@@ -120,6 +120,7 @@ impl CircleLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for CircleLoss {
     type Kind = GroupKind;
     type Config = CircleLossConfig;
@@ -168,6 +169,7 @@ impl SimilarityLoss for CircleLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for CircleLoss {
     /// Each batch row an anchor against the memory (pooled: every (batch, memory) pair).
     /// An empty memory gives 0.

@@ -71,6 +71,7 @@ impl<A: SimilarityLoss, B: SimilarityLoss<Kind = A::Kind>> CombinedLoss<A, B> {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl<A, B> SimilarityLoss for CombinedLoss<A, B>
 where
     A: SimilarityLoss,
@@ -130,6 +131,7 @@ impl<A: SimilarityLoss, B: SimilarityLoss<Kind = A::Kind>> CombinedLoss<A, B> {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl<A, B> MemoryLoss for CombinedLoss<A, B>
 where
     A: MemoryLoss,

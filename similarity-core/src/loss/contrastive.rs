@@ -73,6 +73,7 @@ pub struct ContrastiveLoss {
     config: ContrastiveLossConfig,
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for ContrastiveLoss {
     type Kind = PairKind;
     type Config = ContrastiveLossConfig;

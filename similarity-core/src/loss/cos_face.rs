@@ -72,6 +72,7 @@ impl CosFaceLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for CosFaceLoss {
     type Kind = GroupKind;
     type Config = CosFaceLossConfig;

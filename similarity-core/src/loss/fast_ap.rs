@@ -53,6 +53,7 @@ pub struct FastAPLoss {
     config: FastAPLossConfig,
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for FastAPLoss {
     type Kind = GroupKind;
     type Config = FastAPLossConfig;

@@ -83,13 +83,26 @@ pub trait LossKind: 'static {
     /// slot-major (as a batch is): the partner of a pair, the members of a group.
     fn relevance(metas: &[Self::Meta]) -> metric::OwnedRelevance;
 
+    /// The metrics every evaluation of this kind reports (before the attached ones).
+    fn metrics() -> Vec<Box<dyn metric::Metric>>;
+
     /// Scores a whole evaluation set: `embeddings` holds every object of every sample
-    /// in slot-major order (`OBJECTS · n` rows); returns `(metric name, value)` pairs.
+    /// in slot-major order (`OBJECTS · n` rows); returns the [`metrics`](Self::metrics)
+    /// as `(name, value)`, computed by the [`Evaluator`](metric::Evaluator) with
+    /// [`relevance`](Self::relevance), as `Trainer::fit` and `Trainer::evaluate` do.
     fn evaluate(
         embeddings: &Tensor,
         metas: &[Self::Meta],
         distance: Distance,
-    ) -> Result<Vec<(&'static str, f64)>>;
+    ) -> Result<Vec<(String, f64)>> {
+        let metrics = Self::metrics();
+        let list: Vec<&dyn metric::Metric> = metrics.iter().map(|m| m.as_ref()).collect();
+        metric::Evaluator::new(distance).evaluate(
+            embeddings,
+            &Self::relevance(metas).as_relevance(),
+            &list,
+        )
+    }
 }
 
 /// Pairs of objects with a score ([`SimilarityPairSample`]).
@@ -101,33 +114,23 @@ impl LossKind for PairKind {
     type Targets = PairTargets;
     type Sample<R: Send + Sync> = SimilarityPairSample<R>;
 
+    /// Each positive pair's `obj_a` is a query ranked against every `obj_b` of the set
+    /// (a question against all answers); its own `obj_b` is relevant, with the pair's
+    /// score as gain.
     fn relevance(metas: &[PairMeta]) -> metric::OwnedRelevance {
         let p = metas.len();
-        metric::OwnedRelevance::Pairs {
+        metric::OwnedRelevance::QueryCandidate {
             pairs: (0..p).map(|i| (i, i + p)).collect(),
             scores: metas.iter().map(|m| m.score).collect(),
         }
     }
 
-    /// Each positive pair's `obj_a` is a query ranked against every `obj_b` of the set;
-    /// its own `obj_b` is the relevant answer. Reports `precision@1` and
-    /// `reciprocal_rank` (their means over the queries).
-    fn evaluate(
-        embeddings: &Tensor,
-        metas: &[PairMeta],
-        distance: Distance,
-    ) -> Result<Vec<(&'static str, f64)>> {
-        let n = metas.len();
-        let a = embeddings.narrow(0, 0, n)?;
-        let b = embeddings.narrow(0, n, n)?;
-        let queries: Vec<u32> = (0..n as u32)
-            .filter(|&i| metas[i as usize].score > 0.0)
-            .collect();
-        let scores = metric::rank_against_candidates(&a, &b, &queries, distance)?;
-        Ok(vec![
-            ("precision@1", scores.precision_at_1),
-            ("reciprocal_rank", scores.reciprocal_rank),
-        ])
+    /// `precision@1` (the own answer is the nearest) and `mrr` (mean `1 / (rank + 1)`).
+    fn metrics() -> Vec<Box<dyn metric::Metric>> {
+        vec![
+            Box::new(metric::RetrievalPrecision { k: 1 }),
+            Box::new(metric::MeanReciprocalRank),
+        ]
     }
 }
 
@@ -180,20 +183,15 @@ impl LossKind for GroupKind {
         Ok(())
     }
 
-    /// Every object is a query against all the others (itself excluded); the objects of
-    /// its group are relevant. Reports `precision@1` and `r_precision` over the objects
-    /// whose group has at least two members.
-    fn evaluate(
-        embeddings: &Tensor,
-        metas: &[GroupMeta],
-        distance: Distance,
-    ) -> Result<Vec<(&'static str, f64)>> {
-        let groups: Vec<i64> = metas.iter().map(|m| m.group).collect();
-        let scores = metric::group_retrieval(embeddings, &groups, distance)?;
-        Ok(vec![
-            ("precision@1", scores.precision_at_1),
-            ("r_precision", scores.r_precision),
-        ])
+    /// `precision@1` (the nearest other object is in the query's group) and
+    /// `r_precision` (mean over queries of the fraction of the `R` nearest in the group,
+    /// `R` the number of other members), every object whose group has another member
+    /// querying all the others.
+    fn metrics() -> Vec<Box<dyn metric::Metric>> {
+        vec![
+            Box::new(metric::RetrievalPrecision { k: 1 }),
+            Box::new(metric::RPrecision),
+        ]
     }
 }
 
@@ -250,6 +248,11 @@ pub trait MemoryLoss: SimilarityLoss<Kind = GroupKind> {
 }
 
 /// A similarity loss.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a similarity loss",
+    label = "`SimilarityLoss` is not implemented for `{Self}`",
+    note = "the #[loss] field holds a loss such as `MultipleNegativesRankingLoss` (pairs) or `TripletLoss` (groups); a head belongs in the #[head] field"
+)]
 pub trait SimilarityLoss: Sized + Send + Sync {
     /// The data it trains on.
     type Kind: LossKind;

@@ -99,6 +99,7 @@ impl MultiSimilarityLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for MultiSimilarityLoss {
     type Kind = GroupKind;
     type Config = MultiSimilarityLossConfig;
@@ -148,6 +149,7 @@ impl SimilarityLoss for MultiSimilarityLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for MultiSimilarityLoss {
     /// Batch anchors against memory positives and negatives. An empty memory gives 0.
     fn forward_memory(

@@ -54,6 +54,7 @@ pub struct MultipleNegativesRankingLoss {
     config: MultipleNegativesRankingLossConfig,
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for MultipleNegativesRankingLoss {
     type Kind = PairKind;
     type Config = MultipleNegativesRankingLossConfig;

@@ -176,6 +176,7 @@ impl OnlineContrastiveLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for OnlineContrastiveLoss {
     type Kind = GroupKind;
     type Config = OnlineContrastiveLossConfig;
@@ -211,6 +212,7 @@ impl SimilarityLoss for OnlineContrastiveLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for OnlineContrastiveLoss {
     fn forward_memory(
         &self,

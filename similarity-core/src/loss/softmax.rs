@@ -59,6 +59,7 @@ impl SoftmaxLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for SoftmaxLoss {
     type Kind = GroupKind;
     type Config = SoftmaxLossConfig;

@@ -94,6 +94,7 @@ impl SupConLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for SupConLoss {
     type Kind = GroupKind;
     type Config = SupConLossConfig;
@@ -123,6 +124,7 @@ impl SimilarityLoss for SupConLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for SupConLoss {
     fn forward_memory(
         &self,

@@ -406,6 +406,7 @@ impl TripletLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl SimilarityLoss for TripletLoss {
     type Kind = GroupKind;
     type Config = TripletLossConfig;
@@ -455,6 +456,7 @@ impl SimilarityLoss for TripletLoss {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl MemoryLoss for TripletLoss {
     /// Batch anchors against memory positives and negatives, with the configured mining
     /// (`all`: the real all-triplets loss, an `(N, M, M)` tensor). An empty memory gives 0.

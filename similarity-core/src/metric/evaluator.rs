@@ -1,14 +1,24 @@
-//! Scoring a whole embedded dataset, block by block.
+//! Scoring a whole embedded dataset, block by block: the one retrieval implementation
+//! behind `Trainer::fit`, `Trainer::evaluate` and [`LossKind::evaluate`].
 //!
-//! Every object `q` of `embeddings: (n, d)` (or a seeded random sample of `s` of them) is a
-//! query against all `n` objects; the query itself is masked (distance `+∞`, irrelevant),
-//! as Quaterion's `precompute` does with its `max + 1` diagonal. What is relevant comes
-//! from [`Relevance`]: the other members of the query's group, or its pair partners with
-//! the pair score as gain.
+//! What is relevant, and what is ranked, comes from [`Relevance`]:
+//! * [`Relevance::Groups`]: every object queries all `n` objects; the other members of
+//!   its group are relevant (gain 1).
+//! * [`Relevance::Pairs`]: every object queries all `n` objects; its pair partners are
+//!   relevant, the pair score as gain (Quaterion's `PairSampler`).
+//! * [`Relevance::QueryCandidate`]: the first object of each pair is a query, ranked
+//!   against the second objects of all pairs only (a question against the answers:
+//!   Quaterion's `PairSampler(distinguish=True)`); what the pair loss kind uses.
 //!
-//! Distances are computed for `b` query rows at a time, `(b, n)`, with
-//! `b = clamp(block_bytes / (4 n), 1, n)`, so a block's f32 distance matrix takes at most
-//! `b × n × 4 ≤ block_bytes` bytes (or one row, `4 n`, when a row alone exceeds it). A
+//! The query itself is always masked (distance `+∞`, irrelevant), as Quaterion's
+//! `precompute` does with its `max + 1` diagonal. An object with nothing relevant (a
+//! singleton group, an object only in negative pairs) is not a query: it could only count
+//! as a miss. The queries are those objects (or a seeded random sample of `s` of them).
+//!
+//! Distances are computed for `b` query rows at a time against the `m` candidates,
+//! `(b, m)`, with `b = clamp(block_bytes / (4 m), 1, m)`, so a block's f32 distance matrix
+//! takes at most `b × m × 4 ≤ block_bytes` bytes (or one row, `4 m`, when a row alone
+//! exceeds it). A
 //! block's computation holds at most [`Evaluator::BLOCK_BUFFERS`] such buffers at once
 //! (Candle's intermediate matrices of the distance expression plus the host copy), so the
 //! evaluator's peak extra memory is bounded by
@@ -19,13 +29,18 @@
 //!                                                         the embeddings for cosine)
 //! ```
 //!
-//! and never an `n × n` matrix. With the default 64 MiB blocks, 100,000 × 64 embeddings
-//! evaluate in a few hundred MiB. Ranking is done on the host, rows split across threads.
+//! (with `m` for `n` where the candidates are a subset) and never an `n × n` matrix. With
+//! the default 64 MiB blocks, 100,000 × 64 embeddings evaluate in a few hundred MiB.
+//! Ranking is done on the host, rows split across threads.
 //!
 //! **Difference from Quaterion's samplers.** Quaterion's `GroupSampler` masks entry
 //! `[i, i]` of the *sampled* `(s, n)` matrix, which is not the query's own column, so the
 //! query's zero self-distance stays in and retrieves itself (an irrelevant hit), deflating
-//! every score; here the query's own column is always masked.
+//! every score; here the query's own column is always masked. Its `RetrievalPrecision`
+//! also counts every object with nothing relevant as a query that missed, which deflates
+//! it further; here those objects are not queries (other metrics skip them in both).
+//!
+//! [`LossKind::evaluate`]: crate::loss::LossKind::evaluate
 
 use std::collections::HashMap;
 
@@ -33,7 +48,7 @@ use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use super::ranking::{Metric, Partial, RankedRow, finish};
+use super::ranking::{Metric, Partial, RankedRow};
 use crate::distance::Distance;
 use crate::error::{Error, Result};
 
@@ -47,6 +62,16 @@ pub enum Relevance<'a> {
     /// (pairs with `score ≤ 0` make nothing relevant). A repeated pair keeps its last score.
     Pairs {
         /// `(a, b)` object indices.
+        pairs: &'a [(usize, usize)],
+        /// One score per pair.
+        scores: &'a [f32],
+    },
+    /// Pair `(q, c)` makes object `c` a candidate, relevant to query `q` with gain `score`
+    /// when `score > 0`. The queries are the `q` of those pairs; each is ranked against
+    /// the `c` of all pairs (whatever their score), never against other queries. A
+    /// repeated pair keeps its last score.
+    QueryCandidate {
+        /// `(query, candidate)` object indices.
         pairs: &'a [(usize, usize)],
         /// One score per pair.
         scores: &'a [f32],
@@ -65,6 +90,13 @@ pub enum OwnedRelevance {
         /// One score per pair.
         scores: Vec<f32>,
     },
+    /// See [`Relevance::QueryCandidate`].
+    QueryCandidate {
+        /// `(query, candidate)` object indices.
+        pairs: Vec<(usize, usize)>,
+        /// One score per pair.
+        scores: Vec<f32>,
+    },
 }
 
 impl OwnedRelevance {
@@ -73,34 +105,100 @@ impl OwnedRelevance {
         match self {
             OwnedRelevance::Groups(g) => Relevance::Groups(g),
             OwnedRelevance::Pairs { pairs, scores } => Relevance::Pairs { pairs, scores },
+            OwnedRelevance::QueryCandidate { pairs, scores } => {
+                Relevance::QueryCandidate { pairs, scores }
+            }
         }
     }
 }
 
-/// Relevant `(object, gain)` lists, built once per evaluation.
+/// Who is ranked against whom, built once per evaluation: the candidate rows, and each
+/// object's relevant candidates as `(column, gain)` (column `j` is candidate `j`).
+struct Plan {
+    /// The candidates' rows, `None` for all `n` objects (column `j` is object `j`).
+    candidates: Option<Vec<usize>>,
+    /// The column of each object among the candidates, where it is one.
+    column: Vec<Option<usize>>,
+    lists: Lists,
+}
+
 enum Lists {
     Groups {
         groups: Vec<i64>,
         members: HashMap<i64, Vec<usize>>,
     },
-    Pairs(Vec<Vec<(usize, f32)>>),
+    /// Relevant `(column, gain)` of each object, repeated pairs keeping the last gain.
+    Adjacent(Vec<Vec<(usize, f32)>>),
 }
 
-impl Lists {
+impl Plan {
+    /// Number of candidates `m`.
+    fn candidate_count(&self, n: usize) -> usize {
+        self.candidates.as_ref().map_or(n, Vec::len)
+    }
+
+    /// The relevant candidates of query `q` (never `q` itself), gains `> 0`.
     fn relevant(&self, q: usize) -> Vec<(usize, f32)> {
-        match self {
+        let own = self.column[q];
+        match &self.lists {
             Lists::Groups { groups, members } => members[&groups[q]]
                 .iter()
                 .filter(|&&j| j != q)
                 .map(|&j| (j, 1.0))
                 .collect(),
-            Lists::Pairs(adj) => adj[q].iter().copied().filter(|&(j, _)| j != q).collect(),
+            Lists::Adjacent(adj) => adj[q]
+                .iter()
+                .copied()
+                .filter(|&(j, g)| Some(j) != own && g > 0.0)
+                .collect(),
         }
+    }
+
+    /// The objects that have something relevant: the queries, ascending.
+    fn queries(&self, n: usize) -> Vec<usize> {
+        (0..n)
+            .filter(|&q| match &self.lists {
+                Lists::Groups { groups, members } => members[&groups[q]].len() > 1,
+                Lists::Adjacent(adj) => adj[q]
+                    .iter()
+                    .any(|&(j, g)| Some(j) != self.column[q] && g > 0.0),
+            })
+            .collect()
+    }
+}
+
+/// `adj[x]` gets `(y, score)`, or its entry for `y` the new score.
+fn link(adj: &mut [Vec<(usize, f32)>], x: usize, y: usize, score: f32) {
+    match adj[x].iter_mut().find(|e| e.0 == y) {
+        Some(e) => e.1 = score,
+        None => adj[x].push((y, score)),
     }
 }
 
 impl Relevance<'_> {
-    fn lists(&self, n: usize) -> Result<Lists> {
+    fn check_pairs(pairs: &[(usize, usize)], scores: &[f32], n: usize) -> Result<()> {
+        if pairs.len() != scores.len() {
+            return Err(Error::shape(
+                "Evaluator relevance",
+                format!("one score per pair ({} pairs)", pairs.len()),
+                scores.len(),
+            ));
+        }
+        if let Some((p, &(a, b))) = pairs
+            .iter()
+            .enumerate()
+            .find(|(_, (a, b))| *a >= n || *b >= n)
+        {
+            return Err(Error::invalid(
+                format!("Evaluator relevance, pair {p}"),
+                format!("objects ({a}, {b}) out of range for {n} embeddings"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn plan(&self, n: usize) -> Result<Plan> {
+        let all = || (0..n).map(Some).collect();
         match *self {
             Relevance::Groups(groups) => {
                 if groups.len() != n {
@@ -114,52 +212,73 @@ impl Relevance<'_> {
                 for (i, g) in groups.iter().enumerate() {
                     members.entry(*g).or_default().push(i);
                 }
-                Ok(Lists::Groups {
-                    groups: groups.to_vec(),
-                    members,
+                Ok(Plan {
+                    candidates: None,
+                    column: all(),
+                    lists: Lists::Groups {
+                        groups: groups.to_vec(),
+                        members,
+                    },
                 })
             }
             Relevance::Pairs { pairs, scores } => {
-                if pairs.len() != scores.len() {
-                    return Err(Error::shape(
-                        "Evaluator relevance",
-                        format!("one score per pair ({} pairs)", pairs.len()),
-                        scores.len(),
-                    ));
+                Self::check_pairs(pairs, scores, n)?;
+                let mut adj: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n];
+                for (&(a, b), &s) in pairs.iter().zip(scores) {
+                    link(&mut adj, a, b, s);
+                    link(&mut adj, b, a, s);
+                }
+                Ok(Plan {
+                    candidates: None,
+                    column: all(),
+                    lists: Lists::Adjacent(adj),
+                })
+            }
+            Relevance::QueryCandidate { pairs, scores } => {
+                Self::check_pairs(pairs, scores, n)?;
+                let mut candidates: Vec<usize> = pairs.iter().map(|&(_, c)| c).collect();
+                candidates.sort_unstable();
+                candidates.dedup();
+                let mut column = vec![None; n];
+                for (j, &c) in candidates.iter().enumerate() {
+                    column[c] = Some(j);
                 }
                 let mut adj: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n];
-                for (p, (&(a, b), &s)) in pairs.iter().zip(scores).enumerate() {
-                    if a >= n || b >= n {
-                        return Err(Error::invalid(
-                            format!("Evaluator relevance, pair {p}"),
-                            format!("objects ({a}, {b}) out of range for {n} embeddings"),
-                        ));
-                    }
-                    for (x, y) in [(a, b), (b, a)] {
-                        match adj[x].iter_mut().find(|e| e.0 == y) {
-                            Some(e) => e.1 = s,
-                            None => adj[x].push((y, s)),
-                        }
-                    }
+                for (&(q, c), &s) in pairs.iter().zip(scores) {
+                    link(
+                        &mut adj,
+                        q,
+                        column[c].expect("every candidate has a column"),
+                        s,
+                    );
                 }
-                Ok(Lists::Pairs(adj))
+                Ok(Plan {
+                    candidates: Some(candidates),
+                    column,
+                    lists: Lists::Adjacent(adj),
+                })
             }
         }
     }
 
-    /// The dense relevance matrix `(n, n)` (self entries 0): Quaterion's
-    /// `prepare_labels`. `n × n`, so for small sets and tests only.
+    /// The dense relevance matrix `(n, n)`: entry `[q, j]` is object `j`'s gain for
+    /// query `q` (0 when irrelevant, and on the diagonal): Quaterion's `prepare_labels`.
+    /// `n × n`, so for small sets and tests only.
     pub fn dense(&self, n: usize) -> Result<Tensor> {
-        let lists = self.lists(n)?;
+        let plan = self.plan(n)?;
+        let object = |j: usize| plan.candidates.as_ref().map_or(j, |c| c[j]);
         let mut m = vec![0f32; n * n];
         for q in 0..n {
-            for (j, g) in lists.relevant(q) {
-                m[q * n + j] = g.max(0.0);
+            for (j, g) in plan.relevant(q) {
+                m[q * n + object(j)] = g;
             }
         }
         Ok(Tensor::from_vec(m, (n, n), &candle_core::Device::Cpu)?)
     }
 }
+
+/// `(name, value)` of each metric, `None` for one that no query could score.
+type Scores = Vec<(String, Option<f64>)>;
 
 /// Scores retrieval over a whole embedded dataset in blocks of query rows (see the module
 /// docs for the memory bound).
@@ -206,18 +325,19 @@ impl Evaluator {
         self
     }
 
-    /// Query rows per block for `n` candidates: `clamp(block_bytes / (4 n), 1, n)`.
-    pub fn block_rows(&self, n: usize) -> usize {
-        (self.block_bytes / (4 * n.max(1))).clamp(1, n.max(1))
+    /// Query rows per block for `m` candidates: `clamp(block_bytes / (4 m), 1, m)`.
+    pub fn block_rows(&self, m: usize) -> usize {
+        (self.block_bytes / (4 * m.max(1))).clamp(1, m.max(1))
     }
 
-    /// Bound on the extra bytes the block buffers take for `n` objects:
-    /// `BLOCK_BUFFERS · block_rows(n) · n · 4`.
-    pub fn peak_block_bytes(&self, n: usize) -> usize {
-        Self::BLOCK_BUFFERS * self.block_rows(n) * n * 4
+    /// Bound on the extra bytes the block buffers take for `m` candidates:
+    /// `BLOCK_BUFFERS · block_rows(m) · m · 4`.
+    pub fn peak_block_bytes(&self, m: usize) -> usize {
+        Self::BLOCK_BUFFERS * self.block_rows(m) * m * 4
     }
 
-    /// The query rows evaluated for `n` objects, ascending.
+    /// Which of `n` queries are evaluated, as positions `0..n`, ascending: all of them, or
+    /// the seeded sample of [`sample_size`](Self::sample_size).
     pub fn queries(&self, n: usize) -> Vec<usize> {
         match self.sample_size {
             Some(s) if s < n => {
@@ -232,13 +352,53 @@ impl Evaluator {
 
     /// Every metric of `metrics` over `embeddings: (n, d)` with `relevance`, as
     /// `(name, value)` in the order given. Errors on shape mismatches, invalid options
-    /// (e.g. `k = 0`, `k > n`), or a metric that no query could score.
+    /// (e.g. `k = 0`, `k` above the number of candidates), or when no object has anything
+    /// relevant.
     pub fn evaluate(
         &self,
         embeddings: &Tensor,
         relevance: &Relevance<'_>,
         metrics: &[&dyn Metric],
     ) -> Result<Vec<(String, f64)>> {
+        let (queries, values) = self.run(embeddings, relevance, metrics)?;
+        if queries == 0 {
+            return Err(Error::invalid(
+                "Evaluator relevance",
+                "no object has a relevant candidate (every group has one member, or no pair is positive)",
+            ));
+        }
+        values
+            .into_iter()
+            .zip(metrics)
+            .map(|((name, value), metric)| match value {
+                Some(v) => Ok((name, v)),
+                None => Err(Error::invalid(
+                    metric.name(),
+                    "no query row could be scored: no query has a relevant candidate",
+                )),
+            })
+            .collect()
+    }
+
+    /// As [`evaluate`](Self::evaluate), but a metric that no query could score (a
+    /// training batch without a positive pair, or without two members of one group) is
+    /// `None` instead of an error.
+    pub fn scores(
+        &self,
+        embeddings: &Tensor,
+        relevance: &Relevance<'_>,
+        metrics: &[&dyn Metric],
+    ) -> Result<Vec<(String, Option<f64>)>> {
+        Ok(self.run(embeddings, relevance, metrics)?.1)
+    }
+
+    /// The number of queries and every metric's value (`None` where none was scored).
+    fn run(
+        &self,
+        embeddings: &Tensor,
+        relevance: &Relevance<'_>,
+        metrics: &[&dyn Metric],
+    ) -> Result<(usize, Scores)> {
         if embeddings.rank() != 2 {
             return Err(Error::shape(
                 "Evaluator embeddings",
@@ -259,20 +419,33 @@ impl Evaluator {
                 "must be at least 1",
             ));
         }
-        for m in metrics {
-            m.check(n)?;
+        let plan = relevance.plan(n)?;
+        let m = plan.candidate_count(n);
+        for metric in metrics {
+            metric.check(m)?;
         }
-        let lists = relevance.lists(n)?;
-        let queries = self.queries(n);
+        let eligible = plan.queries(n);
+        let queries: Vec<usize> = self
+            .queries(eligible.len())
+            .into_iter()
+            .map(|i| eligible[i])
+            .collect();
+        let candidates = match &plan.candidates {
+            None => embeddings.clone(),
+            Some(rows) => {
+                let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+                embeddings.index_select(&Tensor::new(ids.as_slice(), embeddings.device())?, 0)?
+            }
+        };
         let mut totals = vec![Partial::default(); metrics.len()];
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-        for block in queries.chunks(self.block_rows(n)) {
+        for block in queries.chunks(self.block_rows(m)) {
             let ids: Vec<u32> = block.iter().map(|&q| q as u32).collect();
             let idx = Tensor::new(ids.as_slice(), embeddings.device())?;
             let d = {
                 let q = embeddings.index_select(&idx, 0)?;
                 self.distance
-                    .distance_matrix(&q, Some(embeddings))?
+                    .distance_matrix(&q, Some(&candidates))?
                     .to_dtype(DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?
@@ -281,18 +454,20 @@ impl Evaluator {
             let parts: Vec<Vec<Partial>> = std::thread::scope(|s| {
                 let handles: Vec<_> = block
                     .chunks(per)
-                    .zip(d.chunks(per * n))
+                    .zip(d.chunks(per * m))
                     .map(|(qs, rows)| {
-                        let lists = &lists;
+                        let plan = &plan;
                         s.spawn(move || {
                             let mut acc = vec![Partial::default(); metrics.len()];
-                            let mut row = vec![0f32; n];
-                            for (&q, dist) in qs.iter().zip(rows.chunks(n)) {
+                            let mut row = vec![0f32; m];
+                            for (&q, dist) in qs.iter().zip(rows.chunks(m)) {
                                 row.copy_from_slice(dist);
-                                row[q] = f32::INFINITY;
-                                let ranked = RankedRow::from_relevant(&row, lists.relevant(q));
-                                for (a, m) in acc.iter_mut().zip(metrics) {
-                                    *a += m.row(&ranked);
+                                if let Some(own) = plan.column[q] {
+                                    row[own] = f32::INFINITY;
+                                }
+                                let ranked = RankedRow::from_relevant(&row, plan.relevant(q));
+                                for (a, metric) in acc.iter_mut().zip(metrics) {
+                                    *a += metric.row(&ranked);
                                 }
                             }
                             acc
@@ -310,11 +485,12 @@ impl Evaluator {
                 }
             }
         }
-        metrics
+        let values = metrics
             .iter()
             .zip(totals)
-            .map(|(m, t)| Ok((m.name(), finish(*m, t)?)))
-            .collect()
+            .map(|(metric, t)| (metric.name(), t.value()))
+            .collect();
+        Ok((queries.len(), values))
     }
 }
 
@@ -387,6 +563,65 @@ mod tests {
             .unwrap();
         // Groups are 1 apart with wobble below 0.1: every neighbour is in the group.
         assert_eq!(got, vec![("recall@99".to_string(), 1.0)]);
+    }
+
+    #[test]
+    fn query_candidate_ranks_queries_against_candidates_only() {
+        // Questions 0..3 and their answers 3..6 on a line; question 1 sits on answer 3 of
+        // question 0, and question 2's pair is negative, so it is not a query.
+        let x = Tensor::new(
+            &[[0.0f32], [1.0], [2.0], [1.05], [5.0], [9.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let pairs = [(0, 3), (1, 4), (2, 5)];
+        let rel = Relevance::QueryCandidate {
+            pairs: &pairs,
+            scores: &[1.0, 1.0, 0.0],
+        };
+        let ev = Evaluator::new(Distance::Euclidean);
+        let got = ev
+            .evaluate(
+                &x,
+                &rel,
+                &[
+                    &RetrievalPrecision { k: 1 },
+                    &crate::metric::MeanReciprocalRank,
+                ],
+            )
+            .unwrap();
+        // Query 0: answer 3 is nearest (a hit; question 1, nearer, is not a candidate).
+        // Query 1: answer 3 (0.05 away) before its own answer 4: rank 1.
+        assert_eq!(got[0], ("precision@1".to_string(), 0.5));
+        assert_eq!(got[1], ("mrr".to_string(), (1.0 + 0.5) / 2.0));
+        // The relevance holds the query → candidate direction only.
+        let dense = rel.dense(6).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!((dense[0][3], dense[3][0], dense[2][5]), (1.0, 0.0, 0.0));
+    }
+
+    #[test]
+    fn objects_with_nothing_relevant_are_not_queries() {
+        // Group 9 has one member (object 4): it is left out, not counted as a miss.
+        let x = Tensor::new(&[[0.0f32], [0.1], [5.0], [5.1], [0.05]], &Device::Cpu).unwrap();
+        let ev = Evaluator::new(Distance::Euclidean);
+        let got = ev
+            .evaluate(
+                &x,
+                &Relevance::Groups(&[7, 7, 8, 8, 9]),
+                &[&RetrievalPrecision { k: 1 }],
+            )
+            .unwrap();
+        // Object 0's nearest is the singleton 4: a miss; 1 → 4 miss too; 2, 3 hit.
+        assert_eq!(got[0].1, 0.5);
+        let e = ev
+            .evaluate(
+                &x,
+                &Relevance::Groups(&[1, 2, 3, 4, 5]),
+                &[&RetrievalPrecision { k: 1 }],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no object has a relevant candidate"), "{e}");
     }
 
     #[test]

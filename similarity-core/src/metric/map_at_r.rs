@@ -28,6 +28,7 @@ pub fn map_at_r(distances: &Tensor, relevance: &Tensor) -> Result<Vec<Option<f64
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MapAtR;
 
+#[diagnostic::do_not_recommend]
 impl Metric for MapAtR {
     fn name(&self) -> String {
         "map@r".into()

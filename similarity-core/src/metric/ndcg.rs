@@ -38,6 +38,7 @@ impl Default for Ndcg {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl Metric for Ndcg {
     fn name(&self) -> String {
         format!("ndcg@{}", self.k)

@@ -7,9 +7,12 @@
 //! ```
 //!
 //! Relevance values are summed as they are (graded pair scores count with their value,
-//! as in Quaterion); entries `≤ 0` count as 0. Every row is scored, a row with no relevant
-//! candidate scores 0, and the metric is the mean over rows. When `k` exceeds a row's
-//! number of relevant candidates the row cannot reach 1.
+//! as in Quaterion); entries `≤ 0` count as 0. On a dense block every row is scored, a row
+//! with no relevant candidate scores 0, and the metric is the mean over rows (Quaterion's
+//! raw function); over a data set the [`Evaluator`](super::Evaluator) only makes queries of
+//! objects with something relevant. When `k` exceeds a row's number of relevant
+//! candidates the row cannot reach 1. Reported as `precision@k`: with `k = 1`, the
+//! fraction of queries whose nearest candidate is relevant.
 
 use candle_core::Tensor;
 
@@ -39,9 +42,10 @@ impl Default for RetrievalPrecision {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl Metric for RetrievalPrecision {
     fn name(&self) -> String {
-        format!("retrieval_precision@{}", self.k)
+        format!("precision@{}", self.k)
     }
 
     fn check(&self, candidates: usize) -> Result<()> {

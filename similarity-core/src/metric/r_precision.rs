@@ -1,16 +1,17 @@
-//! Retrieval R-precision (Quaterion's `RetrievalRPrecision`).
+//! R-precision, pooled (Quaterion's `RetrievalRPrecision`) and per query ([`RPrecision`]).
 //!
 //! A query with `R` relevant candidates (`rel_j > 0`) retrieves its `R` nearest; `r` of
-//! them are relevant. Quaterion pools the hits of all queries before dividing:
+//! them are relevant:
 //!
 //! ```text
-//! value        = Σ_rows r / Σ_rows R        (Quaterion, the parity value)
-//! per row      = r / R                      (r_precision_per_row; their mean is the
-//!                                            macro average of Musgrave et al.)
+//! RetrievalRPrecision  = Σ_rows r / Σ_rows R     (Quaterion, the parity value)
+//! RPrecision           = mean over rows of r / R (the macro average of Musgrave et al.,
+//!                                                 what group evaluation reports)
 //! ```
 //!
-//! The two agree when every query has the same `R` (groups of one size). Rows with
-//! `R = 0` add nothing.
+//! The two agree when every query has the same `R` (groups of one size); otherwise the
+//! pooled form weighs queries of large groups more. Rows with `R = 0` add nothing to
+//! either.
 
 use candle_core::Tensor;
 
@@ -35,6 +36,7 @@ pub fn r_precision_per_row(distances: &Tensor, relevance: &Tensor) -> Result<Vec
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RetrievalRPrecision;
 
+#[diagnostic::do_not_recommend]
 impl Metric for RetrievalRPrecision {
     fn name(&self) -> String {
         "retrieval_r_precision".into()
@@ -43,6 +45,24 @@ impl Metric for RetrievalRPrecision {
     fn row(&self, row: &RankedRow) -> Partial {
         let r = row.relevant();
         Partial::new(row.hits_at(r) as f64, r as f64)
+    }
+}
+
+/// R-precision averaged over queries, `mean r / R` over the rows with `R ≥ 1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RPrecision;
+
+#[diagnostic::do_not_recommend]
+impl Metric for RPrecision {
+    fn name(&self) -> String {
+        "r_precision".into()
+    }
+
+    fn row(&self, row: &RankedRow) -> Partial {
+        match row.relevant() {
+            0 => Partial::NONE,
+            r => Partial::new(row.hits_at(r) as f64 / r as f64, 1.0),
+        }
     }
 }
 
@@ -66,6 +86,8 @@ mod tests {
         )
         .unwrap();
         assert!((retrieval_r_precision(&d, &r).unwrap() - 0.5).abs() < 1e-12);
+        // Per query: (2/3 + 0) / 2.
+        assert!((RPrecision.compute(&d, &r).unwrap() - 1.0 / 3.0).abs() < 1e-12);
         assert_eq!(
             r_precision_per_row(&d, &r).unwrap(),
             vec![Some(2.0 / 3.0), Some(0.0)]

@@ -135,6 +135,11 @@ impl std::ops::AddAssign for Partial {
 /// Implement [`Metric::row`] (and [`Metric::check`] for options that depend on the number
 /// of candidates); [`Metric::compute`] scores a dense `(n, m)` distance and relevance
 /// matrix, and [`Evaluator`](super::Evaluator) scores a whole embedded dataset in blocks.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a retrieval metric",
+    label = "`Metric` is not implemented for `{Self}`",
+    note = "a #[metric] field holds a metric such as `RetrievalPrecision`, `MeanReciprocalRank` or `RPrecision` (`similarity_core::metric`)"
+)]
 pub trait Metric: Send + Sync + std::fmt::Debug {
     /// The name it is reported under, e.g. `retrieval_precision@5`.
     fn name(&self) -> String;

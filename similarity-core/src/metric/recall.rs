@@ -35,6 +35,7 @@ impl Default for RecallAtK {
     }
 }
 
+#[diagnostic::do_not_recommend]
 impl Metric for RecallAtK {
     fn name(&self) -> String {
         format!("recall@{}", self.k)

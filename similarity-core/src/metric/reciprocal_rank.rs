@@ -42,6 +42,7 @@ pub fn mean_reciprocal_rank(distances: &Tensor, relevance: &Tensor) -> Result<Ve
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RetrievalReciprocalRank;
 
+#[diagnostic::do_not_recommend]
 impl Metric for RetrievalReciprocalRank {
     fn name(&self) -> String {
         "retrieval_reciprocal_rank".into()
@@ -57,6 +58,7 @@ impl Metric for RetrievalReciprocalRank {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MeanReciprocalRank;
 
+#[diagnostic::do_not_recommend]
 impl Metric for MeanReciprocalRank {
     fn name(&self) -> String {
         "mrr".into()

@@ -318,7 +318,8 @@ pub struct EpochStats {
     pub epoch: usize,
     /// Mean training loss over the epoch's steps.
     pub train_loss: f64,
-    /// Attached metrics, averaged over the epoch's training batches.
+    /// Attached metrics, averaged over the epoch's training batches that could score them
+    /// (a batch without a positive cannot).
     #[serde(default)]
     pub train_metrics: Vec<(String, f64)>,
     /// Validation loss and metrics, when a validation set was given.
@@ -418,10 +419,12 @@ impl Trainer {
         }
     }
 
-    /// Attaches retrieval metrics (e.g. `RetrievalPrecision { k: 1 }`): each is computed
+    /// Attaches retrieval metrics (e.g. `RetrievalPrecision { k: 5 }`): each is computed
     /// on every training batch (within the batch, averaged over the epoch, reported as
-    /// `train_<name>`) and over the whole validation set (self excluded, in blocks),
-    /// shown on the progress bar and written to the logs.
+    /// `train_<name>`) and over the whole validation set (self excluded, in blocks, by
+    /// the same [`Evaluator`] as the loss kind's own metrics; one named like those, such
+    /// as `RetrievalPrecision { k: 1 }`, is reported once, as `precision@1`), shown on
+    /// the progress bar and written to the logs. The names: [`crate::metric`].
     pub fn with_metrics(mut self, metrics: Vec<Box<dyn Metric>>) -> Self {
         self.metrics = std::sync::Arc::new(metrics);
         self
@@ -442,7 +445,7 @@ impl Trainer {
         model: &M,
         embeddings: &Tensor,
         metas: &[<<M::Loss as SimilarityLoss>::Kind as LossKind>::Meta],
-    ) -> Result<Vec<(String, f64, bool)>> {
+    ) -> Result<Vec<(String, Option<f64>, bool)>> {
         // The model's #[metric]s (on the bar when flagged `prog_bar`), then the trainer's.
         let mut metrics: Vec<(&dyn Metric, bool)> = model.metrics();
         metrics.extend(self.metrics.iter().map(|m| (m.as_ref(), true)));
@@ -451,7 +454,8 @@ impl Trainer {
         }
         let relevance = <<M::Loss as SimilarityLoss>::Kind as LossKind>::relevance(metas);
         let list: Vec<&dyn Metric> = metrics.iter().map(|(m, _)| *m).collect();
-        let values = Evaluator::new(model.loss().distance()).evaluate(
+        // A batch that holds no positive (no two members of one group) scores nothing.
+        let values = Evaluator::new(model.loss().distance()).scores(
             &embeddings.detach(),
             &relevance.as_relevance(),
             &list,
@@ -677,7 +681,8 @@ impl Trainer {
             bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
             let (mut sum, mut count, mut lr) = (0.0, 0usize, optimizer_config.lr());
             let (mut skipped, mut last_skip) = (0usize, None);
-            let mut metric_sums: Vec<(String, f64, bool)> = Vec::new();
+            // (name, sum over the batches that scored it, those batches, on the bar)
+            let mut metric_sums: Vec<(String, f64, usize, bool)> = Vec::new();
             for (step, samples) in epoch_batches(epoch)?.iter().enumerate() {
                 let ids = Prepared::<M>::object_ids(samples);
                 let batch = train_data.batch(model, &ids, &mut scratch)?;
@@ -749,16 +754,16 @@ impl Trainer {
                     .into_iter()
                     .enumerate()
                 {
-                    match metric_sums.get_mut(i) {
-                        Some((_, total, _)) => *total += v,
-                        None => metric_sums.push((name, v, show)),
+                    if metric_sums.len() == i {
+                        metric_sums.push((name, 0.0, 0, show));
                     }
-                    if show {
-                        live.push_str(&format!(
-                            " {} {:.4}",
-                            metric_sums[i].0,
-                            metric_sums[i].1 / count as f64
-                        ));
+                    let (name, total, scored, _) = &mut metric_sums[i];
+                    if let Some(v) = v {
+                        *total += v;
+                        *scored += 1;
+                    }
+                    if show && *scored > 0 {
+                        live.push_str(&format!(" {name} {:.4}", *total / *scored as f64));
                     }
                 }
                 bar.inc(1);
@@ -786,7 +791,9 @@ impl Trainer {
             let train_loss = sum / count as f64;
             let train_metrics: Vec<(String, f64)> = metric_sums
                 .into_iter()
-                .map(|(name, total, _)| (format!("train_{name}"), total / count as f64))
+                // A metric that no batch of the epoch could score is left out.
+                .filter(|(_, _, scored, _)| *scored > 0)
+                .map(|(name, total, scored, _)| (format!("train_{name}"), total / scored as f64))
                 .collect();
             let validation = match &val_data {
                 Some(v) => Some(self.evaluate_prepared(model, v)?),
@@ -925,20 +932,27 @@ impl Trainer {
             sum += scalar(&model.loss().forward(&emb, &targets)?)?;
             count += 1;
         }
-        let mut metrics: Vec<(String, f64)> =
-            <<M::Loss as SimilarityLoss>::Kind as LossKind>::evaluate(
-                &embeddings,
-                &data.metas,
-                model.loss().distance(),
-            )?
+        // The kind's metrics, then the attached ones, in one pass of the Evaluator; an
+        // attached metric named like one of the kind's is that metric, reported once.
+        type Kind<M> = <<M as TrainableModel>::Loss as SimilarityLoss>::Kind;
+        let own = <Kind<M> as LossKind>::metrics();
+        let mut list: Vec<&dyn Metric> = own.iter().map(|m| m.as_ref()).collect();
+        let attached = model
+            .metrics()
             .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        metrics.extend(
-            self.batch_metrics(model, &embeddings, &data.metas)?
-                .into_iter()
-                .map(|(name, v, _)| (name, v)),
-        );
+            .map(|(m, _)| m)
+            .chain(self.metrics.iter().map(|m| m.as_ref()));
+        for m in attached {
+            let name = m.name();
+            if !list.iter().any(|l| l.name() == name) {
+                list.push(m);
+            }
+        }
+        let metrics = Evaluator::new(model.loss().distance()).evaluate(
+            &embeddings,
+            &<Kind<M> as LossKind>::relevance(&data.metas).as_relevance(),
+            &list,
+        )?;
         Ok(Evaluation {
             loss: sum / count as f64,
             metrics,

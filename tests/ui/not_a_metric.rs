@@ -1,0 +1,15 @@
+use similarity_core::prelude::*;
+
+#[trainable_model]
+struct Model {
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss]
+    loss: MultipleNegativesRankingLoss,
+    #[metric]
+    precision: f64,
+}
+
+fn main() {}
