@@ -664,6 +664,27 @@ fn save_to(root: &Path) -> Outcome {
 fn save_cases() -> Vec<Case> {
     vec![
         case(
+            "save: the lock file is a directory",
+            |r| std::fs::create_dir(r.join(".model.lock")).unwrap(),
+            save_to,
+            &[".model.lock", "not a regular file"],
+        ),
+        case(
+            "save: the lock file is a FIFO",
+            |r| fifo(&r.join(".model.lock")),
+            save_to,
+            &[".model.lock", "FIFO"],
+        ),
+        case(
+            "save: over a model whose marker is a FIFO",
+            |r| {
+                saved(r);
+                fifo(&model_file(r, ".similarity"))
+            },
+            save_to,
+            &["model", "did not write"],
+        ),
+        case(
             "save: over a directory of the user's",
             |r| {
                 std::fs::create_dir(r.join("model")).unwrap();
@@ -1042,6 +1063,20 @@ fn checkpoint_cases() -> Vec<Case> {
             },
             resume,
             &["optimizer.safetensors", "FIFO"],
+        ),
+        case(
+            "checkpoint: state.json lists a memory tensor the file lacks",
+            |r| {
+                group_checkpoint(r);
+                edit_json(&ckpt(r, "state.json"), |v| {
+                    v["extra_tensors"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push("xbm.bogus".into())
+                })
+            },
+            resume_group,
+            &["extra.safetensors", "xbm.bogus"],
         ),
         case(
             "checkpoint: memory file missing",

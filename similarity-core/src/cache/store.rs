@@ -249,7 +249,7 @@ fn load_once(dir: &Path, encoder: &EncoderFingerprint, device: &Device) -> Resul
                 "{u} items of dimension {d} overflow the address space"
             ))
         })?;
-    let (file, actual) = files::open_regular(&path, u64::MAX)?;
+    let (file, actual) = files::open_regular(&path, crate::limits::MAX_TENSOR_FILE_BYTES)?;
     if actual != expected as u64 {
         return Err(bad(format!(
             "is {actual} bytes, but {u} items of dimension {d} take {expected}"

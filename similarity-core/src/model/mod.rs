@@ -12,8 +12,9 @@
 //! Writes go through [`files::write_dir`](crate::files::write_dir): atomic at the
 //! directory level (a crash leaves the previous model or the new one, never a mix), only
 //! over a directory this library wrote (or an empty one), one writer at a time, and never
-//! with NaN or infinite weights. Loading reads one version of the directory (a save that
-//! swaps it meanwhile makes the load fail rather than mix two models), checks the format
+//! with NaN or infinite weights. The generated `load` runs its [`ServableReader`] inside
+//! [`files::read_dir_consistently`](crate::files::read_dir_consistently), so it reads one
+//! version of the directory (a save waits for it, or it reads again), checks the format
 //! version, the model type and each encoder's name, type and embedding size, and names
 //! the file at fault.
 
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::encoder::Encoder;
 use crate::error::{Error, Result};
-use crate::files::{DirKind, DirWriter, Version};
+use crate::files::{DirKind, DirWriter};
 use crate::head::Head;
 use crate::limits;
 use crate::loss::SimilarityLoss;
@@ -158,18 +159,18 @@ impl ServableWriter {
     }
 }
 
-/// Reads a saved model, checking it against the code that loads it.
+/// Reads a saved model, checking it against the code that loads it. Run it inside
+/// [`files::read_dir_consistently`](crate::files::read_dir_consistently), as the generated
+/// `load` does, so that every file comes from one version of the directory.
 #[derive(Debug)]
 pub struct ServableReader {
     dir: PathBuf,
     manifest: Manifest,
-    version: Version,
 }
 
 impl ServableReader {
     /// Opens `dir`, which must hold a model of type `model`.
     pub fn open(dir: &Path, model: &str) -> Result<Self> {
-        let snapshot = Version::of(dir);
         let path = dir.join(MANIFEST);
         let raw: serde_json::Value = read_json(&path)?;
         let version = raw
@@ -203,7 +204,6 @@ impl ServableReader {
         Ok(ServableReader {
             dir: dir.to_path_buf(),
             manifest,
-            version: snapshot,
         })
     }
 
@@ -365,9 +365,7 @@ impl ServableReader {
                 ),
             ));
         }
-        state.params().load_safetensors(&self.dir.join(WEIGHTS))?;
-        // Everything read must come from one version of the directory.
-        self.version.check()
+        state.params().load_safetensors(&self.dir.join(WEIGHTS))
     }
 }
 
