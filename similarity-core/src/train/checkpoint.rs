@@ -78,15 +78,8 @@ pub(super) fn save_epoch(
     trainer: &TrainerState,
     extra: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    if let Some(variable) = state.first_non_finite_var()? {
-        return Err(Error::NonFiniteWeights {
-            variable,
-            context: format!(
-                "after epoch {epoch}; no checkpoint was written to `{}`",
-                config.dir.display()
-            ),
-        });
-    }
+    // The trainer has checked the weights for this epoch (`first_non_finite_var`) just
+    // before: a non-finite model never reaches here.
     let write = |dir: PathBuf| write(&dir, model, state, optimizer, trainer, extra);
     write(config.dir.join("last"))?;
     if config.every_n_epochs > 0 && (epoch + 1).is_multiple_of(config.every_n_epochs) {
