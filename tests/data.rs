@@ -3,60 +3,14 @@
 
 mod common;
 
+use common::Counting;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use similarity_core::data::{GroupTargets, Sampler};
-use similarity_core::encoder::HashedNgramConfig;
-use similarity_core::nn::Mode;
 use similarity_core::prelude::*;
-
-/// A frozen text encoder that counts the objects it embeds.
-struct Counting {
-    inner: HashedNgramEncoder,
-    objects: Arc<AtomicUsize>,
-}
-
-impl Counting {
-    fn new(seed: u64, objects: Arc<AtomicUsize>) -> Self {
-        let inner = HashedNgramEncoder::new(HashedNgramConfig {
-            dim: 32,
-            seed,
-            ..Default::default()
-        })
-        .unwrap();
-        Counting { inner, objects }
-    }
-}
-
-impl Encoder for Counting {
-    type Input = String;
-    type Batch = <HashedNgramEncoder as Encoder>::Batch;
-    const NAME: &'static str = "CountingHashed";
-
-    fn embedding_size(&self) -> usize {
-        self.inner.embedding_size()
-    }
-    fn collate(&self, inputs: &[&String], device: &Device) -> similarity_core::Result<Self::Batch> {
-        self.objects.fetch_add(inputs.len(), Ordering::SeqCst);
-        self.inner.collate(inputs, device)
-    }
-    fn forward(&self, batch: &Self::Batch, mode: &mut Mode) -> similarity_core::Result<Tensor> {
-        self.inner.forward(batch, mode)
-    }
-    fn save(&self, dir: &Path) -> similarity_core::Result<()> {
-        self.inner.save(dir)
-    }
-    fn load(dir: &Path, device: &Device) -> similarity_core::Result<Self> {
-        Ok(Counting {
-            inner: HashedNgramEncoder::load(dir, device)?,
-            objects: Arc::default(),
-        })
-    }
-}
-
-impl FrozenEncoder for Counting {}
 
 #[trainable_model]
 struct Groups {

@@ -17,10 +17,10 @@ use similarity_core::data::{
 use similarity_core::distance::Distance;
 use similarity_core::loss::{
     ArcFaceLossConfig, CenterLossConfig, CircleLossConfig, CombinedLossConfig,
-    ContrastiveLossConfig, CosFaceLossConfig, FastAPLossConfig, GroupKind,
-    MultiSimilarityLossConfig, MultipleNegativesRankingLossConfig, OnlineContrastiveLossConfig,
-    PairKind, PairMining, Reduction, SemiHardFallback, SoftmaxLossConfig, TripletLossConfig,
-    TripletMining,
+    ContrastiveLossConfig, CosFaceLossConfig, FastAPLossConfig, GroupKind, MatryoshkaLoss,
+    MatryoshkaLossConfig, MultiSimilarityLossConfig, MultipleNegativesRankingLossConfig,
+    OnlineContrastiveLossConfig, PairKind, PairMining, Reduction, SemiHardFallback,
+    SoftmaxLossConfig, TripletLossConfig, TripletMining,
 };
 use similarity_core::nn::Params;
 use similarity_core::prelude::*;
@@ -450,13 +450,43 @@ fn rows() -> Vec<Row> {
             };
             let mut r = row(
                 format!("MultipleNegativesRankingLoss {distance:?} symmetric={symmetric}"),
-                Pairs::<MultipleNegativesRankingLoss>(cfg),
+                Pairs::<MultipleNegativesRankingLoss>(cfg.clone()),
+                &[OneItem],
+            );
+            r.rejects
+                .push((NoPositive, "it only takes positive pairs (score 1)"));
+            rows.push(r);
+            // The same loss over the nested prefixes 4 and 2 of the embedding.
+            let mut r = row(
+                format!(
+                    "MatryoshkaLoss<MultipleNegativesRankingLoss> {distance:?} symmetric={symmetric}"
+                ),
+                Pairs::<MatryoshkaLoss<MultipleNegativesRankingLoss>>(MatryoshkaLossConfig {
+                    dims: vec![D, D / 2],
+                    weights: vec![1.0, 0.5],
+                    inner: cfg,
+                }),
                 &[OneItem],
             );
             r.rejects
                 .push((NoPositive, "it only takes positive pairs (score 1)"));
             rows.push(r);
         }
+    }
+    for distance in DISTANCES {
+        let cfg = TripletLossConfig {
+            distance,
+            ..Default::default()
+        };
+        rows.push(row(
+            format!("MatryoshkaLoss<TripletLoss hard> {distance:?}"),
+            Batch::<MatryoshkaLoss<TripletLoss>>(MatryoshkaLossConfig {
+                dims: vec![D, D / 2],
+                weights: Vec::new(),
+                inner: cfg,
+            }),
+            NO_PAIRS,
+        ));
     }
     for (mode, epsilon) in [("mined", Some(0.1)), ("unmined", None)] {
         let cfg = MultiSimilarityLossConfig {

@@ -19,6 +19,19 @@ pub struct FaqMiniLm {
     loss: MultipleNegativesRankingLoss,
 }
 
+/// all-MiniLM-L6-v2 fine-tuned end to end (every weight trainable, never cached) with
+/// symmetric MNRL on its own mean-pooled embeddings, as sentence-transformers trains it.
+#[cfg(feature = "transformers")]
+#[trainable_model]
+pub struct FaqFineTune {
+    #[encoder]
+    text: SentenceTransformer,
+    #[head]
+    head: EmptyHead,
+    #[loss(scale = 20.0, symmetric = true)]
+    loss: MultipleNegativesRankingLoss,
+}
+
 /// Question → answer retrieval model.
 #[trainable_model]
 pub struct FaqModel {
@@ -32,6 +45,28 @@ pub struct FaqModel {
     /// In-batch negatives, both directions (question → answer and answer → question).
     #[loss(scale = 20.0, symmetric = true)]
     loss: MultipleNegativesRankingLoss,
+}
+
+/// The prefix sizes `FaqMatryoshka` trains (of the 384-d embedding).
+pub const MATRYOSHKA_DIMS: [usize; 4] = [384, 256, 128, 64];
+
+/// `FaqModel` trained with its loss on the nested prefixes 384, 256, 128 and 64 of the
+/// embedding (weights 1), so that it can be served at any of them.
+#[trainable_model]
+pub struct FaqMatryoshka {
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss(
+        dims = MATRYOSHKA_DIMS.to_vec(),
+        inner = similarity_core::loss::MultipleNegativesRankingLossConfig {
+            scale: 20.0,
+            symmetric: true,
+            ..Default::default()
+        }
+    )]
+    loss: MatryoshkaLoss<MultipleNegativesRankingLoss>,
 }
 
 #[derive(serde::Deserialize)]

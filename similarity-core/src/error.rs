@@ -128,6 +128,19 @@ pub enum Error {
         /// written"`.
         context: String,
     },
+
+    // ---- distributed runs ------------------------------------------------------------
+    /// A collective operation failed, or the ranks of a distributed run disagree (on the
+    /// data, the options, or a buffer's layout).
+    #[error("distributed run, rank {rank} of {world}: {message}")]
+    Distributed {
+        /// This process's rank, 0-based.
+        rank: usize,
+        /// The number of ranks.
+        world: usize,
+        /// What failed, naming the operation or the value the ranks disagree on.
+        message: String,
+    },
 }
 
 impl Error {

@@ -49,6 +49,7 @@ extern crate self as similarity_core;
 pub mod cache;
 pub mod data;
 pub mod distance;
+pub mod distributed;
 pub mod encoder;
 pub mod error;
 pub mod files;
@@ -115,7 +116,7 @@ pub mod prelude {
     };
     pub use crate::loss::{
         ArcFaceLoss, CenterLoss, CircleLoss, CombinedLoss, ContrastiveLoss, CosFaceLoss,
-        FastAPLoss, MemoryLoss, MultiSimilarityLoss, MultipleNegativesRankingLoss,
+        FastAPLoss, MatryoshkaLoss, MemoryLoss, MultiSimilarityLoss, MultipleNegativesRankingLoss,
         OnlineContrastiveLoss, PairMining, SimilarityLoss, SoftmaxLoss, SupConLoss, TripletLoss,
         TripletMining,
     };

@@ -8,6 +8,13 @@ use similarity_core::data::SimilarityPairSample;
 
 pub mod parity;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use similarity_core::Device;
+use similarity_core::encoder::{Encoder, FrozenEncoder, HashedNgramConfig, HashedNgramEncoder};
+use similarity_core::nn::Mode;
+
 /// The device the integration tests run on: the CPU, or the GPU named by
 /// `SIMILARITY_TEST_DEVICE=cuda` (or `cuda:N`), so that the same suite checks the CUDA
 /// build (`scripts/gpu-check.sh`). A GPU that was asked for and cannot be opened fails
@@ -139,3 +146,50 @@ pub fn check_gradient(name: &str, x: &Tensor, rel: f64, f: impl Fn(&Tensor) -> T
     }
     analytic
 }
+
+/// A frozen text encoder that counts the objects it embeds.
+pub struct Counting {
+    inner: HashedNgramEncoder,
+    objects: Arc<AtomicUsize>,
+}
+
+impl Counting {
+    /// A 32-d hashed encoder of `seed` adding every object it collates to `objects`.
+    pub fn new(seed: u64, objects: Arc<AtomicUsize>) -> Self {
+        let inner = HashedNgramEncoder::new(HashedNgramConfig {
+            dim: 32,
+            seed,
+            ..Default::default()
+        })
+        .unwrap();
+        Counting { inner, objects }
+    }
+}
+
+impl Encoder for Counting {
+    type Input = String;
+    type Batch = <HashedNgramEncoder as Encoder>::Batch;
+    const NAME: &'static str = "CountingHashed";
+
+    fn embedding_size(&self) -> usize {
+        self.inner.embedding_size()
+    }
+    fn collate(&self, inputs: &[&String], device: &Device) -> similarity_core::Result<Self::Batch> {
+        self.objects.fetch_add(inputs.len(), Ordering::SeqCst);
+        self.inner.collate(inputs, device)
+    }
+    fn forward(&self, batch: &Self::Batch, mode: &mut Mode) -> similarity_core::Result<Tensor> {
+        self.inner.forward(batch, mode)
+    }
+    fn save(&self, dir: &Path) -> similarity_core::Result<()> {
+        self.inner.save(dir)
+    }
+    fn load(dir: &Path, device: &Device) -> similarity_core::Result<Self> {
+        Ok(Counting {
+            inner: HashedNgramEncoder::load(dir, device)?,
+            objects: Arc::default(),
+        })
+    }
+}
+
+impl FrozenEncoder for Counting {}

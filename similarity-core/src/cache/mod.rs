@@ -237,8 +237,34 @@ impl EncoderCache {
         keys: &[CacheKey],
         batch_size: usize,
         cost: impl Fn(usize) -> Option<usize>,
+        encode: impl FnMut(&[usize]) -> Result<Tensor>,
+        progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<u32>> {
+        self.fill_sharded(
+            keys,
+            batch_size,
+            cost,
+            encode,
+            progress,
+            &crate::distributed::SingleProcess,
+        )
+    }
+
+    /// [`fill_by_cost`](Self::fill_by_cost) shared out over the ranks of `comm`: every
+    /// rank finds the same missing objects in the same order (the same keys, the same
+    /// cache), takes every `world`-th batch of `batch_size` (rank `r` batches `r`,
+    /// `r + W`, ...; the batches are those one process would form, so a deterministic
+    /// encoder gives the same rows), and the encoded rows are all-gathered, so every rank
+    /// ends with the same key → row map and rows. `progress` counts this rank's objects.
+    /// Every rank must call it with the same keys (it is collective).
+    pub fn fill_sharded(
+        &mut self,
+        keys: &[CacheKey],
+        batch_size: usize,
+        cost: impl Fn(usize) -> Option<usize>,
         mut encode: impl FnMut(&[usize]) -> Result<Tensor>,
         mut progress: impl FnMut(usize, usize),
+        comm: &dyn crate::distributed::Communicator,
     ) -> Result<Vec<u32>> {
         let mut fresh: HashSet<CacheKey> = HashSet::new();
         let mut missing: Vec<usize> = keys
@@ -254,8 +280,14 @@ impl EncoderCache {
         for (i, &pos) in missing.iter().enumerate() {
             self.index.insert(keys[pos], first + i as u32);
         }
+        // Every rank has the same `missing` (a world of one: `comm` never communicates).
         if !missing.is_empty() {
-            match self.encode_rows(&missing, batch_size, &mut encode, &mut progress) {
+            let encoded = if comm.world_size() > 1 {
+                self.encode_rows_sharded(&missing, batch_size, &mut encode, &mut progress, comm)
+            } else {
+                self.encode_rows(&missing, batch_size, &mut encode, &mut progress)
+            };
+            match encoded {
                 Ok(rows) => self.rows = Some(rows),
                 Err(e) => {
                     // Leave the cache as it was: drop the keys that never got rows.
@@ -323,6 +355,97 @@ impl EncoderCache {
             }
             Ok(Tensor::cat(&parts, 0)?)
         }
+    }
+
+    /// [`encode_rows`](Self::encode_rows) over the ranks of `comm`: this rank encodes
+    /// batches `rank, rank + W, ...`, and the rows of every batch are all-gathered back
+    /// into batch order.
+    fn encode_rows_sharded(
+        &self,
+        missing: &[usize],
+        batch_size: usize,
+        encode: &mut impl FnMut(&[usize]) -> Result<Tensor>,
+        progress: &mut impl FnMut(usize, usize),
+        comm: &dyn crate::distributed::Communicator,
+    ) -> Result<Tensor> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let batches: Vec<&[usize]> = missing.chunks(batch_size.max(1)).collect();
+        let mine: usize = batches
+            .iter()
+            .skip(rank)
+            .step_by(world)
+            .map(|b| b.len())
+            .sum();
+        let mut local: Vec<f32> = Vec::new();
+        let mut d = self.dim();
+        for batch in batches.iter().skip(rank).step_by(world) {
+            let emb = encode(batch)?;
+            if emb.rank() != 2
+                || emb.dims()[0] != batch.len()
+                || d.is_some_and(|d| emb.dims()[1] != d)
+            {
+                return Err(Error::shape(
+                    "encoder output while filling the cache",
+                    format!(
+                        "({}, {})",
+                        batch.len(),
+                        d.map_or("d".into(), |d| d.to_string())
+                    ),
+                    emb.dims(),
+                ));
+            }
+            d = Some(emb.dims()[1]);
+            local.extend(
+                emb.detach()
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+            progress(batch.len(), mine);
+        }
+        // The width: each rank's, agreed (a rank without a batch has none to say).
+        let widths = comm.all_gather_bytes(&(d.unwrap_or(0) as u64).to_le_bytes())?;
+        let widths: Vec<usize> = widths
+            .iter()
+            .map(|b| {
+                b.get(..8)
+                    .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8")) as usize)
+            })
+            .collect();
+        let d = widths.iter().copied().max().unwrap_or(0);
+        if let Some(r) = widths.iter().position(|&w| w != 0 && w != d) {
+            return Err(comm.error(format!(
+                "the encoder gives rows of width {} on rank {r} but {d} on another rank",
+                widths[r]
+            )));
+        }
+        let counts: Vec<usize> = (0..world)
+            .map(|r| {
+                batches
+                    .iter()
+                    .skip(r)
+                    .step_by(world)
+                    .map(|b| b.len() * d)
+                    .sum()
+            })
+            .collect();
+        let all = comm.all_gather_varcount(&local, &counts)?;
+        // Rank r's segment starts at the sum of the counts before it; batch i is the
+        // next one of rank i mod W.
+        let mut next = crate::distributed::offsets(&counts);
+        let mut buf: Vec<f32> = match &self.rows {
+            Some(old) => old.flatten_all()?.to_vec1::<f32>()?,
+            None => Vec::new(),
+        };
+        buf.reserve_exact(missing.len() * d);
+        for (i, batch) in batches.iter().enumerate() {
+            let r = i % world;
+            let n = batch.len() * d;
+            buf.extend_from_slice(&all[next[r]..next[r] + n]);
+            next[r] += n;
+        }
+        let n = buf.len().checked_div(d).unwrap_or(0);
+        Ok(Tensor::from_vec(buf, (n, d), &Device::Cpu)?.to_device(&self.device)?)
     }
 
     /// The embeddings of `rows` (`u32` row ids on any device), on `device`: `(len, d)`.

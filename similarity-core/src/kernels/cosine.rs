@@ -7,7 +7,8 @@
 //!         ∂x̂_i = Σ_k G_ik ŷ_{idx_ik}, ∂ŷ_j = Σ_{idx_ik = j} G_ik x̂_i   (O((n·k + m)·d))
 //! ```
 //!
-//! Each gradient then goes through the normalisation (see the parent module).
+//! Each gradient then goes through the normalisation (see the parent module). The self
+//! product `x̂ x̂ᵀ` is symmetric: [`gram`] computes its upper triangle and mirrors it.
 
 use super::*;
 
@@ -22,7 +23,7 @@ impl FusedOp<1> for CosineMatrix {
         let x = s.data;
         let (_, unit) = normalize_rows(x, d);
         let mut out = vec![0.0f32; n * n];
-        gemm(&mut out, &unit, &unit, n, n, d, false, true);
+        gram(&mut out, &unit, n, d);
         Ok((out, Shape::from((n, n))))
     }
 
@@ -77,17 +78,142 @@ impl FusedOp<2> for CosineSelfBackward {
     fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (n, d) = s1.dims2()?;
         let (norms, unit) = normalize_rows(s1.data, d);
-        let g = s2.data;
         let mut sym = vec![0.0f32; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                sym[i * n + j] = g[i * n + j] + g[j * n + i];
-            }
-        }
+        add_transpose(&mut sym, s2.data, n);
         let mut out = vec![0.0f32; n * d];
         gemm(&mut out, &sym, &unit, n, d, n, false, false);
         normalize_backward(&mut out, &unit, &norms, d);
         Ok((out, Shape::from((n, d))))
+    }
+}
+
+/// Side of the square tiles of [`gram`] and [`add_transpose`].
+const TILE: usize = 64;
+
+/// A raw pointer that may cross threads; each user says why its accesses do not race.
+#[derive(Clone, Copy)]
+struct SharedPtr(*mut f32);
+// SAFETY: only used by `gram` and `add_transpose`, whose threads write disjoint entries and
+// read only entries no thread writes during that pass.
+unsafe impl Send for SharedPtr {}
+unsafe impl Sync for SharedPtr {}
+
+impl SharedPtr {
+    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `dst (n × n) = u uᵀ` for row-major `u: (n × d)`: the product is symmetric, so each
+/// block of rows computes its columns from the block's first row onwards (the upper
+/// triangle and the diagonal blocks, about half the multiply-adds of the full product), and
+/// a second pass mirrors the strict lower triangle from the upper one in square tiles.
+pub(super) fn gram(dst: &mut [f32], u: &[f32], n: usize, d: usize) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), n * n, "gram: dst size");
+    assert_eq!(u.len(), n * d, "gram: u size");
+    if n == 0 {
+        return;
+    }
+    if d == 0 || n < 2 * TILE {
+        gemm(dst, u, u, n, n, d, false, true);
+        return;
+    }
+    let blocks = n.div_ceil(TILE);
+    let out = SharedPtr(dst.as_mut_ptr());
+    let run = |b: usize| {
+        let r0 = b * TILE;
+        let rows = TILE.min(n - r0);
+        let cols = n - r0;
+        // SAFETY: `dst` holds n·n elements and this writes rows r0..r0 + rows, columns
+        // r0..n of it (row stride n), which no other block writes; `u` holds n·d elements
+        // and rows r0..n of it are read at row stride d.
+        unsafe {
+            gemm::gemm(
+                rows,
+                cols,
+                d,
+                out.get().add(r0 * n + r0),
+                1,
+                n as isize,
+                false,
+                u.as_ptr().add(r0 * d),
+                1,
+                d as isize,
+                u.as_ptr().add(r0 * d),
+                d as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    };
+    if threads() <= 1 || SERIAL.get() {
+        (0..blocks).for_each(run);
+    } else {
+        (0..blocks).into_par_iter().for_each(run);
+    }
+    // Mirror: block row b writes its entries left of the diagonal block, reading the
+    // upper-triangle entries of the blocks above, which this pass never writes.
+    let mirror = |b: usize| {
+        let r0 = b * TILE;
+        let r1 = (r0 + TILE).min(n);
+        for c0 in (0..r0).step_by(TILE) {
+            let c1 = (c0 + TILE).min(r0);
+            for i in r0..r1 {
+                for j in c0..c1 {
+                    // SAFETY: i, j < n; (i, j) with j < r0 ≤ i is written only by block
+                    // row b, and (j, i) lies in the upper triangle (read only here).
+                    unsafe { *out.get().add(i * n + j) = *out.get().add(j * n + i) };
+                }
+            }
+        }
+        // The diagonal block's own lower triangle.
+        for i in r0..r1 {
+            for j in r0..i {
+                // SAFETY: as above; (j, i) with r0 ≤ j < i is in this block's upper part.
+                unsafe { *out.get().add(i * n + j) = *out.get().add(j * n + i) };
+            }
+        }
+    };
+    if threads() <= 1 || SERIAL.get() {
+        (0..blocks).for_each(mirror);
+    } else {
+        (0..blocks).into_par_iter().for_each(mirror);
+    }
+}
+
+/// `dst = g + gᵀ` for a row-major `(n × n)` matrix `g`, in square tiles so that both the
+/// rows and the columns it reads stay in cache, blocks of rows in parallel.
+pub(super) fn add_transpose(dst: &mut [f32], g: &[f32], n: usize) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), n * n, "add_transpose: dst size");
+    assert_eq!(g.len(), n * n, "add_transpose: g size");
+    if n == 0 {
+        return;
+    }
+    let block = |(b, rows): (usize, &mut [f32])| {
+        let r0 = b * TILE;
+        let r1 = r0 + rows.len() / n;
+        for c0 in (0..n).step_by(TILE) {
+            let c1 = (c0 + TILE).min(n);
+            for i in r0..r1 {
+                let row = &mut rows[(i - r0) * n..(i - r0 + 1) * n];
+                for j in c0..c1 {
+                    row[j] = g[i * n + j] + g[j * n + i];
+                }
+            }
+        }
+    };
+    if threads() <= 1 || n * n < PAR_MIN {
+        dst.chunks_mut(TILE * n).enumerate().for_each(block);
+    } else {
+        dst.par_chunks_mut(TILE * n).enumerate().for_each(block);
     }
 }
 

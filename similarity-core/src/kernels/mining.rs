@@ -14,7 +14,7 @@ use super::*;
 
 /// The group ids of both sides as host vectors, `b = None` meaning `a` itself; `None` when
 /// either is not `i64`.
-fn group_ids(a: &Tensor, b: Option<&Tensor>) -> Result<Option<(Vec<i64>, Vec<i64>)>> {
+pub(super) fn group_ids(a: &Tensor, b: Option<&Tensor>) -> Result<Option<(Vec<i64>, Vec<i64>)>> {
     if a.dtype() != DType::I64 || b.is_some_and(|b| b.dtype() != DType::I64) {
         return Ok(None);
     }
@@ -197,13 +197,22 @@ impl FusedOp<2> for CosineMine {
             );
         }
         let (_, xu) = normalize_rows(s1.data, d);
+        let mut out = vec![0.0f32; n * 4];
+        if self.self_excluded && n == m && n * n <= SELF_GRAM_MAX {
+            // Against itself: the symmetric product of the unit rows (half the
+            // multiply-adds), mined with unit column scales, rows in parallel.
+            let mut sims = vec![0.0f32; n * n];
+            super::cosine::gram(&mut sims, &xu, n, d);
+            let ones = vec![1.0f32; n];
+            self.mine_rows(&sims, &ones, 0, n, &mut out);
+            return Ok((out, Shape::from((n, 4))));
+        }
         let y = s2.data;
         // x̂ · y_j scaled by 1 / ‖y_j‖ inside the mining pass: ŷ is never written.
         let inv = inverse_norms(y, d);
         // Rows per block. Each gemm call packs all of y, so blocks are large: up to 16 MB
         // of products per block (whole batches against a 4,096-row memory).
         let block = (4_194_304 / m.max(1)).clamp(16, n.max(16));
-        let mut out = vec![0.0f32; n * 4];
         let mut scratch = vec![0.0f32; block.min(n) * m];
         for start in (0..n).step_by(block) {
             let rows = block.min(n - start);
@@ -218,20 +227,48 @@ impl FusedOp<2> for CosineMine {
                 false,
                 true,
             );
-            for r in 0..rows {
-                let i = start + r;
-                let skip = self.self_excluded.then_some(i);
-                let (p, q) = mine_row(&sims[r * m..(r + 1) * m], &inv, self.ga[i], &self.gb, skip);
-                let row = &mut out[i * 4..i * 4 + 4];
-                if let Some(p) = p {
-                    row[..2].copy_from_slice(&[p as f32, 1.0]);
-                }
-                if let Some(q) = q {
-                    row[2..].copy_from_slice(&[q as f32, 1.0]);
-                }
-            }
+            self.mine_rows(
+                sims,
+                &inv,
+                start,
+                m,
+                &mut out[start * 4..(start + rows) * 4],
+            );
         }
         Ok((out, Shape::from((n, 4))))
+    }
+}
+
+/// Rows `n · n` at most whose self-product [`CosineMine`] computes whole (16 MB).
+const SELF_GRAM_MAX: usize = 4_194_304;
+
+impl CosineMine {
+    /// Mines the rows `start..` of the products `sims` (rows of width `m`, column scales
+    /// `inv`) into their rows of `out` (4 per row), blocks of rows in parallel.
+    fn mine_rows(&self, sims: &[f32], inv: &[f32], start: usize, m: usize, out: &mut [f32]) {
+        use rayon::prelude::*;
+        let rows = out.len() / 4;
+        let per = par_block_rows(rows, m);
+        out.par_chunks_mut(per * 4)
+            .zip(sims.par_chunks(per * m.max(1)))
+            .enumerate()
+            .for_each(|(b, (ob, sb))| {
+                for (r, (row, s)) in ob
+                    .chunks_exact_mut(4)
+                    .zip(sb.chunks_exact(m.max(1)))
+                    .enumerate()
+                {
+                    let i = start + b * per + r;
+                    let skip = self.self_excluded.then_some(i);
+                    let (p, q) = mine_row(s, inv, self.ga[i], &self.gb, skip);
+                    if let Some(p) = p {
+                        row[..2].copy_from_slice(&[p as f32, 1.0]);
+                    }
+                    if let Some(q) = q {
+                        row[2..].copy_from_slice(&[q as f32, 1.0]);
+                    }
+                }
+            });
     }
 }
 

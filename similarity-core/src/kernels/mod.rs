@@ -1,5 +1,6 @@
 //! Fused f32 CPU kernels for what runs at every step of a training run: the cosine
-//! similarity matrix, batch-hard mining, MultipleNegativesRankingLoss, the
+//! similarity matrix, batch-hard mining, MultipleNegativesRankingLoss, the group losses
+//! that are a function of the similarity matrix, the class-logit losses, the
 //! SkipConnectionHead block, the Adam update, and a transformer's layers (GELU and softmax
 //! with backward passes; forward-only dense layers and attention for a frozen encoder's
 //! cache fill).
@@ -14,9 +15,11 @@
 //!
 //! | module          | op                                      | shapes                        |
 //! |-----------------|-----------------------------------------|-------------------------------|
-//! | `cosine`        | `S = x̂ ŷᵀ`, chosen pairs                | `(n, d), (m, d) → (n, m)`     |
+//! | `cosine`        | `S = x̂ ŷᵀ` (`x̂ x̂ᵀ`: upper triangle), pairs | `(n, d), (m, d) → (n, m)`     |
 //! | `mining`        | batch-hard columns, group masks         | `(n, m)` → `(n)` indices      |
 //! | `cross_entropy` | diagonal cross-entropy, fused MNRL      | `(n, n)` or `(n, d)² → ()`    |
+//! | `group_loss`    | Circle, MS, SupCon, OCL all, FastAP, Triplet all | `(n, m)` → `()`               |
+//! | `class_loss`    | class-logit cross-entropy, CenterLoss   | `(n, C)` → `()`, `(n, d), (k, d) → ()` |
 //! | `skip`          | `x + (x Wᵀ + b) ⊙ σ(gate)`              | `(n, d) → (n, d)`             |
 //! | `adam`          | Adam / AdamW in place                   | any variable                  |
 //! | `activation`    | GELU, softmax over the last dimension   | any → same                    |
@@ -596,8 +599,10 @@ fn exp_f32(x: f32) -> f32 {
 mod activation;
 mod adam;
 mod bert;
+mod class_loss;
 mod cosine;
 mod cross_entropy;
+mod group_loss;
 mod mining;
 mod skip;
 #[cfg(test)]
@@ -608,7 +613,9 @@ pub(crate) use activation::{gelu_erf, softmax_last_dim};
 pub(crate) use adam::{AdamStep, adam_applies, adam_step};
 #[cfg(feature = "transformers")]
 pub(crate) use bert::{Epilogue, attention, attention_takes_head_size, dense};
+pub(crate) use class_loss::{TargetLogit, center_distance, class_cross_entropy};
 pub(crate) use cosine::cosine_similarity_matrix;
 pub(crate) use cross_entropy::{cosine_mnrl, diagonal_cross_entropy};
+pub(crate) use group_loss::{GroupMatrixLoss, cosine_group_loss};
 pub(crate) use mining::{cosine_hardest, group_masks, hardest_pairs};
 pub(crate) use skip::skip_connection_layer;

@@ -99,6 +99,37 @@ mod forms {
     }
 
     #[test]
+    fn gram_and_add_transpose_match_the_plain_forms() {
+        // Sizes around the tile (64) and the full-product threshold (128).
+        for (n, d) in [(5, 3), (127, 7), (128, 9), (200, 16), (257, 5)] {
+            let u = random((n, d), n as u64);
+            let mut full = vec![0.0f32; n * n];
+            gemm(&mut full, &u, &u, n, n, d, false, true);
+            let mut sym = vec![0.0f32; n * n];
+            super::super::cosine::gram(&mut sym, &u, n, d);
+            for (i, (a, b)) in sym.iter().zip(&full).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "gram n={n} [{i}]: {a} vs {b}"
+                );
+            }
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(sym[i * n + j], sym[j * n + i], "gram n={n} not symmetric");
+                }
+            }
+            let g = random((n, n), 7);
+            let mut t = vec![0.0f32; n * n];
+            super::super::cosine::add_transpose(&mut t, &g, n);
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(t[i * n + j], g[i * n + j] + g[j * n + i]);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn cosine_matrix_skips_the_gradient_of_a_detached_side() {
         let x = var(&random((8, 5), 3), (8, 5));
         let memory = Tensor::from_vec(random((6, 5), 4), (6, 5), &Device::Cpu).unwrap();
@@ -637,5 +668,400 @@ mod sum_of_squares {
         }
         let t = Tensor::new(&[1.0f32, f32::NAN], &candle_core::Device::Cpu).unwrap();
         assert!(sum_of_squares(&t).unwrap().unwrap().is_nan());
+    }
+}
+
+mod group_matrix {
+    //! The losses of `kernels::group_loss` (CircleLoss per anchor and pooled,
+    //! MultiSimilarityLoss mined and unmined, SupConLoss, OnlineContrastiveLoss `all` with
+    //! both reductions, FastAPLoss): the fused f32 paths against the composite ones (F64
+    //! takes them), values and gradients, in a batch and against a memory bank.
+    use crate::data::GroupTargets;
+    use crate::loss::*;
+    use crate::nn::Params;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// A loss's memory form: `(loss, x, groups, memory, memory groups) → L`.
+    type MemoryForm<'a, L> = &'a dyn Fn(&L, &Tensor, &Tensor, &Tensor, &Tensor) -> Tensor;
+
+    /// The loss (plus its memory form when `m > 0`) and its gradient on fixed data.
+    fn run<L: SimilarityLoss<Kind = GroupKind>>(
+        config: &L::Config,
+        memory: Option<MemoryForm<L>>,
+        (n, m, groups): (usize, usize, i64),
+        dtype: DType,
+    ) -> (f64, Vec<f64>) {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64((n * 31 + m) as u64 + groups as u64);
+        let data: Vec<f64> = (0..(n + m) * 24)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect();
+        let x = Tensor::from_vec(data, (n + m, 24), &dev).unwrap();
+        let (batch, mem) = (x.narrow(0, 0, n).unwrap(), x.narrow(0, n, m).unwrap());
+        let v = Var::from_tensor(&batch.to_dtype(dtype).unwrap()).unwrap();
+        let g: Vec<i64> = (0..n as i64).map(|i| (i * 7) % groups).collect();
+        let mg: Vec<i64> = (0..m as i64).map(|i| (i * 3) % (groups + 2)).collect();
+        let targets = GroupTargets {
+            groups: Tensor::new(g.as_slice(), &dev).unwrap(),
+        };
+        let mut params = Params::new(&dev, 0);
+        let loss = L::new(24, config.clone(), &mut params.scope("l")).unwrap();
+        let mut l = loss.forward(v.as_tensor(), &targets).unwrap();
+        if let Some(f) = memory.filter(|_| m > 0) {
+            let mem = mem.to_dtype(dtype).unwrap();
+            let mem_g = Tensor::new(mg.as_slice(), &dev).unwrap();
+            l = (l + f(&loss, v.as_tensor(), &targets.groups, &mem, &mem_g)).unwrap();
+        }
+        super::loss_and_grad(&l, &v)
+    }
+
+    /// Small groups (anchors without positives), a batch larger than one parallel block
+    /// and than one tile of the cosine matrix, a memory bank, and a batch of one group (no
+    /// negatives).
+    const SHAPES: [(usize, usize, i64); 5] = [
+        (9, 0, 4),
+        (300, 0, 100),
+        (64, 200, 10),
+        (700, 0, 30),
+        (12, 0, 1),
+    ];
+
+    fn assert_matches<L: SimilarityLoss<Kind = GroupKind>>(
+        what: &str,
+        config: L::Config,
+        memory: Option<MemoryForm<L>>,
+    ) {
+        assert_matches_on(what, config, memory, &SHAPES);
+    }
+
+    fn assert_matches_on<L: SimilarityLoss<Kind = GroupKind>>(
+        what: &str,
+        config: L::Config,
+        memory: Option<MemoryForm<L>>,
+        shapes: &[(usize, usize, i64)],
+    ) {
+        for &shape in shapes {
+            let (lf, gf) = run::<L>(&config, memory, shape, DType::F32);
+            let (lr, gr) = run::<L>(&config, memory, shape, DType::F64);
+            assert!(
+                (lf - lr).abs() < 2e-5 * (1.0 + lr.abs()),
+                "{what} {shape:?}: {lf} vs {lr}"
+            );
+            let worst = gf
+                .iter()
+                .zip(&gr)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            let scale = gr.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            // The floor: a gradient that is zero in exact arithmetic (one group: every
+            // FastAP is 1) is f32 round-off on the fused side.
+            assert!(
+                worst <= 2e-4 * scale.max(1e-3),
+                "{what} {shape:?}: gradient off by {worst} (max {scale})"
+            );
+        }
+    }
+
+    fn mem<L: MemoryLoss>(l: &L, x: &Tensor, g: &Tensor, y: &Tensor, gy: &Tensor) -> Tensor {
+        l.forward_memory(x, g, y, gy).unwrap()
+    }
+
+    #[test]
+    fn memory_side_with_a_gradient_matches_the_composite_form() {
+        // A memory that is itself a variable (not a detached bank): its gradient too.
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64(5);
+        let (n, m, d) = (40, 70, 12);
+        let data: Vec<f64> = (0..(n + m) * d)
+            .map(|_| rng.random::<f64>() - 0.5)
+            .collect();
+        let g: Vec<i64> = (0..n as i64).map(|i| i % 6).collect();
+        let mg: Vec<i64> = (0..m as i64).map(|i| i % 8).collect();
+        let run = |dtype: DType| {
+            let x = Tensor::from_vec(data.clone(), (n + m, d), &dev).unwrap();
+            let a = Var::from_tensor(&x.narrow(0, 0, n).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let b = Var::from_tensor(&x.narrow(0, n, m).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let loss = SupConLoss::new(d, Default::default(), &mut Params::new(&dev, 0).scope("l"))
+                .unwrap();
+            let l = loss
+                .forward_memory(
+                    a.as_tensor(),
+                    &Tensor::new(g.as_slice(), &dev).unwrap(),
+                    b.as_tensor(),
+                    &Tensor::new(mg.as_slice(), &dev).unwrap(),
+                )
+                .unwrap();
+            let grads = l.backward().unwrap();
+            let flat = |v: &Var| {
+                grads
+                    .get(v)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+            };
+            (flat(&a), flat(&b))
+        };
+        let (fa, fb) = run(DType::F32);
+        let (ra, rb) = run(DType::F64);
+        for (what, f, r) in [("batch", fa, ra), ("memory", fb, rb)] {
+            let worst = f
+                .iter()
+                .zip(&r)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f64::max);
+            let scale = r.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            assert!(
+                worst <= 2e-4 * scale.max(1e-3),
+                "{what}: off by {worst} (max {scale})"
+            );
+        }
+    }
+
+    #[test]
+    fn circle_loss_matches_the_composite_form() {
+        for pooled in [false, true] {
+            // γ = 256 is sharp enough that the pooled form's gradient sits on a few pairs;
+            // γ = 8 spreads it.
+            for scale_factor in [256.0, 8.0] {
+                let config = CircleLossConfig {
+                    pooled,
+                    scale_factor,
+                    ..Default::default()
+                };
+                assert_matches::<CircleLoss>(
+                    &format!("circle pooled={pooled} γ={scale_factor}"),
+                    config,
+                    Some(&mem::<CircleLoss>),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn multi_similarity_loss_matches_the_composite_form() {
+        for epsilon in [Some(0.1), None] {
+            let config = MultiSimilarityLossConfig {
+                epsilon,
+                ..Default::default()
+            };
+            assert_matches::<MultiSimilarityLoss>(
+                &format!("ms ε={epsilon:?}"),
+                config,
+                Some(&mem::<MultiSimilarityLoss>),
+            );
+        }
+    }
+
+    #[test]
+    fn supcon_loss_matches_the_composite_form() {
+        for temperature in [0.1, 1.0] {
+            assert_matches::<SupConLoss>(
+                &format!("supcon τ={temperature}"),
+                SupConLossConfig { temperature },
+                Some(&mem::<SupConLoss>),
+            );
+        }
+    }
+
+    #[test]
+    fn online_contrastive_all_matches_the_composite_form() {
+        for reduction in [None, Some(Reduction::MeanNonZero)] {
+            for margin in [0.5, 1.2] {
+                let config = OnlineContrastiveLossConfig {
+                    mining: PairMining::All,
+                    margin,
+                    reduction,
+                    ..Default::default()
+                };
+                assert_matches::<OnlineContrastiveLoss>(
+                    &format!("ocl all {reduction:?} margin={margin}"),
+                    config,
+                    Some(&mem::<OnlineContrastiveLoss>),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn triplet_all_matches_the_composite_form() {
+        for reduction in [None, Some(Reduction::Mean)] {
+            for margin in [0.5, 0.05] {
+                let config = TripletLossConfig {
+                    mining: TripletMining::All,
+                    margin,
+                    reduction,
+                    ..Default::default()
+                };
+                // The composite form holds (n, m, m) tensors: small shapes only.
+                assert_matches_on::<TripletLoss>(
+                    &format!("triplet all {reduction:?} margin={margin}"),
+                    config,
+                    Some(&mem::<TripletLoss>),
+                    &[(9, 0, 4), (150, 0, 10), (40, 90, 10), (12, 0, 1)],
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fast_ap_loss_matches_the_composite_form() {
+        for num_bins in [10, 3, 40] {
+            assert_matches::<FastAPLoss>(
+                &format!("fastap bins={num_bins}"),
+                FastAPLossConfig { num_bins },
+                None,
+            );
+        }
+    }
+}
+
+mod class_losses {
+    //! The class-logit losses (SoftmaxLoss, ArcFaceLoss, CosFaceLoss: `kernels::class_loss`'s
+    //! cross-entropy) and CenterLoss (`center_distance`): the fused f32 paths against the
+    //! composite ones (F64 embeddings take them), values and the gradients of the
+    //! embeddings and of the trained table.
+    use crate::data::GroupTargets;
+    use crate::loss::*;
+    use crate::nn::Params;
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// Loss, `∂L/∂x` and `∂L/∂table` (flattened, f64) with the table set to `table`.
+    fn run<L: SimilarityLoss<Kind = GroupKind>>(
+        config: &L::Config,
+        table: &Tensor,
+        (n, d, c): (usize, usize, usize),
+        dtype: DType,
+    ) -> (f64, Vec<f64>, Vec<f64>) {
+        let dev = Device::Cpu;
+        let mut rng = StdRng::seed_from_u64((n * 13 + d) as u64);
+        let data: Vec<f64> = (0..n * d).map(|_| rng.random::<f64>() - 0.5).collect();
+        let x = Tensor::from_vec(data, (n, d), &dev).unwrap();
+        let v = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let g: Vec<i64> = (0..n as i64).map(|i| (i * 5) % c as i64).collect();
+        let targets = GroupTargets {
+            groups: Tensor::new(g.as_slice(), &dev).unwrap(),
+        };
+        let mut params = Params::new(&dev, 0);
+        let loss = L::new(d, config.clone(), &mut params.scope("l")).unwrap();
+        let vars = params.named_vars();
+        let var = vars.values().next().unwrap();
+        var.set(table).unwrap();
+        let l = loss.forward(v.as_tensor(), &targets).unwrap();
+        let grads = l.backward().unwrap();
+        let flat = |t: &Tensor| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        (
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap(),
+            flat(grads.get(&v).unwrap()),
+            flat(grads.get(var).unwrap()),
+        )
+    }
+
+    fn assert_close(what: &str, f: &[f64], r: &[f64]) {
+        let worst = f
+            .iter()
+            .zip(r)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        let scale = r.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        assert!(
+            worst <= 2e-4 * scale.max(1e-3),
+            "{what}: gradient off by {worst} (max {scale})"
+        );
+    }
+
+    /// `config(c)` for `c` classes, the trained table of shape `table(d, c)`: fused against
+    /// composite on a few shapes (`n`, `d`, `c`).
+    fn assert_matches<L: SimilarityLoss<Kind = GroupKind>>(
+        what: &str,
+        config: impl Fn(usize) -> L::Config,
+        table: impl Fn(usize, usize) -> (usize, usize),
+    ) {
+        for (n, d, c) in [(7, 5, 3), (300, 24, 40), (64, 16, 100)] {
+            let config = config(c);
+            let shape = table(d, c);
+            let mut rng = StdRng::seed_from_u64(c as u64);
+            let t: Vec<f32> = (0..shape.0 * shape.1)
+                .map(|_| rng.random::<f32>() - 0.5)
+                .collect();
+            let t = Tensor::from_vec(t, shape, &Device::Cpu).unwrap();
+            let (lf, xf, tf) = run::<L>(&config, &t, (n, d, c), DType::F32);
+            let (lr, xr, tr) = run::<L>(&config, &t, (n, d, c), DType::F64);
+            assert!(
+                (lf - lr).abs() < 2e-5 * (1.0 + lr.abs()),
+                "{what} n={n}: {lf} vs {lr}"
+            );
+            assert_close(&format!("{what} n={n} ∂x"), &xf, &xr);
+            assert_close(&format!("{what} n={n} ∂table"), &tf, &tr);
+        }
+    }
+
+    #[test]
+    fn softmax_loss_matches_the_composite_form() {
+        for temperature in [0.05, 1.0] {
+            assert_matches::<SoftmaxLoss>(
+                &format!("softmax τ={temperature}"),
+                |num_groups| SoftmaxLossConfig {
+                    num_groups,
+                    temperature,
+                },
+                |d, c| (d, c),
+            );
+        }
+    }
+
+    #[test]
+    fn arcface_loss_matches_the_composite_form() {
+        for (scale, margin) in [(64.0, 0.5), (4.0, 1.2)] {
+            assert_matches::<ArcFaceLoss>(
+                &format!("arcface s={scale} m={margin}"),
+                |num_groups| ArcFaceLossConfig {
+                    num_groups,
+                    scale,
+                    margin,
+                },
+                |d, c| (d, c),
+            );
+        }
+    }
+
+    #[test]
+    fn cosface_loss_matches_the_composite_form() {
+        for (scale, margin) in [(64.0, 0.35), (4.0, 0.0)] {
+            assert_matches::<CosFaceLoss>(
+                &format!("cosface s={scale} m={margin}"),
+                |num_groups| CosFaceLossConfig {
+                    num_groups,
+                    scale,
+                    margin,
+                },
+                |d, c| (d, c),
+            );
+        }
+    }
+
+    #[test]
+    fn center_loss_matches_the_composite_form() {
+        assert_matches::<CenterLoss>(
+            "center",
+            |num_groups| CenterLossConfig {
+                num_groups,
+                lambda_c: 0.5,
+            },
+            |d, c| (c, d),
+        );
     }
 }

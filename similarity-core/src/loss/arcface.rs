@@ -29,17 +29,20 @@
 //!
 //! The kernel is the trainable variable `kernel: (d, C)`, drawn from `N(0, 0.01²)` like
 //! Quaterion's. Group ids must be valid class indices: an id outside `[0, C)` is an error
-//! naming the id and `num_groups`. Retrieval metrics use the cosine distance.
+//! naming the id and `num_groups`. Retrieval metrics use the cosine distance. The logits
+//! and the cross-entropy are the class-logit losses' shared code (`class_logits`).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::softmax::{check_num_groups, class_cross_entropy, group_one_hot};
+use super::class_logits::{
+    ClassLogits, check_num_groups, check_scale_margin, class_kernel, class_loss,
+};
 use super::{GroupKind, SimilarityLoss};
 use crate::data::GroupTargets;
-use crate::distance::{Distance, normalize};
-use crate::error::{Error, Result};
-use crate::nn::{Init, ParamScope};
+use crate::distance::Distance;
+use crate::error::Result;
+use crate::nn::ParamScope;
 
 /// Options of [`ArcFaceLoss`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,51 +80,6 @@ impl ArcFaceLoss {
     }
 }
 
-/// Validates `scale` (positive) and `margin` (finite, non-negative) of a margin loss.
-pub(super) fn check_scale_margin(loss: &str, scale: f64, margin: f64) -> Result<()> {
-    if !scale.is_finite() || scale <= 0.0 {
-        return Err(Error::invalid(
-            format!("{loss} option `scale`"),
-            format!("must be a positive number, got {scale}"),
-        ));
-    }
-    if !margin.is_finite() || margin < 0.0 {
-        return Err(Error::invalid(
-            format!("{loss} option `margin`"),
-            format!("must be a non-negative number, got {margin}"),
-        ));
-    }
-    Ok(())
-}
-
-/// Creates the `N(0, 0.01²)` kernel `(embedding_size, num_groups)` of a class loss.
-pub(super) fn class_kernel(
-    embedding_size: usize,
-    num_groups: usize,
-    params: &mut ParamScope,
-) -> Result<Tensor> {
-    params.var(
-        "kernel",
-        &[embedding_size, num_groups],
-        Init::Normal {
-            mean: 0.0,
-            std: 0.01,
-        },
-    )
-}
-
-/// `cos θ = x̂ ŵ: (N, C)`: rows of `embeddings` and columns of `kernel` (cast to the
-/// embeddings' dtype) scaled to unit norm, clamped to `[−1, 1]`.
-pub(super) fn class_cosines(embeddings: &Tensor, kernel: &Tensor) -> Result<Tensor> {
-    let kernel = kernel.to_dtype(embeddings.dtype())?;
-    // Class vectors are the kernel's columns: the rows of its transpose.
-    if let Some(cos) = crate::kernels::cosine_similarity_matrix(embeddings, Some(&kernel.t()?))? {
-        return Ok(cos.clamp(-1.0, 1.0)?);
-    }
-    let kernel = normalize(&kernel.t()?)?.t()?;
-    Ok(normalize(embeddings)?.matmul(&kernel)?.clamp(-1.0, 1.0)?)
-}
-
 #[diagnostic::do_not_recommend]
 impl SimilarityLoss for ArcFaceLoss {
     type Kind = GroupKind;
@@ -145,20 +103,17 @@ impl SimilarityLoss for ArcFaceLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
-        let one_hot = group_one_hot(
+        let logits = ClassLogits::ArcFace {
+            scale: self.config.scale,
+            margin: self.config.margin,
+        };
+        class_loss(
             Self::NAME,
+            logits,
+            embeddings,
+            &self.kernel,
             &targets.groups,
-            self.config.num_groups,
-            embeddings.dtype(),
-        )?;
-        let cos = class_cosines(embeddings, &self.kernel)?;
-        let sin = (1.0 - cos.sqr()?)?.clamp(1e-12, 1.0)?.sqrt()?;
-        let m = self.config.margin;
-        // cos(θ + m) = cos θ cos m − sin θ sin m
-        let shifted = ((&cos * m.cos())? - (sin * m.sin())?)?;
-        // Target column: cos(θ + m); the others: cos θ.
-        let logits = (((shifted - &cos)? * &one_hot)? + &cos)?;
-        class_cross_entropy(&(logits * self.config.scale)?, &one_hot)
+        )
     }
 }
 

@@ -17,8 +17,9 @@
 //! Xavier-uniform (`U(±√(6 / (num_groups + d)))`) as in Quaterion, and moved by the
 //! trainer's optimiser together with the model. Group ids must be valid indices into the
 //! centres (an id outside `[0, num_groups)` is an error naming it). The gather of each
-//! row's centre is a one-hot `(N, num_groups)` matrix product. Retrieval metrics use the
-//! cosine distance.
+//! row's centre is a one-hot `(N, num_groups)` matrix product (f32 on the CPU: one fused
+//! op, `kernels::center_distance`). The option and id checks are the class-logit losses'
+//! (`class_logits`). Retrieval metrics use the cosine distance.
 //!
 //! As in Quaterion, and unlike the paper: embeddings are L2-normalised first, the squared
 //! distance is averaged over all `N·d` elements (the paper's `½ Σᵢ ‖xᵢ − c_gᵢ‖²` is this
@@ -29,7 +30,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::softmax::{check_num_groups, group_one_hot};
+use super::class_logits::{check_num_groups, class_ids, one_hot};
 use super::{GroupKind, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::{Distance, normalize};
@@ -105,11 +106,18 @@ impl SimilarityLoss for CenterLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
-        let one_hot = group_one_hot(
-            Self::NAME,
-            &targets.groups,
+        let ids = class_ids(Self::NAME, &targets.groups, self.config.num_groups)?;
+        let lambda = self.config.lambda_c as f32;
+        if let Some(l) =
+            crate::kernels::center_distance(embeddings, &self.centers, ids.clone(), lambda)?
+        {
+            return Ok(l);
+        }
+        let one_hot = one_hot(
+            &ids,
             self.config.num_groups,
             embeddings.dtype(),
+            embeddings.device(),
         )?;
         let centers = one_hot.matmul(&self.centers.to_dtype(embeddings.dtype())?)?;
         let diff = (normalize(embeddings)? - centers)?;

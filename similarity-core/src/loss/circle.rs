@@ -44,6 +44,9 @@
 //!
 //! As a [`MemoryLoss`], the batch rows are the anchors and the memory rows their scores
 //! (pooled: every (batch, memory) pair instead of `i < j`).
+//!
+//! With the cosine similarity in f32 on the CPU the loss is one fused op
+//! (`kernels::group_loss`); the composite form below is the reference it is tested against.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -90,6 +93,24 @@ pub struct CircleLoss {
 }
 
 impl CircleLoss {
+    /// The fused f32 CPU form (cosine only); `None` where it does not apply.
+    fn fused(
+        &self,
+        x: &Tensor,
+        groups: &Tensor,
+        memory: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        if self.config.distance != Distance::Cosine {
+            return Ok(None);
+        }
+        let loss = crate::kernels::GroupMatrixLoss::Circle {
+            margin: self.config.margin as f32,
+            gamma: self.config.scale_factor as f32,
+            pooled: self.config.pooled,
+        };
+        crate::kernels::cosine_group_loss(x, groups, memory, loss)
+    }
+
     /// The loss of similarities `s` with `{0, 1}` pair masks, all `(n, m)`: row `i` holds
     /// anchor `i`'s scores (pooled: every entry is one pair of the batch).
     fn loss(&self, s: &Tensor, pos: &Tensor, neg: &Tensor) -> Result<Tensor> {
@@ -152,6 +173,9 @@ impl SimilarityLoss for CircleLoss {
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
         check_groups("CircleLoss", embeddings, &targets.groups)?;
+        if let Some(l) = self.fused(embeddings, &targets.groups, None)? {
+            return Ok(l);
+        }
         let dtype = embeddings.dtype();
         let n = embeddings.dim(0)?;
         let s = self.config.distance.similarity_matrix(embeddings, None)?;
@@ -184,6 +208,9 @@ impl MemoryLoss for CircleLoss {
         check_groups("CircleLoss memory", memory_embeddings, memory_groups)?;
         if memory_groups.dim(0)? == 0 {
             return Ok(embeddings.sum_all()?.affine(0.0, 0.0)?);
+        }
+        if let Some(l) = self.fused(embeddings, groups, Some((memory_embeddings, memory_groups)))? {
+            return Ok(l);
         }
         let dtype = embeddings.dtype();
         let s = self

@@ -24,12 +24,16 @@
 //! and then applies `cos` a second time, computing `s · cos(cos θ − m·[c = g])`; the
 //! logits then lie in `[s·cos 1.35, s]` and are largest for orthogonal vectors, which
 //! is not the paper's loss. This crate implements the paper: `s · (cos θ − m·[c = g])`.
+//!
+//! The logits and the cross-entropy are the class-logit losses' shared code
+//! (`class_logits`).
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::arcface::{check_scale_margin, class_cosines, class_kernel};
-use super::softmax::{check_num_groups, class_cross_entropy, group_one_hot};
+use super::class_logits::{
+    ClassLogits, check_num_groups, check_scale_margin, class_kernel, class_loss,
+};
 use super::{GroupKind, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
@@ -95,15 +99,17 @@ impl SimilarityLoss for CosFaceLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
-        let one_hot = group_one_hot(
+        let logits = ClassLogits::CosFace {
+            scale: self.config.scale,
+            margin: self.config.margin,
+        };
+        class_loss(
             Self::NAME,
+            logits,
+            embeddings,
+            &self.kernel,
             &targets.groups,
-            self.config.num_groups,
-            embeddings.dtype(),
-        )?;
-        let cos = class_cosines(embeddings, &self.kernel)?;
-        let logits = ((cos - (&one_hot * self.config.margin)?)? * self.config.scale)?;
-        class_cross_entropy(&logits, &one_hot)
+        )
     }
 }
 

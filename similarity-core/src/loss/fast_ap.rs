@@ -15,12 +15,16 @@
 //!
 //! Parameters and defaults (Quaterion's): `num_bins = 10`. The distance is always Euclidean
 //! (on the normalised embeddings), as in Quaterion. A batch in which no anchor has a
-//! positive gives `0`. Memory: `O((B + 1)·N²)`.
+//! positive gives `0`. Memory: `O((B + 1)·N²)` (composite form; see below).
 //!
 //! **Difference from Quaterion** (0.1.35): Quaterion divides by `n⁺_i` and then drops the
 //! NaN rows of anchors without a positive; the value is the same as here, but the 0/0 rows
 //! still send NaN into every gradient. Here those rows are masked before dividing, so the
 //! gradient is finite. Quaterion's all-empty batch gives NaN; here 0.
+//!
+//! In f32 on the CPU the loss is one fused op (`kernels::group_loss`: two soft-histogram
+//! bins per pair, `O(N²)` memory instead of `O((B + 1)·N²)`); the composite form below is
+//! the reference it is tested against.
 
 use candle_core::{D, Tensor};
 use serde::{Deserialize, Serialize};
@@ -85,6 +89,14 @@ impl SimilarityLoss for FastAPLoss {
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
         check_groups("FastAPLoss", embeddings, &targets.groups)?;
+        let fused = crate::kernels::GroupMatrixLoss::FastAp {
+            bins: self.config.num_bins,
+        };
+        if let Some(l) =
+            crate::kernels::cosine_group_loss(embeddings, &targets.groups, None, fused)?
+        {
+            return Ok(l);
+        }
         let dtype = embeddings.dtype();
         let device = embeddings.device();
         let (pos, neg) = group_masks(&targets.groups, None, dtype)?;

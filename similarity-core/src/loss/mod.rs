@@ -23,11 +23,14 @@
 mod arcface;
 mod center;
 mod circle;
+mod class_logits;
 mod combined;
 mod contrastive;
 mod cos_face;
 mod fast_ap;
 pub mod masks;
+mod matryoshka;
+pub mod mined_negatives;
 mod multi_similarity;
 mod multiple_negatives_ranking;
 mod online_contrastive;
@@ -46,6 +49,7 @@ pub use combined::{CombinedLoss, CombinedLossConfig};
 pub use contrastive::{ContrastiveLoss, ContrastiveLossConfig};
 pub use cos_face::{CosFaceLoss, CosFaceLossConfig};
 pub use fast_ap::{FastAPLoss, FastAPLossConfig};
+pub use matryoshka::{MatryoshkaLoss, MatryoshkaLossConfig};
 pub use multi_similarity::{MultiSimilarityLoss, MultiSimilarityLossConfig};
 pub use multiple_negatives_ranking::{
     MultipleNegativesRankingLoss, MultipleNegativesRankingLossConfig,
@@ -277,6 +281,23 @@ pub trait SimilarityLoss: Sized + Send + Sync {
         embeddings: &Tensor,
         targets: &<Self::Kind as LossKind>::Targets,
     ) -> Result<Tensor>;
+
+    /// The loss of a batch with `negatives: (N, d)`, extra negatives for every anchor
+    /// (hard negatives mined from the cache, [`crate::train::hard_negatives`]). Default:
+    /// an error saying the loss takes none; see [`mined_negatives`] for those that do.
+    fn forward_with_negatives(
+        &self,
+        embeddings: &Tensor,
+        targets: &<Self::Kind as LossKind>::Targets,
+        negatives: &Tensor,
+    ) -> Result<Tensor> {
+        let _ = (embeddings, targets, negatives);
+        Err(crate::error::Error::invalid(
+            format!("{} with TrainerConfig.hard_negatives", Self::NAME),
+            "this loss takes no extra negatives; use MultipleNegativesRankingLoss \
+             (or MatryoshkaLoss over it), or turn hard-negative mining off",
+        ))
+    }
 }
 
 /// Checks a pair batch before a loss indexes into it: `embeddings: (n, d)`,

@@ -110,6 +110,17 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
             * self.config.scale)?;
         diagonal_cross_entropy(&logits, self.config.symmetric)
     }
+
+    /// See [`mined_negatives`](super::mined_negatives): each anchor also ranks against
+    /// every row of `negatives`.
+    fn forward_with_negatives(
+        &self,
+        embeddings: &Tensor,
+        targets: &PairTargets,
+        negatives: &Tensor,
+    ) -> Result<Tensor> {
+        super::mined_negatives::mnrl_with_negatives(&self.config, embeddings, targets, negatives)
+    }
 }
 
 #[cfg(test)]

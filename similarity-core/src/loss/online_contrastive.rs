@@ -22,6 +22,9 @@
 //! candidates; the masks compare groups only (a memory row is never "the anchor itself").
 //! An empty memory gives 0.
 //!
+//! With the cosine distance in f32 on the CPU, `hard` mines on the fused kernels and `all` is
+//! one fused op (`kernels::group_loss`); the composite forms are the reference.
+//!
 //! **Differences from Quaterion.**
 //! * Its negative mask is "not a positive", which includes the anchor itself: every
 //!   anchor counts its own distance (≈ 0) as a negative, so `all` adds `N` constant terms
@@ -149,6 +152,24 @@ impl OnlineContrastiveLoss {
         }
     }
 
+    /// `all` mining with the cosine distance as one fused op on the similarity matrix;
+    /// `None` for other settings or where the kernels do not apply.
+    fn all_cosine(
+        &self,
+        a: &Tensor,
+        groups: &Tensor,
+        b: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Option<Tensor>> {
+        if self.config.mining != PairMining::All || self.config.distance != Distance::Cosine {
+            return Ok(None);
+        }
+        let loss = crate::kernels::GroupMatrixLoss::OnlineContrastiveAll {
+            margin: self.config.margin as f32,
+            nonzero: self.config.reduction == Some(Reduction::MeanNonZero),
+        };
+        crate::kernels::cosine_group_loss(a, groups, b, loss)
+    }
+
     /// `hard` mining with the cosine distance on the fused kernels: the hardest positive
     /// and negative of every anchor are mined on detached similarities and only those pairs
     /// are recomputed with gradient (no `n × m` matrix in the graph). `None` for other
@@ -205,6 +226,9 @@ impl SimilarityLoss for OnlineContrastiveLoss {
         if let Some(loss) = self.hard_cosine(embeddings, &targets.groups, None)? {
             return Ok(loss);
         }
+        if let Some(loss) = self.all_cosine(embeddings, &targets.groups, None)? {
+            return Ok(loss);
+        }
         let dtype = embeddings.dtype();
         let d = self.config.distance.distance_matrix(embeddings, None)?;
         let (pos, neg) = masks::group_masks(&targets.groups, None, dtype)?;
@@ -232,6 +256,9 @@ impl MemoryLoss for OnlineContrastiveLoss {
         }
         let memory = Some((memory_embeddings, memory_groups));
         if let Some(loss) = self.hard_cosine(embeddings, groups, memory)? {
+            return Ok(loss);
+        }
+        if let Some(loss) = self.all_cosine(embeddings, groups, memory)? {
             return Ok(loss);
         }
         let dtype = embeddings.dtype();

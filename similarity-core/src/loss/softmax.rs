@@ -15,16 +15,18 @@
 //! The kernel is the trainable variable `kernel: (d, C)`, drawn from `N(0, 0.01²)` like
 //! Quaterion's. Group ids must be valid class indices; an id outside `[0, C)` is an error
 //! that names it. Retrieval metrics compare embeddings with the cosine distance, as in
-//! Quaterion (whose group losses default to cosine).
+//! Quaterion (whose group losses default to cosine). The logits and the cross-entropy are
+//! the class-logit losses' shared code (`class_logits`).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use super::class_logits::{ClassLogits, check_num_groups, class_kernel, class_loss};
 use super::{GroupKind, SimilarityLoss};
 use crate::data::GroupTargets;
 use crate::distance::Distance;
 use crate::error::{Error, Result};
-use crate::nn::{Init, ParamScope};
+use crate::nn::ParamScope;
 
 /// Options of [`SoftmaxLoss`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,14 +76,7 @@ impl SimilarityLoss for SoftmaxLoss {
                 format!("must be a positive number, got {}", config.temperature),
             ));
         }
-        let kernel = params.var(
-            "kernel",
-            &[embedding_size, config.num_groups],
-            Init::Normal {
-                mean: 0.0,
-                std: 0.01,
-            },
-        )?;
+        let kernel = class_kernel(embedding_size, config.num_groups, params)?;
         Ok(SoftmaxLoss { config, kernel })
     }
 
@@ -94,72 +89,17 @@ impl SimilarityLoss for SoftmaxLoss {
     }
 
     fn forward(&self, embeddings: &Tensor, targets: &GroupTargets) -> Result<Tensor> {
-        let one_hot = group_one_hot(
+        let logits = ClassLogits::Linear {
+            temperature: self.config.temperature,
+        };
+        class_loss(
             Self::NAME,
+            logits,
+            embeddings,
+            &self.kernel,
             &targets.groups,
-            self.config.num_groups,
-            embeddings.dtype(),
-        )?;
-        let kernel = self.kernel.to_dtype(embeddings.dtype())?;
-        let logits = (embeddings.matmul(&kernel)? / self.config.temperature)?;
-        class_cross_entropy(&logits, &one_hot)
+        )
     }
-}
-
-/// Rejects `num_groups = 0` (the default of every class loss's config, which must be set).
-pub(super) fn check_num_groups(loss: &str, num_groups: usize) -> Result<()> {
-    if num_groups == 0 {
-        return Err(Error::invalid(
-            format!("{loss} option `num_groups`"),
-            "must be set to the number of groups (classes) in the data, a positive \
-             number; it has no default",
-        ));
-    }
-    Ok(())
-}
-
-/// Checks that every group id is a class index in `[0, num_groups)` and returns the
-/// one-hot matrix `(N, num_groups)` of `dtype`. The ids are read back to the host once.
-pub(super) fn group_one_hot(
-    loss: &str,
-    groups: &Tensor,
-    num_groups: usize,
-    dtype: DType,
-) -> Result<Tensor> {
-    let ids = groups.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-    if let Some((i, &g)) = ids
-        .iter()
-        .enumerate()
-        .find(|&(_, &g)| g < 0 || g >= num_groups as i64)
-    {
-        return Err(Error::invalid(
-            format!("{loss}, object {i} of the batch"),
-            format!(
-                "group id {g} is not a class index: this loss needs group ids in \
-                 [0, num_groups) with num_groups = {num_groups}"
-            ),
-        ));
-    }
-    let classes = Tensor::arange(0i64, num_groups as i64, groups.device())?;
-    Ok(groups
-        .to_dtype(DType::I64)?
-        .unsqueeze(1)?
-        .broadcast_eq(&classes.unsqueeze(0)?)?
-        .to_dtype(dtype)?)
-}
-
-/// `mean_i [ logsumexp_c Z_ic − Σ_c Y_ic Z_ic ]` for logits `Z: (N, C)` and one-hot
-/// targets `Y: (N, C)`. Stable (the row max is subtracted, detached) and differentiable.
-pub(super) fn class_cross_entropy(logits: &Tensor, one_hot: &Tensor) -> Result<Tensor> {
-    let max = logits.max_keepdim(1)?.detach();
-    let lse = logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(1)?
-        .log()?
-        .add(&max)?;
-    let target = logits.mul(one_hot)?.sum_keepdim(1)?;
-    Ok(lse.sub(&target)?.mean_all()?)
 }
 
 #[cfg(test)]

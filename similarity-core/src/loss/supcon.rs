@@ -27,6 +27,8 @@
 //! the whole memory (nothing is excluded: the memory holds other objects' copies). An
 //! empty memory gives 0.
 //! Retrieval metrics use the cosine distance.
+//! In f32 on the CPU the loss is one fused op (`kernels::group_loss`); the composite form
+//! below is the reference it is tested against.
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -63,6 +65,12 @@ impl SupConLoss {
     /// The loss of anchors `x: (N, d)` against candidates `y: (M, d)` (`y = x` when
     /// `memory` is `None`, then the diagonal is excluded).
     fn loss(&self, x: &Tensor, gx: &Tensor, memory: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let fused = crate::kernels::GroupMatrixLoss::SupCon {
+            temperature: self.config.temperature as f32,
+        };
+        if let Some(l) = crate::kernels::cosine_group_loss(x, gx, memory, fused)? {
+            return Ok(l);
+        }
         let dtype = x.dtype();
         let (y, gy) = match memory {
             Some((y, gy)) => (y, Some(gy)),

@@ -51,7 +51,8 @@
 //!
 //! Memory: `hard` and `semi_hard` take `O(N²)` (`O(N·M)` against a memory); `all` builds the
 //! full `(N, N, N)` triplet tensor (`(N, M, M)` against a memory) and is the only mode that
-//! does. `semi_hard` sorts every row of the distance matrix (`arg_sort_last_dim`; on CUDA
+//! does, except with the cosine distance in f32 on the CPU, where one fused op walks each
+//! anchor's positives against its negatives in `O(N²)` memory (`kernels::group_loss`). `semi_hard` sorts every row of the distance matrix (`arg_sort_last_dim`; on CUDA
 //! rows are limited to the kernel's block size).
 //!
 //! **Differences from Quaterion** (0.1.35):
@@ -249,6 +250,15 @@ impl TripletLoss {
             && let Some(loss) = self.hard_rows(a, groups_a, b)?
         {
             return Ok(loss);
+        }
+        if self.config.mining == TripletMining::All && self.config.distance == Distance::Cosine {
+            let fused = crate::kernels::GroupMatrixLoss::TripletAll {
+                margin: self.config.margin as f32,
+                nonzero: self.reduction() == Reduction::MeanNonZero,
+            };
+            if let Some(loss) = crate::kernels::cosine_group_loss(a, groups_a, b, fused)? {
+                return Ok(loss);
+            }
         }
         let d = self.config.distance.distance_matrix(a, b.map(|b| b.0))?;
         if self.config.mining == TripletMining::Hard

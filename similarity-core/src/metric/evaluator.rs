@@ -360,7 +360,26 @@ impl Evaluator {
         relevance: &Relevance<'_>,
         metrics: &[&dyn Metric],
     ) -> Result<Vec<(String, f64)>> {
-        let (queries, values) = self.run(embeddings, relevance, metrics)?;
+        self.evaluate_shared(
+            embeddings,
+            relevance,
+            metrics,
+            &crate::distributed::SingleProcess,
+        )
+    }
+
+    /// [`evaluate`](Self::evaluate) shared out over the ranks of `comm`, each of which
+    /// holds the same `embeddings`: rank `r` ranks a contiguous share of the queries, and
+    /// the metrics' running sums are all-reduced (in f64), so every rank returns the
+    /// values of the whole set. Collective: every rank calls it with the same arguments.
+    pub fn evaluate_shared(
+        &self,
+        embeddings: &Tensor,
+        relevance: &Relevance<'_>,
+        metrics: &[&dyn Metric],
+        comm: &dyn crate::distributed::Communicator,
+    ) -> Result<Vec<(String, f64)>> {
+        let (queries, values) = self.run(embeddings, relevance, metrics, comm)?;
         if queries == 0 {
             return Err(Error::invalid(
                 "Evaluator relevance",
@@ -389,7 +408,14 @@ impl Evaluator {
         relevance: &Relevance<'_>,
         metrics: &[&dyn Metric],
     ) -> Result<Vec<(String, Option<f64>)>> {
-        Ok(self.run(embeddings, relevance, metrics)?.1)
+        Ok(self
+            .run(
+                embeddings,
+                relevance,
+                metrics,
+                &crate::distributed::SingleProcess,
+            )?
+            .1)
     }
 
     /// The number of queries and every metric's value (`None` where none was scored).
@@ -398,6 +424,7 @@ impl Evaluator {
         embeddings: &Tensor,
         relevance: &Relevance<'_>,
         metrics: &[&dyn Metric],
+        comm: &dyn crate::distributed::Communicator,
     ) -> Result<(usize, Scores)> {
         if embeddings.rank() != 2 {
             return Err(Error::shape(
@@ -437,6 +464,9 @@ impl Evaluator {
                 embeddings.index_select(&Tensor::new(ids.as_slice(), embeddings.device())?, 0)?
             }
         };
+        let all_queries = queries.len();
+        let world = comm.world_size();
+        let queries = &queries[crate::distributed::shard(all_queries, world, comm.rank())];
         let mut totals = vec![Partial::default(); metrics.len()];
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
         for block in queries.chunks(self.block_rows(m)) {
@@ -485,12 +515,19 @@ impl Evaluator {
                 }
             }
         }
+        if world > 1 {
+            let mut flat: Vec<f64> = totals.iter().flat_map(|t| [t.sum, t.count]).collect();
+            comm.all_reduce_sum_f64(&mut flat)?;
+            for (t, s) in totals.iter_mut().zip(flat.chunks(2)) {
+                *t = Partial::new(s[0], s[1]);
+            }
+        }
         let values = metrics
             .iter()
             .zip(totals)
             .map(|(metric, t)| (metric.name(), t.value()))
             .collect();
-        Ok((queries.len(), values))
+        Ok((all_queries, values))
     }
 }
 

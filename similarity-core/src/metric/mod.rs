@@ -49,6 +49,7 @@ mod evaluator;
 mod map_at_r;
 mod ndcg;
 mod precision;
+mod prefixes;
 mod r_precision;
 mod ranking;
 mod recall;
@@ -58,6 +59,7 @@ pub use evaluator::{Evaluator, OwnedRelevance, Relevance};
 pub use map_at_r::{MapAtR, map_at_r};
 pub use ndcg::{Ndcg, ndcg_at_k};
 pub use precision::{RetrievalPrecision, retrieval_precision};
+pub use prefixes::PrefixScores;
 pub use r_precision::{
     RPrecision, RetrievalRPrecision, r_precision_per_row, retrieval_r_precision,
 };

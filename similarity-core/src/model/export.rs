@@ -27,7 +27,13 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let dims = tensor.dims();
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    write_npy_bytes(path, "<f4", tensor.dims(), &bytes)
+}
+
+/// Writes a `.npy` v1.0 file of `dims` with element type `descr` (`<f4`, `|i1`, `|u1`)
+/// whose C-order data is `data` (already little-endian).
+pub(crate) fn write_npy_bytes(path: &Path, descr: &str, dims: &[usize], data: &[u8]) -> Result<()> {
     let shape = match dims.len() {
         0 => "()".to_string(),
         1 => format!("({},)", dims[0]),
@@ -39,7 +45,7 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
                 .join(", ")
         ),
     };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     // magic (6) + version (2) + header length (2) + header, newline-terminated, to 64.
     let unpadded = 10 + header.len() + 1;
     header.push_str(&" ".repeat(unpadded.div_ceil(64) * 64 - unpadded));
@@ -54,9 +60,7 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<()> {
         w.write_all(b"\x93NUMPY\x01\x00")?;
         w.write_all(&header_len.to_le_bytes())?;
         w.write_all(header.as_bytes())?;
-        for v in &values {
-            w.write_all(&v.to_le_bytes())?;
-        }
+        w.write_all(data)?;
         Ok(())
     })
 }
@@ -76,33 +80,31 @@ pub fn write_points_jsonl<I: Serialize>(
     let (n, _) = vectors
         .dims2()
         .map_err(|_| Error::shape(location(), "(n, d) vectors", vectors.dims()))?;
-    if ids.len() != n {
-        return Err(Error::invalid(
-            location(),
-            format!("{} ids for {n} vector rows", ids.len()),
-        ));
-    }
-    if let Some(p) = payloads
-        && p.len() != n
-    {
-        return Err(Error::invalid(
-            location(),
-            format!("{} payloads for {n} vector rows", p.len()),
-        ));
-    }
+    check_point_counts(&location(), ids, n, payloads)?;
     let rows = vectors.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    write_points_rows(path, ids, &rows, payloads)
+}
+
+/// Writes one point per row of `rows` (any serialisable element: floats, integer codes);
+/// `ids` and `payloads` already checked against the row count.
+pub(crate) fn write_points_rows<I: Serialize, T: Serialize, V: AsRef<[T]>>(
+    path: &Path,
+    ids: &[I],
+    rows: &[V],
+    payloads: Option<&[serde_json::Value]>,
+) -> Result<()> {
     #[derive(Serialize)]
-    struct Point<'a, I> {
+    struct Point<'a, I, T> {
         id: &'a I,
-        vector: &'a [f32],
+        vector: &'a [T],
         #[serde(skip_serializing_if = "Option::is_none")]
         payload: Option<&'a serde_json::Value>,
     }
     atomic_write(path, |w| {
-        for (i, (id, vector)) in ids.iter().zip(&rows).enumerate() {
+        for (i, (id, vector)) in ids.iter().zip(rows).enumerate() {
             let point = Point {
                 id,
-                vector,
+                vector: vector.as_ref(),
                 payload: payloads.map(|p| &p[i]),
             };
             serde_json::to_writer(&mut *w, &point).map_err(std::io::Error::other)?;
@@ -110,6 +112,30 @@ pub fn write_points_jsonl<I: Serialize>(
         }
         Ok(())
     })
+}
+
+/// Checks `ids` and `payloads` against `n` rows for the writer at `location`.
+pub(crate) fn check_point_counts<I>(
+    location: &str,
+    ids: &[I],
+    n: usize,
+    payloads: Option<&[serde_json::Value]>,
+) -> Result<()> {
+    if ids.len() != n {
+        return Err(Error::invalid(
+            location,
+            format!("{} ids for {n} vector rows", ids.len()),
+        ));
+    }
+    if let Some(p) = payloads
+        && p.len() != n
+    {
+        return Err(Error::invalid(
+            location,
+            format!("{} payloads for {n} vector rows", p.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes through `body` atomically ([`files::write_file_with`]).

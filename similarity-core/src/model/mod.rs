@@ -19,6 +19,8 @@
 //! the file at fault.
 
 pub mod export;
+pub mod quantize;
+mod truncate;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,7 @@ use crate::loss::SimilarityLoss;
 use crate::train::ModelState;
 
 pub use export::{write_npy, write_points_jsonl};
+pub use truncate::truncate_embeddings;
 
 /// The version of the directory layout this library writes and reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -12,8 +12,16 @@
 //!     log (CSV, JSON lines, SVG), checkpoint (every N epochs, best), early stopping
 //! ```
 //!
-//! Shuffling and dropout of epoch `e` are seeded with `(seed, e)`, so a run resumed from
-//! the checkpoint of epoch `e` continues exactly as the uninterrupted run (on CPU).
+//! The loop is a short step (batch → loss → gradients → update, `Trainer::step`) and
+//! observers around it for the progress bar, logs, checkpoints, early stopping and the
+//! user's hook (`observers`). Given a communicator of several ranks
+//! ([`Trainer::with_communicator`]) the step embeds this rank's shard of the global batch,
+//! gathers the others' and all-reduces the gradients, and only rank 0 runs the observers
+//! that write; see [`distributed`](crate::distributed).
+//!
+//! Shuffling and dropout of epoch `e` are seeded with `(seed, e)` (and the rank, which is
+//! 0 in one process), so a run resumed from the checkpoint of epoch `e` continues exactly
+//! as the uninterrupted run (on CPU).
 //!
 //! Options are checked before anything runs ([`TrainerConfig::check`]), with errors that
 //! name the field.
@@ -31,8 +39,11 @@
 //! checkpoint of that epoch is written, so no checkpoint ever holds one.
 
 mod checkpoint;
+pub mod grad_cache;
+pub mod hard_negatives;
 mod logs;
 mod model;
+mod observers;
 mod optim;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +65,7 @@ pub use optim::{LrSchedule, Optimizer, OptimizerConfig, ParamGroup};
 use optim::GradNorm;
 
 use crate::data::{ClassBalancedSampler, DataLoader, Sampler, SimilaritySample, metas};
+use crate::distributed::{self, Communicator, GatherMode};
 use crate::error::{Error, Result};
 use crate::loss::{LossKind, SimilarityLoss};
 use crate::metric::{Evaluator, Metric};
@@ -109,6 +121,23 @@ pub struct TrainerConfig {
     /// [module docs](self)). Default [`NonFinitePolicy::Error`].
     #[serde(default)]
     pub non_finite: NonFinitePolicy,
+    /// With a communicator of more than one rank
+    /// ([`Trainer::with_communicator`]): whether the loss sees the whole global batch
+    /// (the single-process result) or each rank's shard. Default
+    /// [`GatherMode::Global`]; see [`distributed`](crate::distributed).
+    #[serde(default)]
+    pub gather: GatherMode,
+    /// Compute each training step by GradCache in mini-batches of this many objects
+    /// (see [`grad_cache`]): the same gradient as the plain step, with the memory of one
+    /// mini-batch's graph, for trainable encoders under large batches. At least 1; one
+    /// process only. Default none (the whole batch in one graph).
+    #[serde(default)]
+    pub grad_cache: Option<usize>,
+    /// Mine hard negatives from the whole training set every few epochs and add them to
+    /// each batch's negatives (pair data, one process; see [`hard_negatives`]). Default
+    /// none.
+    #[serde(default)]
+    pub hard_negatives: Option<hard_negatives::HardNegatives>,
 }
 
 /// What the trainer does with a training step whose loss or gradient is NaN or ±∞.
@@ -145,6 +174,9 @@ impl Default for TrainerConfig {
             sampler: Sampler::Shuffle,
             cache_dir: None,
             non_finite: NonFinitePolicy::Error,
+            gather: GatherMode::Global,
+            grad_cache: None,
+            hard_negatives: None,
         }
     }
 }
@@ -170,6 +202,12 @@ impl TrainerConfig {
         at_least_one("epochs", self.epochs)?;
         at_least_one("batch_size", self.batch_size)?;
         at_least_one("cache_batch_size", self.cache_batch_size)?;
+        if let Some(m) = self.grad_cache {
+            at_least_one("grad_cache", m)?;
+        }
+        if let Some(h) = &self.hard_negatives {
+            h.check("TrainerConfig.hard_negatives")?;
+        }
         self.optimizer.check("TrainerConfig.optimizer")?;
         for (i, group) in self.param_groups.iter().enumerate() {
             optim::check_lr_factor(group, &format!("TrainerConfig.param_groups[{i}]"))?;
@@ -352,6 +390,8 @@ pub struct FitReport {
 pub struct Trainer {
     config: TrainerConfig,
     metrics: std::sync::Arc<Vec<Box<dyn Metric>>>,
+    /// The ranks of a data-parallel run; `None`: this process alone.
+    comm: Option<std::sync::Arc<dyn Communicator>>,
 }
 
 /// Samples with their objects' cache rows: everything an epoch needs.
@@ -416,7 +456,28 @@ impl Trainer {
         Trainer {
             config,
             metrics: Default::default(),
+            comm: None,
         }
+    }
+
+    /// Trains data-parallel over the ranks of `comm` (e.g.
+    /// [`Mpi::init`](crate::distributed) under `mpirun`): every rank calls `fit` with the
+    /// same data and options; each takes its shard of every global batch of
+    /// `batch_size` samples, cache fills and validation are shared out, and every rank
+    /// ends with the same weights and report. Only rank 0 draws progress bars and writes
+    /// checkpoints, logs and persisted caches; a step hook runs on every rank. An error on any rank ends every rank
+    /// ([`Communicator::abort`]). A world of one trains exactly as without a
+    /// communicator. The design, its exactness and what it communicates:
+    /// [`distributed`](crate::distributed).
+    pub fn with_communicator(mut self, comm: std::sync::Arc<dyn Communicator>) -> Self {
+        self.comm = Some(comm);
+        self
+    }
+
+    /// The communicator of this trainer ([`SingleProcess`](distributed::SingleProcess)
+    /// unless one was given).
+    pub fn comm(&self) -> std::sync::Arc<dyn Communicator> {
+        self.comm.clone().unwrap_or_else(distributed::single)
     }
 
     /// Attaches retrieval metrics (e.g. `RetrievalPrecision { k: 5 }`): each is computed
@@ -541,6 +602,38 @@ impl Trainer {
         resume: Option<&Path>,
         hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
     ) -> Result<FitReport> {
+        self.with_ranks(model, |model, comm| {
+            self.run_ranked(model, train, val, resume, hook, comm)
+        })
+    }
+
+    /// Runs `f` with this trainer's communicator; with more than one rank, the model's
+    /// cache fills are shared out over it meanwhile, and an error ends every rank (the
+    /// others may be waiting in a collective this rank will never join).
+    fn with_ranks<M: TrainableModel, T>(
+        &self,
+        model: &mut M,
+        f: impl FnOnce(&mut M, &dyn Communicator) -> Result<T>,
+    ) -> Result<T> {
+        let comm = self.comm();
+        if comm.world_size() == 1 {
+            return f(model, &*comm);
+        }
+        model.state().set_communicator(Some(comm.clone()));
+        let result = f(model, &*comm);
+        model.state().set_communicator(None);
+        result.or_else(|e| comm.abort(&e))
+    }
+
+    fn run_ranked<M: TrainableModel>(
+        &self,
+        model: &mut M,
+        train: TrainSource<'_, SampleOf<M>>,
+        val: Option<&[SampleOf<M>]>,
+        resume: Option<&Path>,
+        hook: &mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
+        comm: &dyn Communicator,
+    ) -> Result<FitReport> {
         let c = &self.config;
         c.check()?;
         if let Some(es) = &c.early_stopping
@@ -556,7 +649,8 @@ impl Trainer {
             ));
         }
         // One run at a time writes a checkpoint or logs directory: a second one is told
-        // which process holds it before it trains, rather than failing at a write.
+        // which process holds it before it trains, rather than failing at a write. Only
+        // rank 0 writes them.
         if let (Some(cp), Some(logs)) = (&c.checkpoints, &c.logs_dir)
             && cp.dir == *logs
         {
@@ -568,17 +662,17 @@ impl Trainer {
                 ),
             ));
         }
-        let _checkpoint_lock = c
-            .checkpoints
-            .as_ref()
-            .map(|cp| crate::files::PathLock::acquire(&cp.dir))
-            .transpose()?;
-        let mut logs_lock = match &c.logs_dir {
-            Some(dir) => {
+        let writer = comm.rank() == 0;
+        let checkpoint_lock = match &c.checkpoints {
+            Some(cp) if writer => Some(crate::files::PathLock::acquire(&cp.dir)?),
+            _ => None,
+        };
+        let logs_lock = match &c.logs_dir {
+            Some(dir) if writer => {
                 crate::files::check_dir_target(dir, crate::files::DirKind::Logs)?;
                 Some(crate::files::PathLock::acquire(dir)?)
             }
-            None => None,
+            _ => None,
         };
         let started = Instant::now();
         if let Some(dir) = &c.cache_dir {
@@ -594,12 +688,15 @@ impl Trainer {
                 .transpose()?;
             Ok::<_, Error>((train_data, val_data))
         })();
-        if prepared.is_err() {
+        if prepared.is_err() || !writer {
+            // Every rank holds the same caches; rank 0 persists them.
             model.state().cancel_cache_store();
         }
         let (train_data, val_data) = prepared?;
-        for (encoder, encoded) in model.state().finish_cache_store()? {
-            tracing::info!(encoder, encoded, "embedding cache prepared");
+        if writer {
+            for (encoder, encoded) in model.state().finish_cache_store()? {
+                tracing::info!(encoder, encoded, "embedding cache prepared");
+            }
         }
         let cache_seconds = started.elapsed().as_secs_f64();
         let n_train = train_data.metas.len();
@@ -625,23 +722,38 @@ impl Trainer {
             }
             None => c.optimizer,
         };
-        let mut optimizer = Optimizer::new(
-            optimizer_config,
-            model.state().named_trainable_vars(),
-            &c.param_groups,
-        )?;
-        let epoch_batches = |epoch: usize| match &balanced {
-            Some(s) => Ok(s.batches(epoch)),
-            // The user set these options on the trainer, not on a loader.
-            None => loader.batches(n_train, epoch).map_err(|e| match e {
-                Error::InvalidInput { location, message } => Error::invalid(
-                    location.replacen("DataLoader.", "TrainerConfig.", 1),
-                    message,
-                ),
-                other => other,
-            }),
+        let vars = model.state().named_trainable_vars();
+        let mut optimizer = Optimizer::new(optimizer_config, vars.clone(), &c.param_groups)?;
+        let world = comm.world_size();
+        let epoch_batches = |epoch: usize| {
+            let batches = match &balanced {
+                Some(s) => s.batches(epoch),
+                // The user set these options on the trainer, not on a loader.
+                None => loader.batches(n_train, epoch).map_err(|e| match e {
+                    Error::InvalidInput { location, message } => Error::invalid(
+                        location.replacen("DataLoader.", "TrainerConfig.", 1),
+                        message,
+                    ),
+                    other => other,
+                })?,
+            };
+            // A batch too small to give every rank a sample is dropped, on every rank.
+            Ok::<_, Error>(if world > 1 {
+                batches.into_iter().filter(|b| b.len() >= world).collect()
+            } else {
+                batches
+            })
         };
         let steps_per_epoch = epoch_batches(0)?.len();
+        if steps_per_epoch == 0 {
+            return Err(Error::invalid(
+                "TrainerConfig.batch_size",
+                format!(
+                    "no training batch holds a sample for each of the {world} ranks \
+                     ({n_train} training samples)"
+                ),
+            ));
+        }
         let total_steps = c.epochs * steps_per_epoch;
         let mut report = FitReport {
             cache_seconds,
@@ -655,102 +767,111 @@ impl Trainer {
             report.best = state.best;
         }
         let first_epoch = report.epochs.len();
+        if world > 1 {
+            for (set, field) in [
+                (c.grad_cache.is_some(), "grad_cache"),
+                (c.hard_negatives.is_some(), "hard_negatives"),
+            ] {
+                if set {
+                    return Err(Error::invalid(
+                        format!("TrainerConfig.{field}"),
+                        format!("is not supported yet with a communicator of {world} ranks"),
+                    ));
+                }
+            }
+            let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+            distributed::check_agreement(
+                comm,
+                &[
+                    ("the number of training samples", n_train as u64),
+                    (
+                        "the number of validation samples",
+                        val_data.as_ref().map_or(0, |v| v.metas.len()) as u64,
+                    ),
+                    (
+                        "the training data (its cache rows)",
+                        train_data.rows.fingerprint(),
+                    ),
+                    ("TrainerConfig", config_fingerprint(c)),
+                    (
+                        "the trainable variables",
+                        (vars.len() as u64) << 40 | params as u64,
+                    ),
+                    ("the epoch to start from (resume)", first_epoch as u64),
+                ],
+            )?;
+            // Every rank starts from rank 0's weights (a model initialised with another
+            // seed on one machine would otherwise drift apart silently).
+            distributed::broadcast_vars(comm, &vars)?;
+        }
         let monitor = c
             .early_stopping
             .as_ref()
             .map(|e| (e.monitor.clone(), e.mode, e.min_delta))
-            .or_else(|| {
-                Some(if val.is_some() {
+            .unwrap_or_else(|| {
+                if val.is_some() {
                     ("val_loss".into(), MonitorMode::Min, 0.0)
                 } else {
                     ("train_loss".into(), MonitorMode::Min, 0.0)
-                })
+                }
             });
-        let mut scratch = Vec::new();
-        let mut last_val = String::new();
+        let mut observers = self.observers::<M>(writer, checkpoint_lock, logs_lock, hook);
+        let mut step_ctx = StepContext {
+            comm,
+            vars: &vars,
+            data: &train_data,
+            mined: None,
+        };
         for epoch in first_epoch..c.epochs {
             let epoch_start = Instant::now();
-            // Dropout of epoch e depends only on (seed, e), like the shuffling.
+            if let Some(options) = &c.hard_negatives
+                && (epoch % options.every_epochs == 0 || epoch == first_epoch)
+            {
+                step_ctx.mined = Some(self.mine(model, &train_data, options)?);
+            }
+            // Dropout of epoch e depends only on (seed, e, rank), like the shuffling.
             let mut rng = StdRng::seed_from_u64(
-                c.seed ^ 0x5EED ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                c.seed
+                    ^ 0x5EED
+                    ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (comm.rank() as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
             );
-            let bar = self.bar(
-                steps_per_epoch as u64,
-                "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
-            );
-            bar.set_prefix(format!("{}/{}", epoch + 1, c.epochs));
+            for o in observers.iter_mut() {
+                o.epoch_start(epoch, steps_per_epoch);
+            }
             let (mut sum, mut count, mut lr) = (0.0, 0usize, optimizer_config.lr());
             let (mut skipped, mut last_skip) = (0usize, None);
             // (name, sum over the batches that scored it, those batches, on the bar)
             let mut metric_sums: Vec<(String, f64, usize, bool)> = Vec::new();
             for (step, samples) in epoch_batches(epoch)?.iter().enumerate() {
-                let ids = Prepared::<M>::object_ids(samples);
-                let batch = train_data.batch(model, &ids, &mut scratch)?;
-                let batch_metas: Vec<_> = samples.iter().map(|&i| train_data.metas[i]).collect();
-                let targets = <SampleOf<M>>::targets(&batch_metas, model.state().device())?;
-                let embeddings = model.embed(&batch, &mut Mode::Train(&mut rng))?;
-                let mut loss = model.loss().forward(&embeddings, &targets)?;
-                // Against the memory as it was before this batch joins it.
-                if let Some(memory) = model.memory_loss(&embeddings, &targets, optimizer.steps())? {
-                    loss = (loss + memory)?;
-                }
-                let value = scalar(&loss)?;
-                // The guard: the loss, then one read-back for every gradient.
-                let checked = if value.is_finite() {
-                    let grads = loss.backward()?;
-                    match optimizer.checked_grad_norm(&grads)? {
-                        GradNorm::Finite(norm) => Ok((grads, norm)),
-                        GradNorm::NonFinite {
-                            variable,
-                            value: bad,
-                        } => Err(Error::NonFiniteGradient {
-                            variable,
-                            epoch,
-                            step,
-                            value: bad,
-                            loss: value,
-                        }),
-                    }
-                } else {
-                    Err(Error::NonFinite {
-                        what: "training loss",
-                        epoch,
-                        step,
-                        value,
-                    })
-                };
-                let (grads, norm) = match (checked, c.non_finite) {
-                    (Ok(checked), _) => checked,
-                    (Err(e), NonFinitePolicy::Error) => return Err(e),
-                    (Err(e), NonFinitePolicy::SkipStep) => {
+                let factor = c.schedule.factor(optimizer.steps(), epoch, total_steps);
+                let taken = match self.step(
+                    &step_ctx,
+                    model,
+                    &mut optimizer,
+                    samples,
+                    (epoch, step, factor),
+                    &mut rng,
+                ) {
+                    Ok(taken) => taken,
+                    Err(e) if c.non_finite == NonFinitePolicy::SkipStep && is_non_finite(&e) => {
                         let why = skip_reason(&e);
                         tracing::warn!(epoch, step, "{why}: step skipped (non_finite = skip_step)");
                         skipped += 1;
                         last_skip = Some(why);
-                        bar.inc(1);
+                        for o in observers.iter_mut() {
+                            o.step_skipped();
+                        }
                         continue;
                     }
+                    Err(e) => return Err(e),
                 };
-                let scale = match c.clip_grad_norm {
-                    Some(max) if norm > max => max / norm,
-                    _ => 1.0,
-                };
-                let factor = c.schedule.factor(optimizer.steps(), epoch, total_steps);
                 lr = optimizer_config.lr() * factor;
-                optimizer.step(&grads, factor, scale)?;
-                model.memory_enqueue(&embeddings.detach(), &targets)?;
-                hook(&StepOutput {
-                    epoch,
-                    step,
-                    embeddings: &embeddings,
-                    targets: &targets,
-                    loss: value,
-                });
-                sum += value;
+                sum += taken.loss;
                 count += 1;
                 let mut live = format!("loss {:.4}", sum / count as f64);
                 for (i, (name, v, show)) in self
-                    .batch_metrics(model, &embeddings, &batch_metas)?
+                    .batch_metrics(model, &taken.embeddings, &taken.metas)?
                     .into_iter()
                     .enumerate()
                 {
@@ -766,8 +887,16 @@ impl Trainer {
                         live.push_str(&format!(" {name} {:.4}", *total / *scored as f64));
                     }
                 }
-                bar.inc(1);
-                bar.set_message(format!("{live}{last_val}"));
+                let out = StepOutput {
+                    epoch,
+                    step,
+                    embeddings: &taken.embeddings,
+                    targets: &taken.targets,
+                    loss: taken.loss,
+                };
+                for o in observers.iter_mut() {
+                    o.step(&out, &live);
+                }
             }
             if count == 0 {
                 let last = last_skip.map_or_else(String::new, |e| format!("; the last: {e}"));
@@ -796,21 +925,9 @@ impl Trainer {
                 .map(|(name, total, scored, _)| (format!("train_{name}"), total / scored as f64))
                 .collect();
             let validation = match &val_data {
-                Some(v) => Some(self.evaluate_prepared(model, v)?),
+                Some(v) => Some(self.evaluate_prepared(model, v, comm)?),
                 None => None,
             };
-            if let Some(v) = &validation {
-                last_val = format!(" | val_loss {:.4}", v.loss);
-                for (name, value) in &v.metrics {
-                    last_val.push_str(&format!(" {name} {value:.4}"));
-                }
-            }
-            let mut summary = format!("loss {train_loss:.4}");
-            for (name, v) in &train_metrics {
-                summary.push_str(&format!(" {name} {v:.4}"));
-            }
-            bar.set_message(format!("{summary}{last_val}"));
-            bar.finish();
             let stats = EpochStats {
                 epoch,
                 train_loss,
@@ -828,50 +945,194 @@ impl Trainer {
                     skipped + count
                 );
             }
-            tracing::info!(epoch, train_loss, val = %last_val, "epoch finished");
-            let mut is_best = false;
-            if let Some((name, mode, min_delta)) = &monitor {
-                let value = monitored(&stats, name).ok_or_else(|| {
-                    Error::invalid(
-                        "TrainerConfig.early_stopping.monitor",
-                        format!("`{name}` is not a value this run produces (train_loss, val_loss, or one of the validation metrics)"),
-                    )
-                })?;
-                if improves(*mode, value, report.best.map(|(_, b)| b), *min_delta) {
-                    report.best = Some((epoch, value));
-                    is_best = true;
-                }
+            tracing::info!(epoch, train_loss, "epoch finished");
+            let (name, mode, min_delta) = &monitor;
+            let value = monitored(&stats, name).ok_or_else(|| {
+                Error::invalid(
+                    "TrainerConfig.early_stopping.monitor",
+                    format!("`{name}` is not a value this run produces (train_loss, val_loss, or one of the validation metrics)"),
+                )
+            })?;
+            let is_best = improves(*mode, value, report.best.map(|(_, b)| b), *min_delta);
+            if is_best {
+                report.best = Some((epoch, value));
             }
             report.epochs.push(stats);
-            if let (Some(dir), Some(lock)) = (&c.logs_dir, logs_lock.take()) {
-                logs_lock = Some(logs::write_logs_locked(dir, &report.epochs, lock)?);
+            let end = observers::EpochEnd {
+                epoch,
+                report: &report,
+                is_best,
+                model: &*model,
+                optimizer: &optimizer,
+            };
+            let mut stop = false;
+            for o in observers.iter_mut() {
+                stop |= o.epoch_end(&end)? == observers::Control::Stop;
             }
-            if let Some(cp) = &c.checkpoints {
-                let state = TrainerState {
-                    history: report.epochs.clone(),
-                    best: report.best,
-                };
-                let extra = model.extra_state();
-                checkpoint::save_epoch(
-                    cp,
-                    M::NAME,
-                    epoch,
-                    is_best,
-                    model.state(),
-                    &optimizer,
-                    &state,
-                    &extra,
-                )?;
-            }
-            if let (Some(es), Some((best_epoch, _))) = (&c.early_stopping, report.best)
-                && epoch - best_epoch >= es.patience
-            {
-                tracing::info!(epoch, best_epoch, "early stopping");
+            if stop {
                 report.stopped_early = Some(epoch);
                 break;
             }
         }
         Ok(report)
+    }
+
+    /// The observers of a run: all of them on rank 0 (`writer`), early stopping and the
+    /// hook on the other ranks. Their order is the order they act in at an epoch's end:
+    /// the bar, the logs, the checkpoint, then the stopping decision.
+    fn observers<'h, M: TrainableModel>(
+        &self,
+        writer: bool,
+        checkpoint_lock: Option<crate::files::PathLock>,
+        logs_lock: Option<crate::files::PathLock>,
+        hook: &'h mut dyn FnMut(&StepOutput<'_, TargetsOf<M>>),
+    ) -> Vec<Box<dyn observers::Observer<M> + 'h>> {
+        let c = &self.config;
+        let mut list: Vec<Box<dyn observers::Observer<M> + 'h>> = Vec::new();
+        if writer {
+            let progress = self.clone();
+            list.push(Box::new(observers::Progress {
+                make: Box::new(move |len| {
+                    progress.bar(
+                        len,
+                        "epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed})",
+                    )
+                }),
+                epochs: c.epochs,
+                bar: None,
+                last_val: String::new(),
+            }));
+        }
+        if let (Some(dir), Some(lock)) = (&c.logs_dir, logs_lock) {
+            list.push(Box::new(observers::Logs {
+                dir: dir.clone(),
+                lock: Some(lock),
+            }));
+        }
+        if let (Some(cp), Some(lock)) = (&c.checkpoints, checkpoint_lock) {
+            list.push(Box::new(observers::Checkpoints {
+                config: cp.clone(),
+                _lock: lock,
+            }));
+        }
+        if let Some(es) = &c.early_stopping {
+            list.push(Box::new(observers::EarlyStop { config: es.clone() }));
+        }
+        list.push(Box::new(observers::Hook { hook }));
+        list
+    }
+
+    /// One training step on the global batch `samples`: this rank's shard through the
+    /// encoders and head, the loss (of the gathered global batch, or of the shard), the
+    /// gradients (reduced over the ranks), the update and the memory enqueue. An error for
+    /// a non-finite loss or gradient leaves the model untouched (the caller may skip).
+    fn step<M: TrainableModel>(
+        &self,
+        ctx: &StepContext<'_, '_, M>,
+        model: &mut M,
+        optimizer: &mut Optimizer,
+        samples: &[usize],
+        (epoch, step, lr_factor): (usize, usize, f64),
+        rng: &mut StdRng,
+    ) -> Result<Taken<M>> {
+        let c = &self.config;
+        let comm = ctx.comm;
+        let (world, k) = (comm.world_size(), Prepared::<M>::K);
+        let sizes = distributed::shard_sizes(samples.len(), world);
+        let mine = &samples[distributed::shard(samples.len(), world, comm.rank())];
+        let global = world > 1 && c.gather == GatherMode::Global;
+        let batch_samples = if global { samples } else { mine };
+        let metas: Vec<_> = batch_samples.iter().map(|&i| ctx.data.metas[i]).collect();
+        let targets = <SampleOf<M>>::targets(&metas, model.state().device())?;
+        // The pairs' objects, then the answers mined as their negatives (one process).
+        let mut ids = Prepared::<M>::object_ids(mine);
+        // Rows of the batch the loss sees (the gathered global batch, or this shard).
+        let n_main = k * batch_samples.len();
+        if let Some(m) = &ctx.mined {
+            ids.extend(m.batch_negatives(mine).iter().map(|&j| j * k + 1));
+        }
+        let mut scratch = Vec::new();
+        let batch = ctx.data.batch(model, &ids, &mut scratch)?;
+        // Against the memory as it was before this batch joins it.
+        let batch_loss = |embeddings: &Tensor| -> Result<Tensor> {
+            let (embeddings, negatives) = hard_negatives::split(embeddings, n_main)?;
+            let loss = match &negatives {
+                Some(n) => model
+                    .loss()
+                    .forward_with_negatives(&embeddings, &targets, n)?,
+                None => model.loss().forward(&embeddings, &targets)?,
+            };
+            match model.memory_loss(&embeddings, &targets, optimizer.steps())? {
+                Some(memory) => Ok((loss + memory)?),
+                None => Ok(loss),
+            }
+        };
+        let (embeddings, loss, cached_grads) = match c.grad_cache {
+            Some(m) => {
+                let s = grad_cache::step(&*model, &batch, m, rng, batch_loss)?;
+                (s.embeddings, s.loss, Some(s.grads))
+            }
+            None => {
+                let local = model.embed(&batch, &mut Mode::Train(rng))?;
+                let embeddings = if global {
+                    distributed::gather_global_batch(comm, &local, &sizes, k, true)?
+                } else {
+                    local
+                };
+                let loss = batch_loss(&embeddings)?;
+                (embeddings, loss, None)
+            }
+        };
+        let embeddings = hard_negatives::split(&embeddings, n_main)?.0;
+        let mut value = scalar(&loss)?;
+        let mut grads = match cached_grads {
+            Some(grads) => grads,
+            None if value.is_finite() => Some(loss.backward()?),
+            None => None,
+        };
+        if world > 1 {
+            value = reduce_gradients(comm, c.gather, ctx.vars, &mut grads, value)?;
+        }
+        // The guard: the loss, then one read-back for every gradient (after the
+        // reduction, so that every rank decides alike).
+        let grads = match grads {
+            Some(grads) if value.is_finite() => grads,
+            _ => {
+                return Err(Error::NonFinite {
+                    what: "training loss",
+                    epoch,
+                    step,
+                    value,
+                });
+            }
+        };
+        let norm = match optimizer.checked_grad_norm(&grads)? {
+            GradNorm::Finite(norm) => norm,
+            GradNorm::NonFinite {
+                variable,
+                value: bad,
+            } => {
+                return Err(Error::NonFiniteGradient {
+                    variable,
+                    epoch,
+                    step,
+                    value: bad,
+                    loss: value,
+                });
+            }
+        };
+        let scale = match c.clip_grad_norm {
+            Some(max) if norm > max => max / norm,
+            _ => 1.0,
+        };
+        optimizer.step(&grads, lr_factor, scale)?;
+        model.memory_enqueue(&embeddings.detach(), &targets)?;
+        Ok(Taken {
+            loss: value,
+            embeddings,
+            targets,
+            metas,
+        })
     }
 
     /// Loss and retrieval metrics of `model` on `samples` (filling caches as needed, from
@@ -881,33 +1142,54 @@ impl Trainer {
         model: &mut M,
         samples: &[SampleOf<M>],
     ) -> Result<Evaluation> {
-        if let Some(dir) = &self.config.cache_dir {
-            model.state().begin_cache_store(dir);
-        }
-        let data = self.prepare(model, samples, "evaluation set");
-        // Read only: what the file holds is `fit`'s key set (the next `fit` that sees
-        // these objects writes them).
-        model.state().cancel_cache_store();
-        self.evaluate_prepared(model, &data?)
+        self.with_ranks(model, |model, comm| {
+            if let Some(dir) = &self.config.cache_dir {
+                model.state().begin_cache_store(dir);
+            }
+            let data = self.prepare(model, samples, "evaluation set");
+            // Read only: what the file holds is `fit`'s key set (the next `fit` that sees
+            // these objects writes them).
+            model.state().cancel_cache_store();
+            self.evaluate_prepared(model, &data?, comm)
+        })
     }
 
     fn evaluate_prepared<M: TrainableModel>(
         &self,
         model: &M,
         data: &Prepared<'_, M>,
+        comm: &dyn Communicator,
     ) -> Result<Evaluation> {
         let n = data.metas.len();
         let mut scratch = Vec::new();
         // Every object of the set through the encoders and the head once, slot-major
-        // (object `s` of sample `i` is row `s·n + i`), without a gradient graph.
+        // (object `s` of sample `i` is row `s·n + i`), without a gradient graph; each
+        // rank embeds a contiguous share of the objects, all-gathered in order.
         let all: Vec<usize> = (0..n).collect();
         let ids = Prepared::<M>::object_ids(&all);
+        let world = comm.world_size();
+        let share = &ids[distributed::shard(ids.len(), world, comm.rank())];
         let mut parts = Vec::new();
-        for chunk in ids.chunks(self.config.cache_batch_size.max(1)) {
+        for chunk in share.chunks(self.config.cache_batch_size.max(1)) {
             let batch = data.batch(model, chunk, &mut scratch)?;
             parts.push(model.embed(&batch, &mut Mode::Eval)?.detach());
         }
-        let embeddings = Tensor::cat(&parts, 0)?;
+        let embeddings = if world > 1 {
+            let local = match parts.len() {
+                // A share of nothing (fewer objects than ranks): no rows of the width.
+                0 => {
+                    let batch = data.batch(model, &ids[..1], &mut scratch)?;
+                    model
+                        .embed(&batch, &mut Mode::Eval)?
+                        .detach()
+                        .narrow(0, 0, 0)?
+                }
+                _ => Tensor::cat(&parts, 0)?,
+            };
+            comm.all_gather_rows(&local, &distributed::shard_sizes(ids.len(), world))?
+        } else {
+            Tensor::cat(&parts, 0)?
+        };
         // The loss over batches of the training batch size, in order, from those rows.
         let (mut sum, mut count) = (0.0, 0usize);
         let order = DataLoader {
@@ -917,7 +1199,11 @@ impl Trainer {
             seed: 0,
         };
         let device = model.state().device();
-        for samples in order.batches(n, 0)? {
+        // Rank r computes batches r, r + W, ...; the sums are all-reduced below.
+        for (i, samples) in order.batches(n, 0)?.into_iter().enumerate() {
+            if i % world != comm.rank() {
+                continue;
+            }
             let ids = Prepared::<M>::object_ids(&samples);
             let rows: Vec<u32> = ids
                 .iter()
@@ -931,6 +1217,11 @@ impl Trainer {
             let targets = <SampleOf<M>>::targets(&batch_metas, device)?;
             sum += scalar(&model.loss().forward(&emb, &targets)?)?;
             count += 1;
+        }
+        if world > 1 {
+            let mut totals = [sum, count as f64];
+            comm.all_reduce_sum_f64(&mut totals)?;
+            (sum, count) = (totals[0], totals[1] as usize);
         }
         // The kind's metrics, then the attached ones, in one pass of the Evaluator; an
         // attached metric named like one of the kind's is that metric, reported once.
@@ -948,10 +1239,12 @@ impl Trainer {
                 list.push(m);
             }
         }
-        let metrics = Evaluator::new(model.loss().distance()).evaluate(
+        // Each rank ranks its share of the queries; the sums are all-reduced.
+        let metrics = Evaluator::new(model.loss().distance()).evaluate_shared(
             &embeddings,
             &<Kind<M> as LossKind>::relevance(&data.metas).as_relevance(),
             &list,
+            comm,
         )?;
         Ok(Evaluation {
             loss: sum / count as f64,
@@ -1068,7 +1361,7 @@ impl Trainer {
     }
 
     fn bar(&self, len: u64, template: &str) -> ProgressBar {
-        if !self.config.progress {
+        if !self.config.progress || self.comm.as_ref().is_some_and(|c| c.rank() != 0) {
             return ProgressBar::hidden();
         }
         let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
@@ -1118,6 +1411,119 @@ fn skip_reason(e: &Error) -> String {
         ),
         other => other.to_string(),
     }
+}
+
+/// What a step borrows from its run.
+struct StepContext<'a, 'd, M: TrainableModel> {
+    comm: &'a dyn Communicator,
+    /// The optimiser's variables, in `named_trainable_vars` order (the gradient buffer's
+    /// layout).
+    vars: &'a [(String, candle_core::Var)],
+    data: &'a Prepared<'d, M>,
+    /// The last hard-negative mining pass, with `TrainerConfig::hard_negatives`.
+    mined: Option<hard_negatives::Mined>,
+}
+
+/// A step that updated the model: what the metrics and the observers see.
+struct Taken<M: TrainableModel> {
+    loss: f64,
+    /// The batch the loss saw (the global batch, or the shard with `GatherMode::Local`).
+    embeddings: Tensor,
+    targets: TargetsOf<M>,
+    metas: Vec<<<M::Loss as SimilarityLoss>::Kind as LossKind>::Meta>,
+}
+
+/// A non-finite loss or gradient: what `NonFinitePolicy::SkipStep` skips.
+fn is_non_finite(e: &Error) -> bool {
+    matches!(e, Error::NonFinite { .. } | Error::NonFiniteGradient { .. })
+}
+
+/// Sums this rank's gradients with every other rank's, in one flat buffer, and returns
+/// the step's loss as every rank agrees on it (NaN when it was not finite on some rank).
+///
+/// The buffer: one presence flag per variable, then every variable's gradient (zeros
+/// where this rank has none), then the loss and a count of ranks whose loss was not
+/// finite. With [`GatherMode::Global`] every rank computed the same loss of the global
+/// batch, so the gradients of encoder and head variables (through this rank's rows
+/// only) are summed, and the loss's own variables (the full gradient on every rank)
+/// averaged; with [`GatherMode::Local`] every gradient and the loss are averaged. See
+/// [`distributed`] for why the sum is exact.
+fn reduce_gradients(
+    comm: &dyn Communicator,
+    mode: GatherMode,
+    vars: &[(String, candle_core::Var)],
+    grads: &mut Option<candle_core::backprop::GradStore>,
+    loss: f64,
+) -> Result<f64> {
+    let world = comm.world_size() as f64;
+    let Some((_, first)) = vars.first() else {
+        return Ok(loss);
+    };
+    let (device, dtype) = (first.device().clone(), first.dtype());
+    let finite = grads.is_some() && loss.is_finite();
+    let mut head = Vec::with_capacity(vars.len() + 2);
+    let mut parts = Vec::with_capacity(vars.len() + 1);
+    for (name, var) in vars {
+        let scale = match mode {
+            GatherMode::Global if !name.starts_with("loss.") => 1.0,
+            _ => 1.0 / world,
+        };
+        let grad = grads.as_ref().filter(|_| finite).and_then(|g| g.get(var));
+        head.push(if grad.is_some() { 1.0 } else { 0.0 });
+        parts.push(match grad {
+            Some(g) if scale == 1.0 => g.flatten_all()?.to_dtype(dtype)?,
+            Some(g) => (g.flatten_all()? * scale)?.to_dtype(dtype)?,
+            None => Tensor::zeros(var.elem_count(), dtype, &device)?,
+        });
+    }
+    head.push(if finite { loss / world } else { 0.0 });
+    head.push(if finite { 0.0 } else { 1.0 });
+    let n_head = head.len();
+    parts.insert(0, Tensor::new(head, &device)?.to_dtype(dtype)?);
+    let flat = comm.all_reduce_sum_tensor(&Tensor::cat(&parts, 0)?)?;
+    let summary = flat
+        .narrow(0, 0, n_head)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
+    if summary[n_head - 1] > 0.0 {
+        // Some rank's loss was not finite: every rank skips (or stops) alike.
+        return Ok(if loss.is_finite() { f64::NAN } else { loss });
+    }
+    let Some(store) = grads.as_mut() else {
+        return Ok(f64::NAN);
+    };
+    let mut at = n_head;
+    for (i, (_, var)) in vars.iter().enumerate() {
+        let n = var.elem_count();
+        if summary[i] > 0.0 {
+            let g = flat
+                .narrow(0, at, n)?
+                .reshape(var.shape())?
+                .to_dtype(var.dtype())?;
+            store.insert(var.as_tensor(), g);
+        } else {
+            store.remove(var.as_tensor());
+        }
+        at += n;
+    }
+    Ok(match mode {
+        // Every rank computed this very loss; the sum of the shares keeps its last bits
+        // only up to rounding, so the rank's own value is reported.
+        GatherMode::Global => loss,
+        GatherMode::Local => summary[n_head - 2],
+    })
+}
+
+/// A hash of the options every rank must share (the paths and the progress flag may
+/// differ between machines).
+fn config_fingerprint(c: &TrainerConfig) -> u64 {
+    let mut shared = c.clone();
+    shared.checkpoints = None;
+    shared.logs_dir = None;
+    shared.cache_dir = None;
+    shared.progress = false;
+    let text = serde_json::to_string(&shared).unwrap_or_default();
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
 fn scalar(t: &Tensor) -> Result<f64> {
@@ -1413,6 +1819,58 @@ mod tests {
                     ..base()
                 },
                 "TrainerConfig.batch_size 128 must be a multiple of m = 3",
+            ),
+            (
+                "grad_cache 0",
+                TrainerConfig {
+                    grad_cache: Some(0),
+                    ..base()
+                },
+                "TrainerConfig.grad_cache: must be at least 1, got 0",
+            ),
+            (
+                "hard_negatives num_negatives 0",
+                TrainerConfig {
+                    hard_negatives: Some(hard_negatives::HardNegatives {
+                        num_negatives: 0,
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                "TrainerConfig.hard_negatives.num_negatives: must be at least 1, got 0",
+            ),
+            (
+                "hard_negatives every_epochs 0",
+                TrainerConfig {
+                    hard_negatives: Some(hard_negatives::HardNegatives {
+                        every_epochs: 0,
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                "TrainerConfig.hard_negatives.every_epochs: must be at least 1, got 0",
+            ),
+            (
+                "hard_negatives relative_margin 1",
+                TrainerConfig {
+                    hard_negatives: Some(hard_negatives::HardNegatives {
+                        relative_margin: Some(1.0),
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                "TrainerConfig.hard_negatives.relative_margin: must be in [0, 1), got 1",
+            ),
+            (
+                "hard_negatives max_score NaN",
+                TrainerConfig {
+                    hard_negatives: Some(hard_negatives::HardNegatives {
+                        max_score: Some(f64::NAN),
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+                "TrainerConfig.hard_negatives.max_score: must be finite, got NaN",
             ),
         ]
     }

@@ -148,6 +148,19 @@ pub trait TrainableModel: Sized + Send + Sync {
         }
         crate::encoder::restore_order(Tensor::cat(&parts, 0)?, order.as_deref())
     }
+
+    /// [`encode`](Self::encode), served at `dim` dimensions: each embedding's first `dim`
+    /// coordinates, L2-normalised ([`truncate_embeddings`](crate::model::truncate_embeddings)),
+    /// `(records.len(), dim)`; for a model trained with
+    /// [`MatryoshkaLoss`](crate::loss::MatryoshkaLoss) at that size.
+    fn encode_truncated(
+        &self,
+        records: &[Self::Record],
+        batch_size: usize,
+        dim: usize,
+    ) -> Result<Tensor> {
+        crate::model::truncate_embeddings(&self.encode(records, batch_size)?, dim)
+    }
 }
 
 /// [`TrainableModel::encode`] shows a progress bar above this many records.
@@ -191,6 +204,8 @@ pub struct ModelState {
     caches: Vec<Option<EncoderCache>>,
     /// The open cache-persistence session, if any (see `begin_cache_store`).
     store: std::sync::Mutex<Option<Session>>,
+    /// The ranks cache fills are shared out over (`None`: this process alone).
+    comm: std::sync::Mutex<Option<std::sync::Arc<dyn crate::distributed::Communicator>>>,
 }
 
 impl ModelState {
@@ -202,7 +217,30 @@ impl ModelState {
             encoder_vars: Vec::new(),
             caches: Vec::new(),
             store: std::sync::Mutex::new(None),
+            comm: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Shares out every later cache fill over the ranks of `comm` (each rank encodes its
+    /// share of the missing objects and the rows are all-gathered; see
+    /// [`EncoderCache::fill_sharded`]); `None` goes back to this process alone. The
+    /// trainer sets it for the length of a fit given a communicator.
+    pub fn set_communicator(
+        &self,
+        comm: Option<std::sync::Arc<dyn crate::distributed::Communicator>>,
+    ) {
+        *self
+            .comm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = comm;
+    }
+
+    fn communicator(&self) -> std::sync::Arc<dyn crate::distributed::Communicator> {
+        self.comm
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(crate::distributed::single)
     }
 
     /// Opens a cache-persistence session on `dir`: until
@@ -443,6 +481,7 @@ impl ModelState {
     ) -> Result<()> {
         let name = self.encoders[slot].name;
         let device = self.device().clone();
+        let comm = self.communicator();
         let Some(cache) = self.caches.get_mut(slot).and_then(Option::as_mut) else {
             return Ok(());
         };
@@ -467,7 +506,7 @@ impl ModelState {
             t.seen.extend(keys.iter().copied());
         }
         let mut done = 0;
-        let out = cache.fill_by_cost(
+        let out = cache.fill_sharded(
             &keys,
             batch_size,
             |p| encoder.cost_hint(input(records[p])),
@@ -510,6 +549,7 @@ impl ModelState {
                 done += n;
                 progress(name, done, total);
             },
+            &*comm,
         )?;
         if let Some(t) = tracked {
             t.encoded += cache.len() - before;
@@ -629,6 +669,24 @@ impl CachedRows {
                 m.extend(t);
             }
         }
+    }
+
+    /// A hash of every object's cache row, encoder by encoder: equal for two runs that
+    /// prepared the same objects in the same order (uncached encoders count as absent).
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3Default::new();
+        for rows in &self.per_encoder {
+            match rows {
+                Some(rows) => {
+                    h.update(&(rows.len() as u64).to_le_bytes());
+                    for r in rows {
+                        h.update(&r.to_le_bytes());
+                    }
+                }
+                None => h.update(b"uncached"),
+            }
+        }
+        h.digest()
     }
 
     /// True when some encoder runs on records (it is not cached).

@@ -1,0 +1,109 @@
+//! The FAQ task end to end (feature `transformers`): Quaterion's NLP tutorial recipe on
+//! `data/cloud-faq` with all-MiniLM-L6-v2 frozen and cached.
+
+#[cfg(feature = "transformers")]
+use std::time::Instant;
+
+#[cfg(feature = "transformers")]
+use anyhow::Context;
+use anyhow::Result;
+#[cfg(not(feature = "transformers"))]
+use anyhow::bail;
+use serde_json::Value;
+#[cfg(feature = "transformers")]
+use serde_json::json;
+#[cfg(feature = "transformers")]
+use similarity_core::prelude::*;
+
+#[cfg(feature = "transformers")]
+use crate::common::*;
+#[cfg(feature = "transformers")]
+use crate::faq_task;
+
+/// Matmul FLOPs of MiniLM's forward pass over `tokens` token positions in sequences of
+/// `len` positions: per layer, Q/K/V/output projections `4 · 2H²`, the feed-forward
+/// `2 · 2 H I` and attention scores and context `2 · 2 len H` per position.
+#[cfg(feature = "transformers")]
+pub(crate) fn bert_flops(
+    c: &similarity_core::encoder::transformer::BertConfig,
+    tokens: f64,
+    len: f64,
+) -> f64 {
+    let (h, i) = (c.hidden_size as f64, c.intermediate_size as f64);
+    let per_token = 8.0 * h * h + 4.0 * h * i + 4.0 * len * h;
+    tokens * per_token * c.num_hidden_layers as f64
+}
+
+/// all-MiniLM-L6-v2 frozen and cached, SkipConnectionHead, symmetric MNRL, Adam 1e-4,
+/// batch 1024, validation after every epoch: what Quaterion's tutorial runs. Timed: the
+/// evaluation before training (it fills the validation cache), the fit (training-set
+/// cache fill and the epochs), and the whole run; floors from the token counts.
+#[cfg(feature = "transformers")]
+pub(crate) fn faq(epochs: usize) -> Result<Value> {
+    let dir = arg("--faq").context("--faq DIR: a sentence-transformers directory")?;
+    let encoder =
+        SentenceTransformer::from_pretrained(&dir, &bench_device()?)?.with_normalize(false);
+    let train = faq_task::read_split("train")?;
+    let val = faq_task::read_split("val")?;
+    // Token positions the fill must embed: every distinct text once, unpadded.
+    let mut flops = [0.0f64; 2];
+    for (k, split) in [&train, &val].iter().enumerate() {
+        let mut texts: Vec<&str> = split
+            .iter()
+            .flat_map(|p| [p.obj_a.as_str(), p.obj_b.as_str()])
+            .collect();
+        texts.sort_unstable();
+        texts.dedup();
+        for ids in encoder.tokenize(&texts)? {
+            let n = ids.len() as f64;
+            flops[k] += bert_flops(encoder.config(), n, n);
+        }
+    }
+    let model_started = Instant::now();
+    let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &model_options()?)?;
+    let t = Trainer::new(TrainerConfig {
+        progress: false,
+        // `--cache-dir DIR` reuses persisted embeddings (for timing epochs only: the
+        // recorded runs fill from scratch).
+        cache_dir: arg("--cache-dir").map(Into::into),
+        ..faq_task::trainer_config(
+            epochs,
+            1e-4,
+            TrainerConfig::default().cache_batch_size,
+            None,
+        )
+    });
+    let start = Instant::now();
+    let before = t.evaluate(&mut model, &val)?;
+    let before_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let report = t.fit(&mut model, &train, Some(&val))?;
+    let fit_s = start.elapsed().as_secs_f64();
+    let after = t.evaluate(&mut model, &val)?;
+    let total_s = model_started.elapsed().as_secs_f64();
+    let secs: Vec<f64> = report.epochs.iter().map(|e| e.seconds).collect();
+    let after_first = &secs[1.min(secs.len() - 1)..];
+    let rr = |e: &similarity_core::train::Evaluation| e.metric("mrr").unwrap_or(f64::NAN);
+    Ok(json!({
+        "workload": "faq",
+        "model": dir,
+        "train_pairs": train.len(),
+        "val_pairs": val.len(),
+        "evaluate_before_s": round(before_s, 3),
+        "cache_fill_s": round(report.cache_seconds, 3),
+        "mean_epoch_s": round(after_first.iter().sum::<f64>() / after_first.len() as f64, 4),
+        "fit_wall_s": round(fit_s, 3),
+        "total_s": round(total_s, 3),
+        "fill_floor_gflop": {"train": round(flops[0] / 1e9, 1), "val": round(flops[1] / 1e9, 1)},
+        "q_before": {"precision_at_1": round(p1(&before), 4), "mrr": round(rr(&before), 4)},
+        "q_after": {"precision_at_1": round(p1(&after), 4), "mrr": round(rr(&after), 4), "val_loss": round(after.loss, 6)},
+        "train_loss_last": report.epochs.last().map(|e| round(e.train_loss, 6)),
+    }))
+}
+
+#[cfg(not(feature = "transformers"))]
+pub(crate) fn faq(_epochs: usize) -> Result<Value> {
+    bail!(
+        "the FAQ workload needs the transformer encoder: cargo run --release --features transformers --example bench -- --faq DIR"
+    )
+}

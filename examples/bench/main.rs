@@ -1,0 +1,243 @@
+//! Benchmark of the workloads W1 to W4 (the same work that
+//! Quaterion's `bench.py` measured), printing one JSON line per measurement.
+//!
+//! ```text
+//! cargo run --release --example bench -- --all            # matmul, W1 to W4, 3 runs each
+//! cargo run --release --example bench -- --w1 --runs 5    # matmul and W1 only
+//! cargo run --release --example bench -- --only w1_cached --gflops 60   # one run, this process
+//! ```
+//!
+//! Flags: `--w1 --w2 --w3 --w4 --all`, `--runs N` (runs of each training workload,
+//! default 3), `--epochs N` (default 10), and the sizes (defaults: Quaterion's bench.py):
+//! `--items N` (20000), `--val-items N` (2000), `--classes N` (100), `--batch N` (256),
+//! `--dim N` (embedding size, 384), `--xbm-size N` (W3's memory: 1024, 4096, 16384 or
+//! 65536; default 4096), `--w4-batch N` (1024). Every raw line records the sizes.
+//!
+//! One module per workload: `groups` (W1, W3), `w2`, `w4`, `faq`; `common` holds the data,
+//! the encoder, the probes and the floors.
+//!
+//! The FAQ task end to end (feature `transformers`): Quaterion's NLP tutorial recipe on
+//! `data/cloud-faq` with all-MiniLM-L6-v2 frozen and cached, 500 epochs by default:
+//!
+//! ```text
+//! bash scripts/fetch-minilm.sh
+//! cargo run --release --features transformers --example bench -- \
+//!     --faq target/models/all-MiniLM-L6-v2 [--epochs 500]
+//! ```
+//!
+//! It prints the matmul line and one `faq` line: `evaluate_before_s` (the first full-set
+//! evaluation, which fills the validation cache), `cache_fill_s` (the training texts),
+//! `mean_epoch_s` (training and validation, after the first epoch), `fit_wall_s`,
+//! `total_s` (model built to final evaluation), `peak_rss_mb`, precision@1 and MRR
+//! before and after over the full validation set, and the fill's matmul floor.
+//! `scripts/quaterion_faq.py` runs the same recipe with Quaterion.
+//!
+//! * First line: the f32 matmul throughput of this machine, 2048³, median of 5.
+//! * W1 to W3: every run is a fresh process (the example runs itself with `--only NAME`)
+//!   so that its peak RSS (`VmHWM`) is its own. A run prints its figures; after the runs of
+//!   a workload, a `summary` line gives the medians, the floor of each timing (its matmul
+//!   FLOPs divided by the measured throughput) and `ratio = time / floor`.
+//!   Training runs without validation, so epoch times are training only; one validation
+//!   pass over the held-out set is timed separately.
+//! * W4: forward + backward of every loss on 1024 × 384 N(0, 1) embeddings.
+//!
+//! Every line has `machine_load`: CPU seconds used by other processes during the
+//! measurement (from `/proc/stat` minus this process's own time), as a fraction of
+//! the machine's capacity over the wall time.
+
+mod common;
+mod faq;
+#[path = "../common/faq_task.rs"]
+#[allow(dead_code)]
+mod faq_task;
+mod groups;
+mod w2;
+mod w4;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use similarity_core::prelude::*;
+
+use common::*;
+
+/// One workload in this process.
+fn run_workload(name: &str, epochs: usize) -> Result<Value> {
+    let load = Load::start();
+    if name == "faq" {
+        let mut out = faq::faq(epochs)?;
+        out["peak_rss_mb"] = json!(round(vm_hwm_mb(), 1));
+        out["epochs"] = json!(epochs);
+        out["candle_num_threads_env"] = candle_threads_env();
+        out["malloc_env"] = malloc_env();
+        out["machine_load"] = load.finish();
+        return Ok(out);
+    }
+    let data = make_data();
+    let matrix = Arc::new(Tensor::from_vec(
+        data.x.clone(),
+        (sizes().items + sizes().val_items, DIM_IN),
+        &bench_device()?,
+    )?);
+    drop(data.x);
+    let mut out = match name {
+        "w1_cached" | "w1_uncached" | "w3" => groups::run(name, matrix, &data.classes, epochs)?,
+        "w2" => w2::w2(matrix, &data.classes, epochs)?,
+        other => bail!("unknown workload {other}"),
+    };
+    out["sizes"] = sizes().json();
+    out["peak_rss_mb"] = json!(round(vm_hwm_mb(), 1));
+    out["epochs"] = json!(epochs);
+    out["candle_num_threads_env"] = candle_threads_env();
+    out["malloc_env"] = malloc_env();
+    out["machine_load"] = load.finish();
+    Ok(out)
+}
+
+fn summary(name: &str, runs: &[Value], gflops: f64) -> Value {
+    let med = |key: &str| median(runs.iter().filter_map(|r| r[key].as_f64()).collect());
+    let epochs = runs
+        .first()
+        .and_then(|r| r["epochs"].as_u64())
+        .unwrap_or(10) as f64;
+    let floor = |flops: f64| flops / (gflops * 1e9);
+    let objects = runs
+        .first()
+        .and_then(|r| r["cache_objects"].as_u64())
+        .map(|n| n as usize);
+    let cache_flops = |name: &str| cache_flops(name, objects);
+    let cache_floor = floor(cache_flops(name));
+    let epoch_floor = floor(epoch_flops(name));
+    let fit_floor = cache_floor + epochs * epoch_floor;
+    let (cache, epoch, fit) = (
+        med("cache_fill_s"),
+        med("mean_epoch_train_only_after_first_s"),
+        med("fit_wall_s"),
+    );
+    let ratio = |t: f64, f: f64| if f > 0.0 { round(t / f, 2) } else { f64::NAN };
+    json!({
+        "measurement": "summary",
+        "workload": name,
+        "runs": runs.len(),
+        "median": {
+            "cache_fill_s": cache,
+            "mean_epoch_train_only_after_first_s": epoch,
+            "fit_wall_s": fit,
+            "validation_pass_s": med("validation_pass_s"),
+            "peak_rss_mb": med("peak_rss_mb"),
+            "other_procs_cpu_frac": median(runs.iter().filter_map(|r| r["machine_load"]["other_procs_cpu_frac"].as_f64()).collect()),
+        },
+        "gflops_used": gflops,
+        "floor_gflop": {
+            "cache_fill": round(cache_flops(name) / 1e9, 2),
+            "epoch": round(epoch_flops(name) / 1e9, 2),
+            "fit": round((cache_flops(name) + epochs * epoch_flops(name)) / 1e9, 2),
+        },
+        "floor_s": {
+            "cache_fill": round(cache_floor, 4),
+            "epoch": round(epoch_floor, 4),
+            "fit": round(fit_floor, 4),
+        },
+        "ratio": {
+            "cache_fill": ratio(cache, cache_floor),
+            "epoch": ratio(epoch, epoch_floor),
+            "fit": ratio(fit, fit_floor),
+        },
+    })
+}
+
+fn main() -> Result<()> {
+    init_sizes()?;
+    let epochs: usize = arg("--epochs")
+        .map(|e| e.parse())
+        .transpose()?
+        .unwrap_or(10);
+    if let Some(name) = arg("--only") {
+        print(&run_workload(&name, epochs)?);
+        return Ok(());
+    }
+    if let Some(dir) = arg("--faq") {
+        // One end-to-end run (500 epochs by default) in a fresh process, after the matmul
+        // throughput line; the fill floors are in GFLOP, divide by that throughput.
+        let faq_epochs = arg("--epochs").unwrap_or_else(|| "500".into());
+        let mm = matmul_gflops()?;
+        print(&mm);
+        let mut args = vec!["--only", "faq", "--faq", &dir, "--epochs", &faq_epochs];
+        let cache_dir = arg("--cache-dir");
+        if let Some(c) = &cache_dir {
+            args.extend(["--cache-dir", c.as_str()]);
+        }
+        let output = Command::new(std::env::current_exe()?)
+            .args(&args)
+            .output()
+            .context("running faq")?;
+        if !output.status.success() {
+            bail!("faq failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let mut v: Value = serde_json::from_str(String::from_utf8(output.stdout)?.trim())?;
+        let gflops = mm["gflops"].as_f64().unwrap_or(f64::NAN);
+        let floor = v["fill_floor_gflop"]["train"].as_f64().unwrap_or(f64::NAN) / gflops;
+        v["fill_floor_s"] = json!({"train": round(floor, 2)});
+        v["fill_ratio"] = json!(round(
+            v["cache_fill_s"].as_f64().unwrap_or(f64::NAN) / floor,
+            2
+        ));
+        print(&v);
+        return Ok(());
+    }
+    let all = flag("--all");
+    let runs: usize = arg("--runs").map(|e| e.parse()).transpose()?.unwrap_or(3);
+    let mut workloads = Vec::new();
+    if all || flag("--w1") {
+        workloads.extend(["w1_cached", "w1_uncached"]);
+    }
+    if all || flag("--w2") {
+        workloads.push("w2");
+    }
+    if all || flag("--w3") {
+        workloads.push("w3");
+    }
+    let do_w4 = all || flag("--w4") || arg("--w4-only").is_some();
+    if workloads.is_empty() && !do_w4 {
+        bail!("pick workloads: --w1 --w2 --w3 --w4 or --all (and --runs N)");
+    }
+
+    let mut mm = matmul_gflops()?;
+    mm["sizes"] = sizes().json();
+    print(&mm);
+    let gflops = mm["gflops"].as_f64().unwrap_or(f64::NAN);
+    let exe = std::env::current_exe()?;
+    let mut summaries: BTreeMap<&str, Value> = BTreeMap::new();
+    for name in &workloads {
+        let mut results = Vec::new();
+        for run in 0..runs {
+            let output = Command::new(&exe)
+                .args(["--only", name, "--epochs", &epochs.to_string()])
+                .args(sizes().args())
+                .output()
+                .with_context(|| format!("running {name}"))?;
+            if !output.status.success() {
+                bail!(
+                    "{name} run {run} failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            let line = String::from_utf8(output.stdout)?;
+            let mut v: Value = serde_json::from_str(line.trim())
+                .with_context(|| format!("{name}: not JSON: {line}"))?;
+            v["run"] = json!(run);
+            print(&v);
+            results.push(v);
+        }
+        let s = summary(name, &results, gflops);
+        print(&s);
+        summaries.insert(name, s);
+    }
+    if do_w4 {
+        w4::w4()?; // prints one line per loss as it is measured
+    }
+    Ok(())
+}
