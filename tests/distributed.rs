@@ -30,6 +30,7 @@ use similarity_core::head::Head;
 use similarity_core::nn::{Init, Mode, Params};
 use similarity_core::prelude::*;
 use similarity_core::train::FitReport;
+use similarity_core::train::hard_negatives::HardNegatives;
 
 /// Largest |Δ| allowed between a weight trained on N ranks and the same weight trained
 /// alone (weights are O(0.1–1)). Measured: at most 4.8e-7 (Triplet hard mining with XBM,
@@ -420,6 +421,45 @@ fn match_single_process(comm: Arc<Mpi>) {
         assert!(d <= TOLERANCE, "memory `{name}` differs by {d}");
     }
 
+    // Hard negatives mined over the ranks (each mines a share of the queries): MNRL with
+    // the global batch's mined answers gathered after it, and batch-hard triplets with
+    // the mined objects in the global batch. Mining must change training (the runs are
+    // not vacuous) and the ranks must still match the single process.
+    let mined = || TrainerConfig {
+        hard_negatives: Some(HardNegatives {
+            num_negatives: 2,
+            every_epochs: 2,
+            ..Default::default()
+        }),
+        ..c()
+    };
+    for (name, groups_data) in [
+        ("MNRL + mined negatives", false),
+        ("Triplet + mined negatives", true),
+    ] {
+        let fit = |cfg: TrainerConfig, comm: Option<Arc<Mpi>>| {
+            let mut trainer = Trainer::new(cfg);
+            if let Some(comm) = comm {
+                trainer = trainer.with_communicator(comm);
+            }
+            if groups_data {
+                let mut m =
+                    TripletXbm::new(Counting::new(7, Arc::default()), &Default::default()).unwrap();
+                trainer.fit(&mut m, &groups(45), None).unwrap();
+                weights(m.state())
+            } else {
+                let mut m =
+                    Mnrl::new(Counting::new(7, Arc::default()), &Default::default()).unwrap();
+                trainer.fit(&mut m, &pairs(70), None).unwrap();
+                weights(m.state())
+            }
+        };
+        let (plain, alone) = (fit(c(), None), fit(mined(), None));
+        let (changed, _) = max_diff(&plain, &alone);
+        assert!(changed > 1e-4, "{name}: mining changed nothing ({changed})");
+        check(name, &*comm, &alone, &fit(mined(), Some(comm.clone())));
+    }
+
     // A trainable encoder: its gradient crosses the gather too. Clipped hard, so that
     // every step is clipped: the norm must be the reduced gradient's, not a rank's.
     let clipped = || TrainerConfig {
@@ -713,6 +753,17 @@ fn rank() {
         "fail" => failing_rank(comm.clone()),
         "disagree" => disagreeing_data(comm.clone()),
         "nonfinite" => non_finite_on_one_rank(comm.clone()),
+        "grad_cache" => {
+            // Refused before any training, on every rank; the trainer ends the run.
+            let mut m = Mnrl::new(Counting::new(7, Arc::default()), &Default::default()).unwrap();
+            let cfg = TrainerConfig {
+                grad_cache: Some(4),
+                ..config(1, 20)
+            };
+            let _ = Trainer::new(cfg)
+                .with_communicator(comm.clone())
+                .fit(&mut m, &pairs(70), None);
+        }
         other => panic!("unknown scenario {other}"),
     }
     println!(
@@ -830,6 +881,16 @@ fn a_failing_rank_ends_every_rank_with_its_error() {
 #[test]
 fn a_non_finite_step_on_one_rank_is_skipped_on_every_rank() {
     assert_passes(2, "nonfinite");
+}
+
+#[test]
+fn grad_cache_over_several_ranks_is_refused_naming_the_option() {
+    let (ok, text, _) = mpirun(2, "grad_cache", Duration::from_secs(120));
+    assert!(!ok, "GradCache trained over 2 ranks:\n{text}");
+    assert!(
+        text.contains("TrainerConfig.grad_cache") && text.contains("communicator of 2 ranks"),
+        "the error does not name the option:\n{text}"
+    );
 }
 
 #[test]

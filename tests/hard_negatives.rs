@@ -3,7 +3,7 @@
 mod common;
 
 use similarity_core::prelude::*;
-use similarity_core::train::hard_negatives::HardNegatives;
+use similarity_core::train::hard_negatives::{HardNegatives, mine_groups};
 
 #[trainable_model]
 struct TextModel {
@@ -23,6 +23,37 @@ struct ScoredModel {
     head: SkipConnectionHead,
     #[loss]
     loss: ContrastiveLoss,
+}
+
+#[trainable_model]
+struct GroupModel {
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss(mining = TripletMining::Hard)]
+    loss: TripletLoss,
+}
+
+/// 8 topics, 3 phrasings each: group = topic.
+fn groups() -> Vec<SimilarityGroupSample<String>> {
+    let topics = [
+        "disk", "snapshot", "billing", "network", "backup", "login", "quota", "region",
+    ];
+    let forms = [
+        "how do I change the {} setting?",
+        "where is the {} page in the console",
+        "the {} limits of my account",
+    ];
+    forms
+        .iter()
+        .flat_map(|f| {
+            topics
+                .iter()
+                .enumerate()
+                .map(move |(g, t)| SimilarityGroupSample::new(f.replace("{}", t), g as i64))
+        })
+        .collect()
 }
 
 fn pairs() -> Vec<SimilarityPairSample<String>> {
@@ -129,4 +160,119 @@ fn a_loss_without_negatives_and_bad_options_are_errors() {
         err.contains("TrainerConfig.hard_negatives.every_epochs"),
         "{err}"
     );
+}
+
+fn fit_groups(hard_negatives: Option<HardNegatives>) -> Vec<Vec<f32>> {
+    let mut model = GroupModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
+    let config = TrainerConfig {
+        epochs: 3,
+        batch_size: 6,
+        progress: false,
+        hard_negatives,
+        ..Default::default()
+    };
+    Trainer::new(config)
+        .fit(&mut model, &groups(), None)
+        .unwrap();
+    model
+        .state()
+        .named_trainable_vars()
+        .into_iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn group_training_with_mined_negatives_changes_and_an_empty_mine_does_not() {
+    let plain = fit_groups(None);
+    let none = fit_groups(Some(HardNegatives {
+        relative_margin: None,
+        max_score: Some(-10.0),
+        ..Default::default()
+    }));
+    assert_eq!(max_diff(&plain, &none), 0.0);
+    let mined = fit_groups(Some(HardNegatives {
+        num_negatives: 2,
+        ..Default::default()
+    }));
+    assert!(max_diff(&plain, &mined) > 1e-4);
+    for w in mined.iter().flatten() {
+        assert!(w.is_finite());
+    }
+}
+
+/// The first step's batch, as the step hook saw it, is its sampled objects followed by
+/// exactly the objects `mine_groups` picks for them from the untrained model, with their
+/// groups, and its loss is TripletLoss's plain forward over that enlarged batch.
+#[test]
+fn a_group_batch_carries_the_objects_mined_for_its_members() {
+    let data = groups();
+    let options = HardNegatives {
+        num_negatives: 2,
+        ..Default::default()
+    };
+    let mut model = GroupModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
+    let texts: Vec<String> = data.iter().map(|s| s.obj.clone()).collect();
+    let all = model.encode(&texts, 64).unwrap();
+    let group_ids: Vec<i64> = data.iter().map(|s| s.group).collect();
+    let mined = mine_groups(&all, &group_ids, model.loss().distance(), &options).unwrap();
+    let all = all.to_vec2::<f32>().unwrap();
+
+    let config = TrainerConfig {
+        epochs: 1,
+        batch_size: 6,
+        progress: false,
+        hard_negatives: Some(options),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    Trainer::new(config)
+        .fit_with_hook(&mut model, &data, None, &mut |out| {
+            seen.push((
+                out.step,
+                out.embeddings.clone(),
+                out.targets.clone(),
+                out.loss,
+            ));
+        })
+        .unwrap();
+    assert_eq!(seen.len(), 4);
+    let (_, embeddings, targets, loss) = &seen[0];
+    // Which object each row is: the untrained model's embeddings are the step's.
+    let rows: Vec<usize> = embeddings
+        .to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            let d = |i: usize| -> f32 { row.iter().zip(&all[i]).map(|(a, b)| (a - b).abs()).sum() };
+            let best = (0..all.len())
+                .min_by(|&a, &b| d(a).total_cmp(&d(b)))
+                .unwrap();
+            assert!(d(best) < 1e-4, "row matches no object ({})", d(best));
+            best
+        })
+        .collect();
+    let expected = mined.batch_negatives(&rows[..6]);
+    assert!(!expected.is_empty());
+    assert_eq!(rows[6..], expected[..]);
+    let batch_groups: Vec<i64> = targets.groups.to_vec1().unwrap();
+    let want: Vec<i64> = rows.iter().map(|&i| group_ids[i]).collect();
+    assert_eq!(batch_groups, want);
+    let direct = model
+        .loss()
+        .forward(embeddings, targets)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!((direct - loss).abs() < 1e-6, "{direct} against {loss}");
+    // Every later batch is larger than its 6 samples too (each gets mined objects).
+    for (step, e, _, _) in &seen {
+        assert!(e.dim(0).unwrap() > 6, "step {step}: {:?}", e.dims());
+    }
 }

@@ -69,6 +69,38 @@ pub struct FaqMatryoshka {
     loss: MatryoshkaLoss<MultipleNegativesRankingLoss>,
 }
 
+/// `FaqModel` with batch-hard TripletLoss (cosine distance, margin 0.5) over groups: a
+/// question and its answer share a group (one group per distinct answer text).
+#[trainable_model]
+pub struct FaqTriplet {
+    #[encoder(cache = "auto")]
+    text: HashedNgramEncoder,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss(mining = TripletMining::Hard)]
+    loss: TripletLoss,
+}
+
+/// The pairs as group samples: every question, then every distinct answer, in the group
+/// of its answer text (so questions with one answer share its group).
+pub fn pairs_as_groups(
+    pairs: &[SimilarityPairSample<String>],
+) -> Vec<SimilarityGroupSample<String>> {
+    let mut group_of: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    let mut answers = Vec::new();
+    let mut questions = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        let next = group_of.len() as i64;
+        let g = *group_of.entry(p.obj_b.as_str()).or_insert_with(|| {
+            answers.push(SimilarityGroupSample::new(p.obj_b.clone(), next));
+            next
+        });
+        questions.push(SimilarityGroupSample::new(p.obj_a.clone(), g));
+    }
+    questions.extend(answers);
+    questions
+}
+
 #[derive(serde::Deserialize)]
 struct FaqRow {
     question: String,

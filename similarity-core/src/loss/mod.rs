@@ -294,8 +294,9 @@ pub trait SimilarityLoss: Sized + Send + Sync {
         let _ = (embeddings, targets, negatives);
         Err(crate::error::Error::invalid(
             format!("{} with TrainerConfig.hard_negatives", Self::NAME),
-            "this loss takes no extra negatives; use MultipleNegativesRankingLoss \
-             (or MatryoshkaLoss over it), or turn hard-negative mining off",
+            "this pair loss takes no extra negatives; use MultipleNegativesRankingLoss \
+             (or MatryoshkaLoss over it), train on group data (every group loss takes mined \
+             negatives as batch members), or turn hard-negative mining off",
         ))
     }
 }

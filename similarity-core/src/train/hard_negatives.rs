@@ -1,17 +1,25 @@
-//! Hard negatives mined from the whole training set during training, for pair data.
+//! Hard negatives mined from the whole training set during training, for pair and group
+//! data.
 //!
 //! sentence-transformers mines hard negatives once, offline, with the model as it was
 //! (`mine_hard_negatives`). Here every object's embedding is one pass through the head
 //! over the frozen encoder's cache, so mining is re-run every `every_epochs` epochs with
 //! the model as it is (ANCE, Xiong et al. 2021, <https://arxiv.org/abs/2007.00808>, does
-//! this asynchronously). For `P` training pairs `(aᵢ, bᵢ)` with embeddings `A, B: (P, d)`
+//! this asynchronously).
+//!
+//! **Pairs** ([`mine`]). For `P` training pairs `(aᵢ, bᵢ)` with embeddings `A, B: (P, d)`
 //! and `s_ij = sim(aᵢ, b_j)` (the loss's distance's similarity):
 //!
 //! ```text
-//! t_i   = min( s_ii − absolute_margin,  s_ii · (1 − relative_margin),  max_score )
+//! t_i   = min( s_ii − absolute_margin,  s_ii − relative_margin · |s_ii|,  max_score )
 //! neg_i = the num_negatives j with the largest s_ij  among  j ≠ i,  s_ij ≤ t_i,
 //!         b_j not equal to bᵢ and a_j not equal to aᵢ
 //! ```
+//!
+//! **Groups** ([`mine_groups`]). For `N` objects with embeddings `E: (N, d)` and groups
+//! `g`, the candidates of object `i` are the objects of other groups, and the positive
+//! score in `t_i` is that of `i`'s closest positive, `p_i = max_{j ≠ i, g_j = gᵢ} s_ij`
+//! (an object alone in its group has none, and only `max_score` bounds it).
 //!
 //! The threshold `t_i` is the false-negative guard: a candidate that scores about as high
 //! as the positive is more likely an unlabelled positive than a negative (the margins and
@@ -24,25 +32,41 @@
 //!
 //! **In the trainer** ([`TrainerConfig::hard_negatives`](super::TrainerConfig::hard_negatives)):
 //! at the start of every epoch `e` with `e % every_epochs == 0` (and the first epoch of a
-//! resumed run) the whole training set is embedded in evaluation mode and mined; each
-//! training batch then carries, besides its pairs, the mined negatives of its anchors
-//! (each once, and none that is a pair of the batch, whose answer is already an in-batch
-//! negative), and the loss is
-//! [`forward_with_negatives`](crate::loss::SimilarityLoss::forward_with_negatives):
-//! MultipleNegativesRankingLoss ranks each anchor against the batch's positives and all
-//! those negatives ([`crate::loss::mined_negatives`]). Pair data only.
+//! resumed run) the whole training set is embedded in evaluation mode and mined. Each
+//! training batch then carries the mined negatives of its samples, each once and none
+//! that is already a sample of the batch:
+//!
+//! * pair data: the mined answers after the pairs' rows, and the loss is
+//!   [`forward_with_negatives`](crate::loss::SimilarityLoss::forward_with_negatives):
+//!   MultipleNegativesRankingLoss ranks each anchor against the batch's positives and all
+//!   those negatives ([`crate::loss::mined_negatives`]); other pair losses refuse them;
+//! * group data: the mined objects join the batch as members with their own groups, and
+//!   the loss is its plain `forward` over the enlarged batch. So every group loss
+//!   (TripletLoss in every mining mode, OnlineContrastive, MultiSimilarity, SupCon,
+//!   Circle, FastAP) sees them as negatives of the anchors they were mined for, as it
+//!   would see any member of another group; they are also anchors themselves, with
+//!   whatever positives the batch holds (for the class-logit losses they are simply more
+//!   labelled rows). The step hook and cross-batch memory see the enlarged batch.
+//!
+//! Over several ranks ([`crate::distributed`]) every rank embeds and mines a share and
+//! all ranks end with the same result. With [`GatherMode::Global`](crate::distributed::GatherMode)
+//! the negatives are those of the whole global batch, each embedded by one rank and
+//! gathered like the batch, so the loss is the single process's; with `Local`, each
+//! rank's shard carries its own samples' negatives.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::{Prepared, TrainableModel};
+use super::{Prepared, SampleOf, TrainableModel};
+use crate::data::SimilaritySample;
 use crate::distance::Distance;
+use crate::distributed::{self, Communicator};
 use crate::error::{Error, Result};
 use crate::loss::SimilarityLoss;
-use crate::nn::Mode;
 
 /// Options of hard-negative mining ([`TrainerConfig::hard_negatives`](super::TrainerConfig::hard_negatives)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,7 +78,9 @@ pub struct HardNegatives {
     pub num_negatives: usize,
     /// Skip candidates with `s_ij > s_ii − absolute_margin` (finite). Default none.
     pub absolute_margin: Option<f64>,
-    /// Skip candidates with `s_ij > s_ii · (1 − relative_margin)`, in `[0, 1)`. Default
+    /// Skip candidates with `s_ij > s_ii − relative_margin · |s_ii|`, in `[0, 1)`: within
+    /// this fraction of the positive's score (`s_ii · (1 − relative_margin)` for a positive
+    /// score, and below it for a negative one too, as with Euclidean similarities). Default
     /// 0.05 (sentence-transformers' suggestion, after NV-Retriever's "95% of the positive").
     pub relative_margin: Option<f64>,
     /// Skip candidates with `s_ij > max_score` (finite). Default none.
@@ -108,14 +134,17 @@ impl HardNegatives {
         Ok(())
     }
 
-    /// The guard's threshold `t_i` for a positive scoring `positive`.
-    fn threshold(&self, positive: f32) -> f32 {
+    /// The guard's threshold `t_i` for a query whose positive scores `positive` (`None`:
+    /// a query without a positive, which only `max_score` bounds).
+    fn threshold(&self, positive: Option<f32>) -> f32 {
         let mut t = f32::INFINITY;
-        if let Some(m) = self.absolute_margin {
-            t = t.min(positive - m as f32);
-        }
-        if let Some(r) = self.relative_margin {
-            t = t.min(positive * (1.0 - r as f32));
+        if let Some(p) = positive {
+            if let Some(m) = self.absolute_margin {
+                t = t.min(p - m as f32);
+            }
+            if let Some(r) = self.relative_margin {
+                t = t.min(p - r as f32 * p.abs());
+            }
         }
         if let Some(m) = self.max_score {
             t = t.min(m as f32);
@@ -127,8 +156,10 @@ impl HardNegatives {
 /// The result of one mining pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mined {
-    /// Per pair `i`, the pairs `j` whose second object is a hard negative of `aᵢ`, hardest
-    /// first (fewer than `num_negatives` where the guard left fewer).
+    /// Per sample `i`, the samples `j` that are its hard negatives, hardest first (fewer
+    /// than `num_negatives` where the guard left fewer): for pairs, `j`'s second object is
+    /// a negative of `aᵢ` ([`mine`]); for groups, object `j` is one of object `i`
+    /// ([`mine_groups`]).
     pub negatives: Vec<Vec<usize>>,
     /// Candidates the false-negative guard skipped, over all queries.
     pub guarded: usize,
@@ -137,8 +168,8 @@ pub struct Mined {
 }
 
 impl Mined {
-    /// The mined negatives of the anchors of `samples` (pair indices), each once, in order
-    /// of first appearance, leaving out pairs that are in `samples`.
+    /// The mined negatives of the anchors of `samples` (sample indices), each once, in
+    /// order of first appearance, leaving out samples that are in `samples`.
     pub fn batch_negatives(&self, samples: &[usize]) -> Vec<usize> {
         let mut seen: std::collections::HashSet<usize> = samples.iter().copied().collect();
         let mut out = Vec::new();
@@ -173,6 +204,18 @@ pub fn mine(
     distance: Distance,
     options: &HardNegatives,
 ) -> Result<Mined> {
+    let p = anchors.dims().first().copied().unwrap_or(0);
+    mine_rows(anchors, positives, distance, options, 0..p)
+}
+
+/// [`mine`] for the queries `rows` only (`negatives[r]` is query `rows.start + r`'s).
+fn mine_rows(
+    anchors: &Tensor,
+    positives: &Tensor,
+    distance: Distance,
+    options: &HardNegatives,
+    rows: Range<usize>,
+) -> Result<Mined> {
     options.check("HardNegatives")?;
     let started = Instant::now();
     let (p, d) = anchors
@@ -189,38 +232,128 @@ pub fn mine(
     let positive_class = duplicate_classes(&positives.to_vec2::<f32>()?);
     let k = options.num_negatives;
     let block = (options.block_bytes / (4 * p.max(1))).clamp(1, p.max(1));
-    let mut negatives = Vec::with_capacity(p);
+    let mut negatives = Vec::with_capacity(rows.len());
     let mut guarded = 0usize;
-    for start in (0..p).step_by(block) {
-        let len = block.min(p - start);
+    for start in rows.clone().step_by(block) {
+        let len = block.min(rows.end - start);
         let scores = distance
             .similarity_matrix(&anchors.narrow(0, start, len)?, Some(positives))?
             .to_vec2::<f32>()?;
         for (r, row) in scores.iter().enumerate() {
             let i = start + r;
-            let t = options.threshold(row[i]);
-            // The k best (score, j), best first.
-            let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-            for (j, &s) in row.iter().enumerate() {
-                if j == i
+            let t = options.threshold(Some(row[i]));
+            negatives.push(top_k(row, k, t, &mut guarded, |j| {
+                j == i
                     || positive_class[j] == positive_class[i]
                     || anchor_class[j] == anchor_class[i]
-                    || s.is_nan()
-                {
-                    continue;
-                }
-                if s > t {
-                    guarded += 1;
-                    continue;
-                }
-                if best.len() == k && s <= best[k - 1].0 {
-                    continue;
-                }
-                let at = best.partition_point(|&(b, _)| b >= s);
-                best.insert(at, (s, j));
-                best.truncate(k);
-            }
-            negatives.push(best.into_iter().map(|(_, j)| j).collect());
+            }));
+        }
+    }
+    Ok(Mined {
+        negatives,
+        guarded,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The `k` candidates `j` of `row` with the largest scores, best first, among those
+/// that `excluded(j)` does not rule out, are not NaN, and score at most `t` (a candidate
+/// above `t` is counted in `guarded`). A linear scan, `O(len · k)`.
+fn top_k(
+    row: &[f32],
+    k: usize,
+    t: f32,
+    guarded: &mut usize,
+    excluded: impl Fn(usize) -> bool,
+) -> Vec<usize> {
+    let mut best: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (j, &s) in row.iter().enumerate() {
+        if s.is_nan() || excluded(j) {
+            continue;
+        }
+        if s > t {
+            *guarded += 1;
+            continue;
+        }
+        if best.len() == k && s <= best[k - 1].0 {
+            continue;
+        }
+        let at = best.partition_point(|&(b, _)| b >= s);
+        best.insert(at, (s, j));
+        best.truncate(k);
+    }
+    best.into_iter().map(|(_, j)| j).collect()
+}
+
+/// Mines hard negatives for group data: `embeddings: (N, d)`, `groups[i]` the group of
+/// object `i`, under `distance`. With `s_ij = sim(eᵢ, e_j)` and `p_i = max { s_ij : j ≠ i,
+/// g_j = gᵢ }` (the closest positive; none for an object alone in its group):
+///
+/// ```text
+/// t_i   = min( p_i − absolute_margin,  p_i − relative_margin · |p_i|,  max_score )
+///         (only max_score when i has no positive)
+/// neg_i = the num_negatives j with the largest s_ij  among  g_j ≠ gᵢ,  s_ij ≤ t_i,
+///         e_j not equal to eᵢ
+/// ```
+///
+/// The guard is the pair form's with the closest positive as "the positive": a
+/// candidate of another group that scores about as high as anything of the query's own
+/// group is more likely mislabelled than hard. Blocks of queries as in [`mine`].
+pub fn mine_groups(
+    embeddings: &Tensor,
+    groups: &[i64],
+    distance: Distance,
+    options: &HardNegatives,
+) -> Result<Mined> {
+    mine_groups_rows(embeddings, groups, distance, options, 0..groups.len())
+}
+
+/// [`mine_groups`] for the queries `rows` only (`negatives[r]` is query `rows.start + r`'s).
+fn mine_groups_rows(
+    embeddings: &Tensor,
+    groups: &[i64],
+    distance: Distance,
+    options: &HardNegatives,
+    rows: Range<usize>,
+) -> Result<Mined> {
+    options.check("HardNegatives")?;
+    let started = Instant::now();
+    let (n, _) = embeddings.dims2().map_err(|_| {
+        Error::shape(
+            "hard-negative mining, embeddings",
+            "(N, d)",
+            embeddings.dims(),
+        )
+    })?;
+    if groups.len() != n {
+        return Err(Error::shape(
+            "hard-negative mining, groups",
+            format!("({n}), one per embedding"),
+            [groups.len()],
+        ));
+    }
+    let class = duplicate_classes(&embeddings.to_vec2::<f32>()?);
+    let k = options.num_negatives;
+    let block = (options.block_bytes / (4 * n.max(1))).clamp(1, n.max(1));
+    let mut negatives = Vec::with_capacity(rows.len());
+    let mut guarded = 0usize;
+    for start in rows.clone().step_by(block) {
+        let len = block.min(rows.end - start);
+        let scores = distance
+            .similarity_matrix(&embeddings.narrow(0, start, len)?, Some(embeddings))?
+            .to_vec2::<f32>()?;
+        for (r, row) in scores.iter().enumerate() {
+            let i = start + r;
+            let positive = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, s)| j != i && groups[j] == groups[i] && !s.is_nan())
+                .map(|(_, &s)| s)
+                .reduce(f32::max);
+            let t = options.threshold(positive);
+            negatives.push(top_k(row, k, t, &mut guarded, |j| {
+                groups[j] == groups[i] || class[j] == class[i]
+            }));
         }
     }
     Ok(Mined {
@@ -233,44 +366,117 @@ pub fn mine(
 impl super::Trainer {
     /// One mining pass over the prepared training set: every object through the encoders
     /// (or their caches) and the head in evaluation mode, `cache_batch_size` at a time,
-    /// then [`mine`] with the loss's distance.
+    /// then [`mine`] (pair data) or [`mine_groups`] (group data) with the loss's distance.
+    /// Over several ranks each embeds and mines a contiguous share (of the objects, then
+    /// of the queries), and the shares are all-gathered, so every rank ends with the same
+    /// result, each query's computed once.
     pub(super) fn mine<M: TrainableModel>(
         &self,
         model: &M,
         data: &Prepared<'_, M>,
         options: &HardNegatives,
+        comm: &dyn Communicator,
     ) -> Result<Mined> {
-        if Prepared::<M>::K != 2 {
-            return Err(Error::invalid(
-                "TrainerConfig.hard_negatives",
-                "mines the answers of other pairs, so it needs pair data (SimilarityPairSample)",
-            ));
-        }
+        let k = Prepared::<M>::K;
+        let groups: Option<Vec<i64>> = data.metas.iter().map(SampleOf::<M>::class).collect();
+        let groups = match (k, groups) {
+            (2, _) => None,
+            (1, Some(groups)) => Some(groups),
+            _ => {
+                return Err(Error::invalid(
+                    "TrainerConfig.hard_negatives",
+                    "mines the answers of other pairs (SimilarityPairSample) or objects of \
+                     other groups (SimilarityGroupSample); this sample type is neither",
+                ));
+            }
+        };
         let started = Instant::now();
         let n = data.metas.len();
-        let all: Vec<usize> = (0..n).collect();
-        let ids = Prepared::<M>::object_ids(&all);
-        let mut scratch = Vec::new();
-        let mut parts = Vec::new();
-        for chunk in ids.chunks(self.config().cache_batch_size.max(1)) {
-            let batch = data.batch(model, chunk, &mut scratch)?;
-            parts.push(model.embed(&batch, &mut Mode::Eval)?.detach());
-        }
-        let embeddings = Tensor::cat(&parts, 0)?;
+        let embeddings = self.embed_all(model, data, comm)?;
         let embed_seconds = started.elapsed().as_secs_f64();
-        let mined = mine(
-            &embeddings.narrow(0, 0, n)?,
-            &embeddings.narrow(0, n, n)?,
-            model.loss().distance(),
-            options,
-        )?;
+        let distance = model.loss().distance();
+        let rows = distributed::shard(n, comm.world_size(), comm.rank());
+        let mut mined = match &groups {
+            Some(groups) => mine_groups_rows(&embeddings, groups, distance, options, rows)?,
+            None => mine_rows(
+                &embeddings.narrow(0, 0, n)?,
+                &embeddings.narrow(0, n, n)?,
+                distance,
+                options,
+                rows,
+            )?,
+        };
+        if comm.world_size() > 1 {
+            mined = Mined::from_shares(comm, &comm.all_gather_bytes(&mined.to_bytes())?, n)?;
+        }
         tracing::info!(
-            pairs = n,
+            samples = n,
             embed_seconds,
             mine_seconds = mined.seconds,
             guarded = mined.guarded,
             "hard negatives mined"
         );
+        Ok(mined)
+    }
+}
+
+impl Mined {
+    /// This share as bytes: the guarded count and seconds, then per query its count and
+    /// indices, all little-endian (`u64`, `f64`, then `u32`s).
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend((self.guarded as u64).to_le_bytes());
+        out.extend(self.seconds.to_le_bytes());
+        for list in &self.negatives {
+            out.extend((list.len() as u32).to_le_bytes());
+            for &j in list {
+                out.extend((j as u32).to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// The ranks' shares, in rank order, as one result for `n` queries: guarded counts
+    /// summed, the slowest rank's seconds. An error names a share that does not parse or
+    /// an index out of range.
+    fn from_shares(comm: &dyn Communicator, shares: &[Vec<u8>], n: usize) -> Result<Mined> {
+        let bad = |rank: usize, what: &str| {
+            comm.error(format!(
+                "hard-negative mining: the share of rank {rank} {what}"
+            ))
+        };
+        let mut mined = Mined {
+            negatives: Vec::with_capacity(n),
+            guarded: 0,
+            seconds: 0.0,
+        };
+        for (rank, bytes) in shares.iter().enumerate() {
+            let mut words = bytes.get(16..).unwrap_or(&[]).chunks_exact(4);
+            if bytes.len() < 16 || !words.remainder().is_empty() {
+                return Err(bad(rank, "is not whole"));
+            }
+            let head = |at: usize| -> [u8; 8] { bytes[at..at + 8].try_into().unwrap_or([0; 8]) };
+            mined.guarded += u64::from_le_bytes(head(0)) as usize;
+            mined.seconds = mined.seconds.max(f64::from_le_bytes(head(8)));
+            let mut next = || {
+                words
+                    .next()
+                    .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+            };
+            while let Some(len) = next() {
+                let list: Option<Vec<usize>> = (0..len).map(|_| next()).collect();
+                match list {
+                    Some(list) if list.iter().all(|&j| j < n) => mined.negatives.push(list),
+                    _ => return Err(bad(rank, "has a truncated list or an index out of range")),
+                }
+            }
+        }
+        if mined.negatives.len() != n {
+            return Err(comm.error(format!(
+                "hard-negative mining: the ranks' shares hold {} queries, not {n}",
+                mined.negatives.len()
+            )));
+        }
         Ok(mined)
     }
 }
@@ -388,6 +594,80 @@ mod tests {
         )
         .unwrap();
         assert_eq!(rowwise.negatives, whole.negatives);
+    }
+
+    #[test]
+    fn group_negatives_by_hand_with_the_guard() {
+        // Object 0 at 0° (group 0), its positive at 20° (s = 0.940, threshold 0.893 at the
+        // default relative margin); group 1 at 10° (0.985: guarded) and 30° (0.866),
+        // group 2 at 60° (0.5), a duplicate of object 0 in group 3, and object 6 at 180°
+        // alone in group 4.
+        let e = at(&[0.0, 20.0, 10.0, 30.0, 60.0, 0.0, 180.0]);
+        let groups = [0, 0, 1, 1, 2, 3, 4];
+        let mine =
+            |options: HardNegatives| mine_groups(&e, &groups, Distance::Cosine, &options).unwrap();
+        let two = HardNegatives {
+            num_negatives: 2,
+            ..Default::default()
+        };
+        let mined = mine(two.clone());
+        assert_eq!(mined.negatives[0], vec![3, 4]);
+        // Object 1's own group is never a candidate, nor the duplicate 5 of object 0.
+        assert!(mined.negatives.iter().enumerate().all(|(i, n)| {
+            n.iter()
+                .all(|&j| groups[j] != groups[i] && !(i == 0 && j == 5))
+        }));
+        // Object 6 has no positive: only max_score bounds it, so its nearest two (60° at
+        // −0.5, 30° at −0.866) are its negatives.
+        assert_eq!(mined.negatives[6], vec![4, 3]);
+        // Without the guard the 10° object is the hardest.
+        let open = mine(HardNegatives {
+            relative_margin: None,
+            ..two.clone()
+        });
+        assert_eq!(open.negatives[0], vec![2, 3]);
+        assert!(mined.guarded > open.guarded);
+        // max_score −0.9 leaves only the far side of the circle.
+        let far = mine(HardNegatives {
+            max_score: Some(-0.9),
+            ..two.clone()
+        });
+        assert_eq!(far.negatives[0], vec![6]);
+        assert_eq!(far.negatives[6], vec![1, 2]);
+        // One query row per block gives the same answer.
+        let rowwise = mine(HardNegatives {
+            block_bytes: 1,
+            ..two
+        });
+        assert_eq!(rowwise.negatives, mined.negatives);
+        let err = mine_groups(
+            &e,
+            &groups[..6],
+            Distance::Cosine,
+            &HardNegatives::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("groups"), "{err}");
+    }
+
+    #[test]
+    fn the_relative_margin_stays_below_a_negative_positive() {
+        // A positive scoring −0.5 (at 120°): the threshold is −0.525, below it, not
+        // −0.475 above it; a candidate at −0.51 (about 120.6°) is guarded.
+        let anchors = at(&[0.0, 90.0]);
+        let positives = at(&[120.0, 120.66]);
+        let mined = mine(
+            &anchors,
+            &positives,
+            Distance::Cosine,
+            &HardNegatives::default(),
+        )
+        .unwrap();
+        // Query 1 (90°, positive at 0.860, threshold 0.817) has its candidate at 0.866
+        // guarded as well.
+        assert_eq!(mined.negatives, vec![Vec::<usize>::new(), vec![]]);
+        assert_eq!(mined.guarded, 2);
     }
 
     #[test]

@@ -134,8 +134,10 @@ pub struct TrainerConfig {
     #[serde(default)]
     pub grad_cache: Option<usize>,
     /// Mine hard negatives from the whole training set every few epochs and add them to
-    /// each batch's negatives (pair data, one process; see [`hard_negatives`]). Default
-    /// none.
+    /// each batch (pair data: as extra negatives of MultipleNegativesRankingLoss; group
+    /// data: as batch members with their groups, for every group loss; over several
+    /// ranks, of the global batch or of each shard as [`gather`](Self::gather) says; see
+    /// [`hard_negatives`]). Default none.
     #[serde(default)]
     pub hard_negatives: Option<hard_negatives::HardNegatives>,
 }
@@ -768,16 +770,11 @@ impl Trainer {
         }
         let first_epoch = report.epochs.len();
         if world > 1 {
-            for (set, field) in [
-                (c.grad_cache.is_some(), "grad_cache"),
-                (c.hard_negatives.is_some(), "hard_negatives"),
-            ] {
-                if set {
-                    return Err(Error::invalid(
-                        format!("TrainerConfig.{field}"),
-                        format!("is not supported yet with a communicator of {world} ranks"),
-                    ));
-                }
+            if c.grad_cache.is_some() {
+                return Err(Error::invalid(
+                    "TrainerConfig.grad_cache",
+                    format!("is not supported yet with a communicator of {world} ranks"),
+                ));
             }
             let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             distributed::check_agreement(
@@ -827,7 +824,7 @@ impl Trainer {
             if let Some(options) = &c.hard_negatives
                 && (epoch % options.every_epochs == 0 || epoch == first_epoch)
             {
-                step_ctx.mined = Some(self.mine(model, &train_data, options)?);
+                step_ctx.mined = Some(self.mine(model, &train_data, options, comm)?);
             }
             // Dropout of epoch e depends only on (seed, e, rank), like the shuffling.
             let mut rng = StdRng::seed_from_u64(
@@ -1038,19 +1035,52 @@ impl Trainer {
         let c = &self.config;
         let comm = ctx.comm;
         let (world, k) = (comm.world_size(), Prepared::<M>::K);
-        let sizes = distributed::shard_sizes(samples.len(), world);
-        let mine = &samples[distributed::shard(samples.len(), world, comm.rank())];
         let global = world > 1 && c.gather == GatherMode::Global;
+        // Mined hard negatives, of the whole global batch (gathered like it) or of this
+        // rank's shard (local negatives): for group data, objects of other groups that
+        // join the batch with their groups, so that every group loss sees them as it sees
+        // any member; for pair data, answers of other pairs, after the pairs' rows.
+        let negatives_of = |s: &[usize]| match &ctx.mined {
+            Some(m) => m.batch_negatives(s),
+            None => Vec::new(),
+        };
+        let mut samples = samples;
+        let mut negatives = Vec::new();
+        let extended: Vec<usize>;
+        if global {
+            negatives = negatives_of(samples);
+            if k == 1 && !negatives.is_empty() {
+                extended = samples.iter().chain(&negatives).copied().collect();
+                samples = &extended;
+                negatives.clear();
+            }
+        }
+        let sizes = distributed::shard_sizes(samples.len(), world);
+        let mut mine = &samples[distributed::shard(samples.len(), world, comm.rank())];
+        let with_mined: Vec<usize>;
+        if !global {
+            negatives = negatives_of(mine);
+            if k == 1 && !negatives.is_empty() {
+                with_mined = mine.iter().chain(&negatives).copied().collect();
+                mine = &with_mined;
+                negatives.clear();
+            }
+        }
+        // The pair negatives this rank embeds: its share of the global list, or its own.
+        let negative_sizes = distributed::shard_sizes(negatives.len(), world);
+        let my_negatives = if global {
+            &negatives[distributed::shard(negatives.len(), world, comm.rank())]
+        } else {
+            &negatives[..]
+        };
         let batch_samples = if global { samples } else { mine };
         let metas: Vec<_> = batch_samples.iter().map(|&i| ctx.data.metas[i]).collect();
         let targets = <SampleOf<M>>::targets(&metas, model.state().device())?;
-        // The pairs' objects, then the answers mined as their negatives (one process).
         let mut ids = Prepared::<M>::object_ids(mine);
+        let local_main = ids.len();
         // Rows of the batch the loss sees (the gathered global batch, or this shard).
         let n_main = k * batch_samples.len();
-        if let Some(m) = &ctx.mined {
-            ids.extend(m.batch_negatives(mine).iter().map(|&j| j * k + 1));
-        }
+        ids.extend(my_negatives.iter().map(|&j| j * k + 1));
         let mut scratch = Vec::new();
         let batch = ctx.data.batch(model, &ids, &mut scratch)?;
         // Against the memory as it was before this batch joins it.
@@ -1075,7 +1105,16 @@ impl Trainer {
             None => {
                 let local = model.embed(&batch, &mut Mode::Train(rng))?;
                 let embeddings = if global {
-                    distributed::gather_global_batch(comm, &local, &sizes, k, true)?
+                    let main = local.narrow(0, 0, local_main)?;
+                    let main = distributed::gather_global_batch(comm, &main, &sizes, k, true)?;
+                    if negatives.is_empty() {
+                        main
+                    } else {
+                        let own = local.narrow(0, local_main, my_negatives.len())?;
+                        let all =
+                            distributed::gather_global_batch(comm, &own, &negative_sizes, 1, true)?;
+                        Tensor::cat(&[main, all], 0)?
+                    }
                 } else {
                     local
                 };
@@ -1154,18 +1193,18 @@ impl Trainer {
         })
     }
 
-    fn evaluate_prepared<M: TrainableModel>(
+    /// Every object of a prepared set through the encoders and the head once, in
+    /// evaluation mode and without a gradient graph, slot-major (object `s` of sample `i`
+    /// is row `s·n + i`), `cache_batch_size` at a time; each rank embeds a contiguous
+    /// share of the objects, all-gathered in order, so every rank holds all rows.
+    fn embed_all<M: TrainableModel>(
         &self,
         model: &M,
         data: &Prepared<'_, M>,
         comm: &dyn Communicator,
-    ) -> Result<Evaluation> {
-        let n = data.metas.len();
+    ) -> Result<Tensor> {
         let mut scratch = Vec::new();
-        // Every object of the set through the encoders and the head once, slot-major
-        // (object `s` of sample `i` is row `s·n + i`), without a gradient graph; each
-        // rank embeds a contiguous share of the objects, all-gathered in order.
-        let all: Vec<usize> = (0..n).collect();
+        let all: Vec<usize> = (0..data.metas.len()).collect();
         let ids = Prepared::<M>::object_ids(&all);
         let world = comm.world_size();
         let share = &ids[distributed::shard(ids.len(), world, comm.rank())];
@@ -1174,22 +1213,32 @@ impl Trainer {
             let batch = data.batch(model, chunk, &mut scratch)?;
             parts.push(model.embed(&batch, &mut Mode::Eval)?.detach());
         }
-        let embeddings = if world > 1 {
-            let local = match parts.len() {
-                // A share of nothing (fewer objects than ranks): no rows of the width.
-                0 => {
-                    let batch = data.batch(model, &ids[..1], &mut scratch)?;
-                    model
-                        .embed(&batch, &mut Mode::Eval)?
-                        .detach()
-                        .narrow(0, 0, 0)?
-                }
-                _ => Tensor::cat(&parts, 0)?,
-            };
-            comm.all_gather_rows(&local, &distributed::shard_sizes(ids.len(), world))?
-        } else {
-            Tensor::cat(&parts, 0)?
+        if world == 1 {
+            return Ok(Tensor::cat(&parts, 0)?);
+        }
+        let local = match parts.len() {
+            // A share of nothing (fewer objects than ranks): no rows of the width.
+            0 => {
+                let batch = data.batch(model, &ids[..1], &mut scratch)?;
+                model
+                    .embed(&batch, &mut Mode::Eval)?
+                    .detach()
+                    .narrow(0, 0, 0)?
+            }
+            _ => Tensor::cat(&parts, 0)?,
         };
+        comm.all_gather_rows(&local, &distributed::shard_sizes(ids.len(), world))
+    }
+
+    fn evaluate_prepared<M: TrainableModel>(
+        &self,
+        model: &M,
+        data: &Prepared<'_, M>,
+        comm: &dyn Communicator,
+    ) -> Result<Evaluation> {
+        let n = data.metas.len();
+        let world = comm.world_size();
+        let embeddings = self.embed_all(model, data, comm)?;
         // The loss over batches of the training batch size, in order, from those rows.
         let (mut sum, mut count) = (0.0, 0usize);
         let order = DataLoader {
