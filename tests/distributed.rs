@@ -460,6 +460,51 @@ fn match_single_process(comm: Arc<Mpi>) {
         check(name, &*comm, &alone, &fit(mined(), Some(comm.clone())));
     }
 
+    // GradCache over the global batch: each rank embeds its shard without graph, the
+    // loss and its gradient are the global batch's, each rank backpropagates its rows.
+    // A trainable encoder (whose gradient crosses the gather), and MNRL with mined
+    // negatives (rows after the pairs').
+    let cached = |cfg: TrainerConfig| TrainerConfig {
+        grad_cache: Some(3),
+        ..cfg
+    };
+    let alone = {
+        let mut m = Trainable::new(Mlp::new(None), &Default::default()).unwrap();
+        Trainer::new(cached(c()))
+            .fit(&mut m, &features(50), None)
+            .unwrap();
+        weights(m.state())
+    };
+    let mut m = Trainable::new(Mlp::new(None), &Default::default()).unwrap();
+    Trainer::new(cached(c()))
+        .with_communicator(comm.clone())
+        .fit(&mut m, &features(50), None)
+        .unwrap();
+    check(
+        "trainable encoder, GradCache",
+        &*comm,
+        &alone,
+        &weights(m.state()),
+    );
+    let alone = {
+        let mut m = Mnrl::new(Counting::new(7, Arc::default()), &Default::default()).unwrap();
+        Trainer::new(cached(mined()))
+            .fit(&mut m, &pairs(70), None)
+            .unwrap();
+        weights(m.state())
+    };
+    let mut m = Mnrl::new(Counting::new(7, Arc::default()), &Default::default()).unwrap();
+    Trainer::new(cached(mined()))
+        .with_communicator(comm.clone())
+        .fit(&mut m, &pairs(70), None)
+        .unwrap();
+    check(
+        "MNRL + mined negatives, GradCache",
+        &*comm,
+        &alone,
+        &weights(m.state()),
+    );
+
     // A trainable encoder: its gradient crosses the gather too. Clipped hard, so that
     // every step is clipped: the norm must be the reduced gradient's, not a rank's.
     let clipped = || TrainerConfig {
@@ -753,17 +798,6 @@ fn rank() {
         "fail" => failing_rank(comm.clone()),
         "disagree" => disagreeing_data(comm.clone()),
         "nonfinite" => non_finite_on_one_rank(comm.clone()),
-        "grad_cache" => {
-            // Refused before any training, on every rank; the trainer ends the run.
-            let mut m = Mnrl::new(Counting::new(7, Arc::default()), &Default::default()).unwrap();
-            let cfg = TrainerConfig {
-                grad_cache: Some(4),
-                ..config(1, 20)
-            };
-            let _ = Trainer::new(cfg)
-                .with_communicator(comm.clone())
-                .fit(&mut m, &pairs(70), None);
-        }
         other => panic!("unknown scenario {other}"),
     }
     println!(
@@ -881,16 +915,6 @@ fn a_failing_rank_ends_every_rank_with_its_error() {
 #[test]
 fn a_non_finite_step_on_one_rank_is_skipped_on_every_rank() {
     assert_passes(2, "nonfinite");
-}
-
-#[test]
-fn grad_cache_over_several_ranks_is_refused_naming_the_option() {
-    let (ok, text, _) = mpirun(2, "grad_cache", Duration::from_secs(120));
-    assert!(!ok, "GradCache trained over 2 ranks:\n{text}");
-    assert!(
-        text.contains("TrainerConfig.grad_cache") && text.contains("communicator of 2 ranks"),
-        "the error does not name the option:\n{text}"
-    );
 }
 
 #[test]

@@ -27,6 +27,12 @@
 //!
 //! With a cached (frozen) encoder only the head is in the graph, which is small: GradCache
 //! is for trainable encoders ([`TrainerConfig::grad_cache`](super::TrainerConfig::grad_cache)).
+//!
+//! **Over several ranks** (the global batch, [`crate::distributed`]): each rank runs pass 1
+//! on its shard, the shards' embeddings are all-gathered into the global `E`, every rank
+//! computes the loss and `G` on the whole of it, and pass 3 backpropagates each rank's own
+//! rows of `G`, `G[pos]` (`pos`: where its rows sit in the global batch), so each rank's
+//! gradient is its shard's share of the global one, which the trainer's all-reduce sums.
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -39,7 +45,8 @@ use crate::nn::Mode;
 /// One step's embeddings (detached), loss, and gradients: `None` when the loss is not
 /// finite (nothing is backpropagated, as in the plain step).
 pub struct CachedStep {
-    /// `(n, d)`: the batch's embeddings, without graph.
+    /// `(n, d)`: the batch's embeddings (the global batch's over several ranks), without
+    /// graph.
     pub embeddings: Tensor,
     /// The scalar loss (its graph ends at the embeddings).
     pub loss: Tensor,
@@ -87,6 +94,29 @@ pub fn step<M: TrainableModel>(
     rng: &mut StdRng,
     loss: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<CachedStep> {
+    step_gathered(model, batch, mini_batch, rng, None, loss)
+}
+
+/// How a rank's embeddings become the global batch's: `gather` maps this rank's `(n, d)`
+/// detached embeddings to the global `(N, d)` ones, in which this rank's row `i` is row
+/// `positions[i]`.
+pub struct Gather<'g> {
+    /// This rank's rows → the global batch (a collective: every rank calls it).
+    pub gather: &'g dyn Fn(&Tensor) -> Result<Tensor>,
+    /// `(n)`, `u32`: where this rank's rows sit in the global batch.
+    pub positions: Tensor,
+}
+
+/// [`step`] over the global batch of several ranks (see the module docs); `None` is
+/// [`step`]. The returned embeddings are the global batch's.
+pub fn step_gathered<M: TrainableModel>(
+    model: &M,
+    batch: &EncoderBatch<'_, M::Record>,
+    mini_batch: usize,
+    rng: &mut StdRng,
+    gather: Option<&Gather<'_>>,
+    loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<CachedStep> {
     if mini_batch == 0 {
         return Err(Error::invalid(
             "TrainerConfig.grad_cache",
@@ -105,8 +135,11 @@ pub fn step<M: TrainableModel>(
         let sub = slice(batch, start, len)?;
         parts.push(model.embed(&sub, &mut Mode::Train(&mut *rng))?.detach());
     }
-    let embeddings = Tensor::cat(&parts, 0)?;
+    let mut embeddings = Tensor::cat(&parts, 0)?;
     drop(parts);
+    if let Some(g) = gather {
+        embeddings = (g.gather)(&embeddings)?.detach();
+    }
     // 2. The loss and its gradient at the embeddings.
     let leaf = Var::from_tensor(&embeddings)?;
     let value = loss(leaf.as_tensor())?;
@@ -131,7 +164,12 @@ pub fn step<M: TrainableModel>(
             grads: Some(grads),
         });
     };
-    // 3. Each mini-batch again, with graph, against its slice of the upstream gradient.
+    // 3. Each mini-batch again, with graph, against its slice of the upstream gradient
+    //    (of this rank's rows of the global batch).
+    let upstream = match gather {
+        Some(g) => upstream.index_select(&g.positions, 0)?,
+        None => upstream,
+    };
     let vars = model.state().trainable_vars();
     let mut rng = replay;
     for &(start, len) in &chunks {

@@ -129,8 +129,9 @@ pub struct TrainerConfig {
     pub gather: GatherMode,
     /// Compute each training step by GradCache in mini-batches of this many objects
     /// (see [`grad_cache`]): the same gradient as the plain step, with the memory of one
-    /// mini-batch's graph, for trainable encoders under large batches. At least 1; one
-    /// process only. Default none (the whole batch in one graph).
+    /// mini-batch's graph, for trainable encoders under large batches (over several
+    /// ranks, of the global batch or each shard as [`gather`](Self::gather) says). At
+    /// least 1. Default none (the whole batch in one graph).
     #[serde(default)]
     pub grad_cache: Option<usize>,
     /// Mine hard negatives from the whole training set every few epochs and add them to
@@ -770,12 +771,6 @@ impl Trainer {
         }
         let first_epoch = report.epochs.len();
         if world > 1 {
-            if c.grad_cache.is_some() {
-                return Err(Error::invalid(
-                    "TrainerConfig.grad_cache",
-                    format!("is not supported yet with a communicator of {world} ranks"),
-                ));
-            }
             let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
             distributed::check_agreement(
                 comm,
@@ -1097,24 +1092,53 @@ impl Trainer {
                 None => Ok(loss),
             }
         };
+        // This rank's rows → the global batch (the pairs' or objects' rows gathered
+        // slot-major, then the mined answers), keeping this rank's graph or not.
+        let to_global = |local: &Tensor, keep_graph: bool| -> Result<Tensor> {
+            let main = local.narrow(0, 0, local_main)?;
+            let main = distributed::gather_global_batch(comm, &main, &sizes, k, keep_graph)?;
+            if negatives.is_empty() {
+                return Ok(main);
+            }
+            let own = local.narrow(0, local_main, my_negatives.len())?;
+            let all = distributed::gather_global_batch(comm, &own, &negative_sizes, 1, keep_graph)?;
+            Ok(Tensor::cat(&[main, all], 0)?)
+        };
         let (embeddings, loss, cached_grads) = match c.grad_cache {
             Some(m) => {
-                let s = grad_cache::step(&*model, &batch, m, rng, batch_loss)?;
+                let gather_detached = |local: &Tensor| to_global(local, false);
+                let gather = if global {
+                    // Where this rank's rows sit in the global batch.
+                    let (rank, total) = (comm.rank(), samples.len());
+                    let first: usize = sizes[..rank].iter().sum();
+                    let first_negative: usize = negative_sizes[..rank].iter().sum();
+                    let positions: Vec<u32> = (0..k)
+                        .flat_map(|s| (0..mine.len()).map(move |r| s * total + first + r))
+                        .chain((0..my_negatives.len()).map(|r| n_main + first_negative + r))
+                        .map(|p| p as u32)
+                        .collect();
+                    let n = positions.len();
+                    Some(grad_cache::Gather {
+                        gather: &gather_detached,
+                        positions: Tensor::from_vec(positions, n, model.state().device())?,
+                    })
+                } else {
+                    None
+                };
+                let s = grad_cache::step_gathered(
+                    &*model,
+                    &batch,
+                    m,
+                    rng,
+                    gather.as_ref(),
+                    batch_loss,
+                )?;
                 (s.embeddings, s.loss, Some(s.grads))
             }
             None => {
                 let local = model.embed(&batch, &mut Mode::Train(rng))?;
                 let embeddings = if global {
-                    let main = local.narrow(0, 0, local_main)?;
-                    let main = distributed::gather_global_batch(comm, &main, &sizes, k, true)?;
-                    if negatives.is_empty() {
-                        main
-                    } else {
-                        let own = local.narrow(0, local_main, my_negatives.len())?;
-                        let all =
-                            distributed::gather_global_batch(comm, &own, &negative_sizes, 1, true)?;
-                        Tensor::cat(&[main, all], 0)?
-                    }
+                    to_global(&local, true)?
                 } else {
                     local
                 };
