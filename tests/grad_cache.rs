@@ -193,19 +193,10 @@ fn training_with_grad_cache_reaches_the_same_weights() {
             ..Default::default()
         };
         let report = Trainer::new(config).fit(&mut model, &train, None).unwrap();
-        let weights: Vec<Vec<f32>> = model
-            .state()
-            .named_trainable_vars()
-            .into_iter()
-            .map(|(_, v)| {
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
-            .collect();
-        (report.epochs.last().unwrap().train_loss, weights)
+        (
+            report.epochs.last().unwrap().train_loss,
+            common::weights(&model),
+        )
     };
     let (plain_loss, plain) = fit(None);
     let (cached_loss, cached) = fit(Some(5));

@@ -69,8 +69,12 @@ fn pairs() -> Vec<SimilarityPairSample<String>> {
         .collect()
 }
 
-fn fit(hard_negatives: Option<HardNegatives>) -> Vec<Vec<f32>> {
-    let mut model = TextModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
+/// Trains `model` 3 epochs on `data` (batches of 6) and returns its weights.
+fn train<M: TrainableModel>(
+    mut model: M,
+    data: &[similarity_core::train::SampleOf<M>],
+    hard_negatives: Option<HardNegatives>,
+) -> Vec<Vec<f32>> {
     let config = TrainerConfig {
         epochs: 3,
         batch_size: 6,
@@ -78,21 +82,18 @@ fn fit(hard_negatives: Option<HardNegatives>) -> Vec<Vec<f32>> {
         hard_negatives,
         ..Default::default()
     };
-    Trainer::new(config)
-        .fit(&mut model, &pairs(), None)
-        .unwrap();
-    model
-        .state()
-        .named_trainable_vars()
-        .into_iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect()
+    Trainer::new(config).fit(&mut model, data, None).unwrap();
+    common::weights(&model)
+}
+
+fn fit(hard_negatives: Option<HardNegatives>) -> Vec<Vec<f32>> {
+    let model = TextModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
+    train(model, &pairs(), hard_negatives)
+}
+
+fn fit_groups(hard_negatives: Option<HardNegatives>) -> Vec<Vec<f32>> {
+    let model = GroupModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
+    train(model, &groups(), hard_negatives)
 }
 
 fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -102,25 +103,27 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// For pair data (MNRL) and group data (TripletLoss): a guard that lets nothing through
+/// gives no batch a negative, so training is the plain one exactly; mining every epoch, 2
+/// negatives per query, takes another path.
 #[test]
 fn mined_negatives_change_training_and_an_empty_mine_does_not() {
-    let plain = fit(None);
-    // A guard that lets nothing through: no batch gets a negative, so training is the
-    // plain one exactly.
-    let none = fit(Some(HardNegatives {
-        relative_margin: None,
-        max_score: Some(-10.0),
-        ..Default::default()
-    }));
-    assert_eq!(max_diff(&plain, &none), 0.0);
-    // Mining every epoch, 2 negatives per query: a different optimisation path.
-    let mined = fit(Some(HardNegatives {
-        num_negatives: 2,
-        ..Default::default()
-    }));
-    assert!(max_diff(&plain, &mined) > 1e-4);
-    for w in mined.iter().flatten() {
-        assert!(w.is_finite());
+    type Fit = fn(Option<HardNegatives>) -> Vec<Vec<f32>>;
+    let fits: [(&str, Fit); 2] = [("pairs", fit), ("groups", fit_groups)];
+    for (data, fit) in fits {
+        let plain = fit(None);
+        let none = fit(Some(HardNegatives {
+            relative_margin: None,
+            max_score: Some(-10.0),
+            ..Default::default()
+        }));
+        assert_eq!(max_diff(&plain, &none), 0.0, "{data}");
+        let mined = fit(Some(HardNegatives {
+            num_negatives: 2,
+            ..Default::default()
+        }));
+        assert!(max_diff(&plain, &mined) > 1e-4, "{data}");
+        assert!(mined.iter().flatten().all(|w| w.is_finite()), "{data}");
     }
 }
 
@@ -160,51 +163,6 @@ fn a_loss_without_negatives_and_bad_options_are_errors() {
         err.contains("TrainerConfig.hard_negatives.every_epochs"),
         "{err}"
     );
-}
-
-fn fit_groups(hard_negatives: Option<HardNegatives>) -> Vec<Vec<f32>> {
-    let mut model = GroupModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
-    let config = TrainerConfig {
-        epochs: 3,
-        batch_size: 6,
-        progress: false,
-        hard_negatives,
-        ..Default::default()
-    };
-    Trainer::new(config)
-        .fit(&mut model, &groups(), None)
-        .unwrap();
-    model
-        .state()
-        .named_trainable_vars()
-        .into_iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect()
-}
-
-#[test]
-fn group_training_with_mined_negatives_changes_and_an_empty_mine_does_not() {
-    let plain = fit_groups(None);
-    let none = fit_groups(Some(HardNegatives {
-        relative_margin: None,
-        max_score: Some(-10.0),
-        ..Default::default()
-    }));
-    assert_eq!(max_diff(&plain, &none), 0.0);
-    let mined = fit_groups(Some(HardNegatives {
-        num_negatives: 2,
-        ..Default::default()
-    }));
-    assert!(max_diff(&plain, &mined) > 1e-4);
-    for w in mined.iter().flatten() {
-        assert!(w.is_finite());
-    }
 }
 
 /// The first step's batch, as the step hook saw it, is its sampled objects followed by

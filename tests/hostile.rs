@@ -800,18 +800,7 @@ fn group_checkpoint(root: &Path) {
 }
 
 fn weights_of<M: TrainableModel>(model: &M) -> Vec<Vec<f32>> {
-    model
-        .state()
-        .named_trainable_vars()
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect()
+    common::weights(model)
 }
 
 /// Resumes a fresh model from `ckpt/last`; also checks that the failure left the model's

@@ -50,17 +50,7 @@ fn config(epochs: usize) -> TrainerConfig {
 }
 
 fn weights(m: &impl TrainableModel) -> Vec<Vec<f32>> {
-    m.state()
-        .named_trainable_vars()
-        .iter()
-        .map(|(_, v)| {
-            v.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect()
+    common::weights(m)
 }
 
 #[test]

@@ -169,20 +169,7 @@ fn resume_restores_the_memory() {
     Trainer::new(cfg)
         .resume(&mut resumed, &dir.path().join("epoch-0002"), &data, None)
         .unwrap();
-    let w = |m: &Digits| {
-        m.state()
-            .named_trainable_vars()
-            .iter()
-            .map(|(_, v)| {
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(w(&full), w(&resumed));
+    assert_eq!(common::weights(&full), common::weights(&resumed));
     let groups_of = |m: &Digits| m.memory.get().unwrap().unwrap().1.to_vec1::<i64>().unwrap();
     assert_eq!(groups_of(&full), groups_of(&resumed));
 }

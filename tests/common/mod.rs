@@ -37,6 +37,22 @@ pub fn device() -> similarity_core::Device {
 }
 
 /// Model options on the test [`device`], seed 0.
+/// Every trainable variable of `model`, flattened, in the model's order.
+pub fn weights<M: similarity_core::TrainableModel>(model: &M) -> Vec<Vec<f32>> {
+    model
+        .state()
+        .named_trainable_vars()
+        .iter()
+        .map(|(_, v)| {
+            v.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
 pub fn options() -> similarity_core::train::ModelOptions {
     similarity_core::train::ModelOptions {
         device: device(),

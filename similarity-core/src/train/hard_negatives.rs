@@ -168,6 +168,15 @@ pub struct Mined {
 }
 
 impl Mined {
+    /// Room for `queries` lists, nothing found yet.
+    fn empty(queries: usize) -> Mined {
+        Mined {
+            negatives: Vec::with_capacity(queries),
+            guarded: 0,
+            seconds: 0.0,
+        }
+    }
+
     /// The mined negatives of the anchors of `samples` (sample indices), each once, in
     /// order of first appearance, leaving out samples that are in `samples`.
     pub fn batch_negatives(&self, samples: &[usize]) -> Vec<usize> {
@@ -231,29 +240,42 @@ fn mine_rows(
     let anchor_class = duplicate_classes(&anchors.to_vec2::<f32>()?);
     let positive_class = duplicate_classes(&positives.to_vec2::<f32>()?);
     let k = options.num_negatives;
-    let block = (options.block_bytes / (4 * p.max(1))).clamp(1, p.max(1));
-    let mut negatives = Vec::with_capacity(rows.len());
-    let mut guarded = 0usize;
+    let mut mined = Mined::empty(rows.len());
+    scan_blocks(anchors, positives, distance, options, rows, |i, row| {
+        let t = options.threshold(Some(row[i]));
+        let found = top_k(row, k, t, &mut mined.guarded, |j| {
+            j == i || positive_class[j] == positive_class[i] || anchor_class[j] == anchor_class[i]
+        });
+        mined.negatives.push(found);
+    })?;
+    mined.seconds = started.elapsed().as_secs_f64();
+    Ok(mined)
+}
+
+/// Hands `each(i, s_i)`, for every query `i` of `rows`, the similarities `s_i` of
+/// `queries[i]` to every row of `candidates`, in order; the scores are computed for a
+/// block of `r = clamp(block_bytes / (4 C), 1, C)` queries at a time (`C` candidates), so
+/// a block's `(r, C)` f32 matrix takes at most `block_bytes`.
+fn scan_blocks(
+    queries: &Tensor,
+    candidates: &Tensor,
+    distance: Distance,
+    options: &HardNegatives,
+    rows: Range<usize>,
+    mut each: impl FnMut(usize, &[f32]),
+) -> Result<()> {
+    let c = candidates.dim(0)?.max(1);
+    let block = (options.block_bytes / (4 * c)).clamp(1, c);
     for start in rows.clone().step_by(block) {
         let len = block.min(rows.end - start);
         let scores = distance
-            .similarity_matrix(&anchors.narrow(0, start, len)?, Some(positives))?
+            .similarity_matrix(&queries.narrow(0, start, len)?, Some(candidates))?
             .to_vec2::<f32>()?;
         for (r, row) in scores.iter().enumerate() {
-            let i = start + r;
-            let t = options.threshold(Some(row[i]));
-            negatives.push(top_k(row, k, t, &mut guarded, |j| {
-                j == i
-                    || positive_class[j] == positive_class[i]
-                    || anchor_class[j] == anchor_class[i]
-            }));
+            each(start + r, row);
         }
     }
-    Ok(Mined {
-        negatives,
-        guarded,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(())
 }
 
 /// The `k` candidates `j` of `row` with the largest scores, best first, among those
@@ -334,33 +356,22 @@ fn mine_groups_rows(
     }
     let class = duplicate_classes(&embeddings.to_vec2::<f32>()?);
     let k = options.num_negatives;
-    let block = (options.block_bytes / (4 * n.max(1))).clamp(1, n.max(1));
-    let mut negatives = Vec::with_capacity(rows.len());
-    let mut guarded = 0usize;
-    for start in rows.clone().step_by(block) {
-        let len = block.min(rows.end - start);
-        let scores = distance
-            .similarity_matrix(&embeddings.narrow(0, start, len)?, Some(embeddings))?
-            .to_vec2::<f32>()?;
-        for (r, row) in scores.iter().enumerate() {
-            let i = start + r;
-            let positive = row
-                .iter()
-                .enumerate()
-                .filter(|&(j, s)| j != i && groups[j] == groups[i] && !s.is_nan())
-                .map(|(_, &s)| s)
-                .reduce(f32::max);
-            let t = options.threshold(positive);
-            negatives.push(top_k(row, k, t, &mut guarded, |j| {
-                groups[j] == groups[i] || class[j] == class[i]
-            }));
-        }
-    }
-    Ok(Mined {
-        negatives,
-        guarded,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    let mut mined = Mined::empty(rows.len());
+    scan_blocks(embeddings, embeddings, distance, options, rows, |i, row| {
+        let positive = row
+            .iter()
+            .enumerate()
+            .filter(|&(j, s)| j != i && groups[j] == groups[i] && !s.is_nan())
+            .map(|(_, &s)| s)
+            .reduce(f32::max);
+        let t = options.threshold(positive);
+        let found = top_k(row, k, t, &mut mined.guarded, |j| {
+            groups[j] == groups[i] || class[j] == class[i]
+        });
+        mined.negatives.push(found);
+    })?;
+    mined.seconds = started.elapsed().as_secs_f64();
+    Ok(mined)
 }
 
 impl super::Trainer {
@@ -445,11 +456,7 @@ impl Mined {
                 "hard-negative mining: the share of rank {rank} {what}"
             ))
         };
-        let mut mined = Mined {
-            negatives: Vec::with_capacity(n),
-            guarded: 0,
-            seconds: 0.0,
-        };
+        let mut mined = Mined::empty(n);
         for (rank, bytes) in shares.iter().enumerate() {
             let mut words = bytes.get(16..).unwrap_or(&[]).chunks_exact(4);
             if bytes.len() < 16 || !words.remainder().is_empty() {
