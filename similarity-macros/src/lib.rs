@@ -1,8 +1,8 @@
 //! The `#[trainable_model]` attribute macro of the similarity framework.
 //!
-//! The pipeline, one file per phase: [`ast`] parses the struct and its field attributes
-//! ([`attr`]) into an owned spec that keeps spans; [`validate`] checks every rule and
-//! accumulates all errors; [`expand`] generates the code. The attribute is documented
+//! The pipeline, one file per phase: `ast` parses the struct and its field attributes
+//! (`attr`) into an owned spec that keeps spans; `validate` checks every rule and
+//! accumulates all errors; `expand` generates the code. The attribute is documented
 //! on [`trainable_model`]; `docs/macro-guide.md` walks through one expansion.
 
 mod ast;

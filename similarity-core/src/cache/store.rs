@@ -4,7 +4,7 @@
 //! # Layout
 //!
 //! One directory per cached encoder field, `<cache_dir>/<field>/`, written atomically by
-//! [`files::write_dir`](crate::files::write_dir) (a crash leaves the previous directory or
+//! [`files::write_dir`] (a crash leaves the previous directory or
 //! the new one; a second process writing the same cache is told it is in use) and read as
 //! one version of the directory:
 //!

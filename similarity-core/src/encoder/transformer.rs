@@ -889,7 +889,7 @@ impl Encoder for SentenceTransformer {
         })
     }
 
-    /// Runs the batch in chunks of about [`TOKENS_PER_CHUNK`] token positions, each
+    /// Runs the batch in chunks of about 2,048 token positions (`TOKENS_PER_CHUNK`), each
     /// trimmed to its own longest text: without a gradient graph, memory stays bounded
     /// whatever the batch size, and a chunk of short texts is not padded to the batch's
     /// longest. The result is the same as one pass over the whole batch.

@@ -17,7 +17,7 @@
 //! user's hook (`observers`). Given a communicator of several ranks
 //! ([`Trainer::with_communicator`]) the step embeds this rank's shard of the global batch,
 //! gathers the others' and all-reduces the gradients, and only rank 0 runs the observers
-//! that write; see [`distributed`](crate::distributed).
+//! that write; see [`distributed`].
 //!
 //! Shuffling and dropout of epoch `e` are seeded with `(seed, e)` (and the rank, which is
 //! 0 in one process), so a run resumed from the checkpoint of epoch `e` continues exactly
@@ -124,7 +124,7 @@ pub struct TrainerConfig {
     /// With a communicator of more than one rank
     /// ([`Trainer::with_communicator`]): whether the loss sees the whole global batch
     /// (the single-process result) or each rank's shard. Default
-    /// [`GatherMode::Global`]; see [`distributed`](crate::distributed).
+    /// [`GatherMode::Global`]; see [`distributed`].
     #[serde(default)]
     pub gather: GatherMode,
     /// Compute each training step by GradCache in mini-batches of this many objects
@@ -471,7 +471,7 @@ impl Trainer {
     /// checkpoints, logs and persisted caches; a step hook runs on every rank. An error on any rank ends every rank
     /// ([`Communicator::abort`]). A world of one trains exactly as without a
     /// communicator. The design, its exactness and what it communicates:
-    /// [`distributed`](crate::distributed).
+    /// [`distributed`].
     pub fn with_communicator(mut self, comm: std::sync::Arc<dyn Communicator>) -> Self {
         self.comm = Some(comm);
         self

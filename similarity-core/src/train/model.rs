@@ -118,7 +118,7 @@ pub trait TrainableModel: Sized + Send + Sync {
     /// `(records.len(), output_size)`, row `i` for `records[i]`. Batches are formed in
     /// decreasing [`record_cost`](Self::record_cost) order, so a transformer pads little.
     ///
-    /// Inputs of more than [`ENCODE_PROGRESS_MIN`] records show a progress bar on a terminal.
+    /// Inputs of more than 10,000 records (`ENCODE_PROGRESS_MIN`) show a progress bar on a terminal.
     fn encode(&self, records: &[Self::Record], batch_size: usize) -> Result<Tensor> {
         let order = crate::encoder::cost_order(records.len(), |i| self.record_cost(&records[i]));
         let refs: Vec<&Self::Record> = match &order {
