@@ -252,6 +252,7 @@ where
         report.cache_seconds,
         train_seconds / epochs as f64
     );
+    mining_report(&report);
 
     compression_report(&model, train, val, cache_batch_size)?;
 
@@ -397,6 +398,29 @@ where
     Ok(())
 }
 
+/// The trainer's mining passes, from the report's epochs.
+fn mining_report(report: &similarity_core::train::FitReport) {
+    let passes: Vec<_> = report
+        .epochs
+        .iter()
+        .filter_map(|e| e.mining.as_ref())
+        .collect();
+    if passes.is_empty() {
+        return;
+    }
+    let mean = |f: fn(&hard_negatives::MiningStats) -> f64| {
+        passes.iter().map(|m| f(m)).sum::<f64>() / passes.len() as f64
+    };
+    println!(
+        "hard negatives in training: {} passes, {:.3} s each ({:.3} s of it scoring and \
+         selecting), {:.0} negatives found per pass",
+        passes.len(),
+        mean(|m| m.seconds),
+        mean(|m| m.mine_seconds),
+        mean(|m| m.negatives as f64)
+    );
+}
+
 /// `--hard-negatives K [--mine-every N]`.
 fn hard_negatives_option() -> Result<Option<HardNegatives>> {
     arg("--hard-negatives")
@@ -476,6 +500,7 @@ fn run_triplet(
         report.cache_seconds,
         train_seconds / epochs as f64
     );
+    mining_report(&report);
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }

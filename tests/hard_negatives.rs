@@ -127,6 +127,39 @@ fn mined_negatives_change_training_and_an_empty_mine_does_not() {
     }
 }
 
+/// Each epoch that mines says so in the report (cost, negatives found, guarded); the
+/// others carry nothing.
+#[test]
+fn the_report_carries_each_mining_pass() {
+    let mut model = GroupModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();
+    let config = TrainerConfig {
+        epochs: 3,
+        batch_size: 6,
+        progress: false,
+        hard_negatives: Some(HardNegatives {
+            every_epochs: 2,
+            num_negatives: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let report = Trainer::new(config)
+        .fit(&mut model, &groups(), None)
+        .unwrap();
+    let mined: Vec<bool> = report.epochs.iter().map(|e| e.mining.is_some()).collect();
+    assert_eq!(mined, [true, false, true]);
+    for e in &report.epochs {
+        if let Some(m) = &e.mining {
+            // 24 objects, 2 negatives each where the guard leaves them.
+            assert!(m.negatives > 0 && m.negatives <= 48, "{m:?}");
+            assert!(
+                m.seconds >= m.mine_seconds && m.mine_seconds >= 0.0,
+                "{m:?}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_loss_without_negatives_and_bad_options_are_errors() {
     let mut model = ScoredModel::new(HashedNgramEncoder::default(), &common::options()).unwrap();

@@ -153,6 +153,20 @@ impl HardNegatives {
     }
 }
 
+/// What one mining pass in the trainer cost and found ([`EpochStats::mining`](super::EpochStats::mining)).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MiningStats {
+    /// Seconds of the whole pass: embedding every object, the scores, the selection (and
+    /// the gathering of the ranks' shares).
+    pub seconds: f64,
+    /// Seconds of the scores and the selection alone (the slowest rank's).
+    pub mine_seconds: f64,
+    /// Negatives found, over all queries.
+    pub negatives: usize,
+    /// Candidates the false-negative guard skipped, over all queries.
+    pub guarded: usize,
+}
+
 /// The result of one mining pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mined {
@@ -165,6 +179,9 @@ pub struct Mined {
     pub guarded: usize,
     /// Seconds the pass took (scores and selection; not the embedding).
     pub seconds: f64,
+    /// Seconds of the whole pass in the trainer, the embedding included (0 from [`mine`]
+    /// and [`mine_groups`], which take embeddings).
+    pub total_seconds: f64,
 }
 
 impl Mined {
@@ -174,6 +191,17 @@ impl Mined {
             negatives: Vec::with_capacity(queries),
             guarded: 0,
             seconds: 0.0,
+            total_seconds: 0.0,
+        }
+    }
+
+    /// What the pass cost and found, for the epoch's report.
+    pub fn stats(&self) -> MiningStats {
+        MiningStats {
+            seconds: self.total_seconds,
+            mine_seconds: self.seconds,
+            negatives: self.negatives.iter().map(Vec::len).sum(),
+            guarded: self.guarded,
         }
     }
 
@@ -420,6 +448,7 @@ impl super::Trainer {
         if comm.world_size() > 1 {
             mined = Mined::from_shares(comm, &comm.all_gather_bytes(&mined.to_bytes())?, n)?;
         }
+        mined.total_seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             samples = n,
             embed_seconds,
@@ -681,9 +710,9 @@ mod tests {
     fn batch_negatives_are_unique_and_outside_the_batch() {
         let mined = Mined {
             negatives: vec![vec![3, 1], vec![3, 4], vec![0], vec![], vec![]],
-            guarded: 0,
-            seconds: 0.0,
+            ..Mined::empty(0)
         };
+        assert_eq!(mined.stats().negatives, 5);
         assert_eq!(mined.batch_negatives(&[0, 1]), vec![3, 4]);
         assert_eq!(mined.batch_negatives(&[2, 4]), vec![0]);
     }

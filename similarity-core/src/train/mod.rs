@@ -373,6 +373,10 @@ pub struct EpochStats {
     /// ([`NonFinitePolicy::SkipStep`]); `train_loss` and the metrics average the others.
     #[serde(default)]
     pub skipped_steps: usize,
+    /// The hard-negative mining pass run at the start of this epoch
+    /// ([`TrainerConfig::hard_negatives`]), if one ran.
+    #[serde(default)]
+    pub mining: Option<hard_negatives::MiningStats>,
 }
 
 /// The record of a [`Trainer::fit`].
@@ -816,10 +820,13 @@ impl Trainer {
         };
         for epoch in first_epoch..c.epochs {
             let epoch_start = Instant::now();
+            let mut mining = None;
             if let Some(options) = &c.hard_negatives
                 && (epoch % options.every_epochs == 0 || epoch == first_epoch)
             {
-                step_ctx.mined = Some(self.mine(model, &train_data, options, comm)?);
+                let mined = self.mine(model, &train_data, options, comm)?;
+                mining = Some(mined.stats());
+                step_ctx.mined = Some(mined);
             }
             // Dropout of epoch e depends only on (seed, e, rank), like the shuffling.
             let mut rng = StdRng::seed_from_u64(
@@ -928,6 +935,7 @@ impl Trainer {
                 lr,
                 seconds: epoch_start.elapsed().as_secs_f64(),
                 skipped_steps: skipped,
+                mining,
             };
             if skipped > 0 {
                 tracing::warn!(
