@@ -49,7 +49,14 @@
 //! embeddings (each rank embeds a contiguous share of the objects), and two small f64
 //! all-reduces: the loss over the batches each rank took (batch `i` on rank `i mod W`)
 //! and the metrics' running sums over the queries each rank ranked (a contiguous share);
-//! the result is the whole set's on every rank.
+//! the result is the whole set's on every rank. With
+//! [`TrainerConfig::hard_negatives`](crate::TrainerConfig::hard_negatives), per mining
+//! pass: one all-gather of every training object's embedding and one of the mined
+//! indices (each rank mines a share of the queries); per step, the mined answers of pair
+//! data are gathered after the batch like it. With
+//! [`TrainerConfig::grad_cache`](crate::TrainerConfig::grad_cache) the step's all-gather
+//! carries detached rows, and each rank backpropagates its own rows of the global
+//! gradient ([`crate::train::grad_cache`]).
 //!
 //! # Failures
 //!
