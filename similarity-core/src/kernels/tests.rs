@@ -625,6 +625,33 @@ mod pair_losses {
     }
 
     #[test]
+    fn fused_mnrl_reads_pairs_in_any_layout() {
+        // Pairs not in the (i, P + i) layout: rows in any order, some used twice or by both
+        // sides, some unused; the gradients of a reused row are summed.
+        let (rows, n) = (50usize, 29usize);
+        let mut rng = StdRng::seed_from_u64(5);
+        let pairs: Vec<u32> = (0..2 * n)
+            .map(|_| rng.random_range(0..rows as u32))
+            .collect();
+        let targets = PairTargets {
+            pairs: Tensor::from_vec(pairs, (n, 2), &Device::Cpu).unwrap(),
+            labels: Tensor::new(vec![1.0f32; n].as_slice(), &Device::Cpu).unwrap(),
+            subgroups: Tensor::new(vec![0i64; n].as_slice(), &Device::Cpu).unwrap(),
+        };
+        // The (i, P + i) layout with rows after the pairs that no pair uses.
+        let halves_short = pair_targets(n, &vec![1.0; n], &vec![0; 2 * n]);
+        let (x, x_long) = (data(rows, 2), data(2 * n + 5, 3));
+        for symmetric in [false, true] {
+            let config = MultipleNegativesRankingLossConfig {
+                symmetric,
+                ..Default::default()
+            };
+            assert_fused_matches::<MultipleNegativesRankingLoss>(config.clone(), &x, &targets);
+            assert_fused_matches::<MultipleNegativesRankingLoss>(config, &x_long, &halves_short);
+        }
+    }
+
+    #[test]
     fn fused_contrastive_subgroup_term_matches_the_composite_path() {
         use crate::loss::{ContrastiveLoss, ContrastiveLossConfig};
         let n = 23;
