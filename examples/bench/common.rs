@@ -412,11 +412,18 @@ pub(crate) fn encoder_flops(n: usize) -> f64 {
     n as f64 * 2.0 * (DIM_IN * HIDDEN + HIDDEN * sizes().dim) as f64
 }
 
-/// FLOPs of one training epoch of `workload` (forward and backward: ×3).
-pub(crate) fn epoch_flops(workload: &str) -> f64 {
+/// FLOPs of training epoch `epoch` (0-based) of `workload` (forward and backward: ×3).
+/// W3's memory fills from the
+/// first step (`min(rows enqueued before the step, --xbm-size)` entries), so its early
+/// epochs cost less than a full memory's: at 65,536 entries and 20,000 items it is full
+/// from the fourth epoch.
+pub(crate) fn epoch_flops_at(workload: &str, epoch: usize) -> f64 {
     let d = sizes().dim as f64;
     let mut total = 0.0;
+    let mut enqueued = sizes().items.saturating_mul(epoch);
     for samples in step_rows(sizes().items, sizes().batch) {
+        let memory = enqueued.min(sizes().xbm) as f64;
+        enqueued = enqueued.saturating_add(samples);
         // W2: a batch of P pairs is 2P embeddings.
         let b = if workload == "w2" {
             2 * samples
@@ -426,7 +433,7 @@ pub(crate) fn epoch_flops(workload: &str) -> f64 {
         total += 2.0 * b * d * d * 3.0; // head
         total += b * b * d * 2.0 * 3.0; // distance matrix
         if workload == "w3" {
-            total += b * sizes().xbm as f64 * d * 2.0 * 2.0; // batch × memory, fwd + bwd wrt batch
+            total += b * memory * d * 2.0 * 2.0; // batch × memory, fwd + bwd wrt batch
         }
         if workload == "w1_uncached" {
             total += encoder_flops(samples);
