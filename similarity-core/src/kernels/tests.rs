@@ -77,7 +77,11 @@ mod forms {
         xd[3 * d..4 * d].fill(0.0);
         xd[5 * d..6 * d].iter_mut().for_each(|v| *v *= 1e-9);
         let x = var(&xd, (n, d));
-        let y = var(&random((m, d), 2), (m, d));
+        // The same on the other side (its columns are scaled by the clamped inverse norm).
+        let mut yd = random((m, d), 2);
+        yd[2 * d..3 * d].fill(0.0);
+        yd[7 * d..8 * d].iter_mut().for_each(|v| *v *= 1e-9);
+        let y = var(&yd, (m, d));
         for other in [None, Some(&y)] {
             let fused = cosine_similarity_matrix(x.as_tensor(), other.map(|y| y.as_tensor()))
                 .unwrap()
