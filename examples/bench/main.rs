@@ -31,7 +31,10 @@
 //! evaluation, which fills the validation cache), `cache_fill_s` (the training texts),
 //! `mean_epoch_s` (training and validation, after the first epoch), `fit_wall_s`,
 //! `total_s` (model built to final evaluation), `peak_rss_mb`, precision@1 and MRR
-//! before and after over the full validation set, and the fill's matmul floor.
+//! before and after over the full validation set, the fill's matmul floor, and the end to
+//! end floor (`end_to_end_floor_s`: every text's encoder FLOPs plus each epoch's head and
+//! loss FLOPs, training and validation, at the 2048³ rate of the same run) with
+//! `end_to_end_ratio = total_s / end_to_end_floor_s`.
 //! `scripts/quaterion_faq.py` runs the same recipe with Quaterion.
 //!
 //! * First line: the f32 matmul throughput of this machine, 2048³, median of 5.
@@ -222,6 +225,24 @@ fn main() -> Result<()> {
         v["fill_floor_s"] = json!({"train": round(floor, 2)});
         v["fill_ratio"] = json!(round(
             v["cache_fill_s"].as_f64().unwrap_or(f64::NAN) / floor,
+            2
+        ));
+        // End to end: the fill of every text (training and validation) plus, per epoch,
+        // the head and loss of training and of the validation pass, plus the evaluations
+        // before and after the fit (each a validation pass), at the measured rate.
+        let gflop = |k: &str, f: &str| v[k][f].as_f64().unwrap_or(f64::NAN);
+        let epochs_run = v["epochs"].as_f64().unwrap_or(f64::NAN);
+        let fill = gflop("fill_floor_gflop", "train") + gflop("fill_floor_gflop", "val");
+        let (train_epoch, val_pass) = (
+            gflop("epoch_floor_gflop", "train"),
+            gflop("epoch_floor_gflop", "validation"),
+        );
+        let end_to_end = fill + epochs_run * (train_epoch + val_pass) + 2.0 * val_pass;
+        let floor_s = end_to_end / gflops;
+        v["end_to_end_floor_gflop"] = json!(round(end_to_end, 1));
+        v["end_to_end_floor_s"] = json!(round(floor_s, 2));
+        v["end_to_end_ratio"] = json!(round(
+            v["total_s"].as_f64().unwrap_or(f64::NAN) / floor_s,
             2
         ));
         print(&v);
