@@ -11,7 +11,8 @@ floor is the point's matmul FLOPs at the matmul throughput measured at the start
 same bench invocation, for the work the fused kernels do:
 
     per training step of b rows (TripletLoss hard, cosine), d = 384:
-      head            2 · b · d² · 3      (forward, ∂x, ∂W)
+      head            2 · b · d² · 2      (forward and ∂W: the frozen encoder's output
+                                           needs no ∂x, which the head's kernel skips)
       distances       b² · d              (x̂ x̂ᵀ: the upper triangle, forward only; the
                                            mined pairs' backward is O(b·d) and left out)
       W3 memory       2 · b · M · d       (M = the entries the memory holds at that step:
@@ -19,9 +20,9 @@ same bench invocation, for the work the fused kernels do:
     cache fill        2 · (512 · 1024 + 1024 · 384) per item
     Evaluator         2 · queries · items · d
 
-The bench's own `summary` lines (in the raw file) count the distances as a full product
-with two backward products (`3 · 2 · b² · d`) and the memory's backward, which the kernels
-no longer compute; this script recomputes every floor from the raw sizes instead (and the
+The bench's own `summary` lines in the raw files of 2026-12-01 count the head's ∂x
+(`2 · b · d² · 3`), the distances as a full product with two backward products
+(`3 · 2 · b² · d`) and the memory's backward, which the kernels do not compute; this script recomputes every floor from the raw sizes instead (and the
 bench counts the same since the commit that added this note).
 """
 import argparse
@@ -71,7 +72,7 @@ def epoch_gflop(sizes, epoch, w3):
     d, total = sizes["dim"], 0.0
     enqueued = sizes["items"] * epoch
     for b in steps(sizes["items"], sizes["batch"]):
-        total += 6.0 * b * d * d + b * b * d
+        total += 4.0 * b * d * d + b * b * d
         if w3:
             total += 2.0 * b * min(enqueued, sizes["xbm_size"]) * d
         enqueued += b

@@ -78,7 +78,7 @@ point xbm_64k --w3 --xbm-size 65536 --epochs 4
 if [[ -n ${QVENV:-} ]]; then
   QBENCH=${QBENCH:-$ROOT/../shared/bench/quaterion/bench.py}
   wait_load
-  echo "quaterion w1_100k: $QBENCH (start $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg))" >> "$LOG"
+  echo "quaterion w1_100k: $(basename "$QBENCH") (start $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg))" >> "$LOG"
   OMP_NUM_THREADS=$QTHREADS MKL_NUM_THREADS=$QTHREADS "$QVENV/bin/python" "$QBENCH" --w1 \
     --w1-cache auto --n-train 100000 --epochs 3 --threads "$QTHREADS" 2>>"$LOG" \
     | grep '^{' | sed 's/^{/{"point":"w1_100k",/' >> "$R/sweep_quaterion_$TAG.jsonl"

@@ -416,7 +416,8 @@ pub(crate) fn encoder_flops(n: usize) -> f64 {
 /// kernels do. Per step of `b` embeddings (W2: `b = 2 ×` the pairs), `d` wide:
 ///
 /// ```text
-/// head        2 · b · d² · 3   (forward, ∂x, ∂W)
+/// head        2 · b · d² · 2   (forward and ∂W; the frozen encoder's output needs no ∂x,
+///                               which the head's kernel skips)
 /// distances   b² · d           (x̂ x̂ᵀ, upper triangle, forward only: the losses mine
 ///                               pairs on it and recompute them with gradient, O(b·d))
 /// W3 memory   2 · b · M · d    (forward only, for the same reason; M: the entries the
@@ -426,9 +427,9 @@ pub(crate) fn encoder_flops(n: usize) -> f64 {
 ///
 /// W3's memory fills from the first step (`min(rows enqueued before the step,
 /// --xbm-size)` entries), so its early epochs cost less than a full memory's: at 65,536
-/// entries and 20,000 items it is full from the fourth epoch. (Before 2026-12-01 the
-/// distances counted `3 · 2 · b² · d` and the memory `2 · 2 · b · M · d`, the products of
-/// the composite form, which the kernels no longer compute.)
+/// entries and 20,000 items it is full from the fourth epoch. (Before 2026-12-01 the head
+/// counted `2 · b · d² · 3`, the distances `3 · 2 · b² · d` and the memory
+/// `2 · 2 · b · M · d`: products the kernels do not compute.)
 pub(crate) fn epoch_flops_at(workload: &str, epoch: usize) -> f64 {
     let d = sizes().dim as f64;
     let mut total = 0.0;
@@ -442,7 +443,7 @@ pub(crate) fn epoch_flops_at(workload: &str, epoch: usize) -> f64 {
         } else {
             samples
         } as f64;
-        total += 2.0 * b * d * d * 3.0; // head
+        total += 2.0 * b * d * d * 2.0; // head: forward and ∂W
         total += b * b * d; // distance matrix, upper triangle
         if workload == "w3" {
             total += 2.0 * b * memory * d; // batch × memory, forward

@@ -38,7 +38,8 @@ pub(crate) fn bert_flops(
 /// `train` and `val` pairs in batches of `batch` pairs, embeddings `d` wide:
 ///
 /// ```text
-/// training, per batch of P pairs (2P embeddings): head 3 · 2 · 2P · d² (forward, ∂x, ∂W)
+/// training, per batch of P pairs (2P embeddings): head 2 · 2 · 2P · d² (forward and ∂W:
+///                                                the cached encoder output needs no ∂x)
 ///                                                + symmetric MNRL 3 · 2 · P² · d
 /// validation: head forward 2 · 2V · d², the loss forward 2 · P² · d per batch, and the
 ///             evaluation's distances 2 · V · V · d (each question against every answer)
@@ -47,7 +48,7 @@ pub(crate) fn bert_flops(
 pub(crate) fn head_and_loss_flops(d: f64, train: usize, val: usize, batch: usize) -> (f64, f64) {
     let batches = |n: usize| step_rows(n, batch).into_iter().map(|p| p as f64);
     let training: f64 = batches(train)
-        .map(|p| 3.0 * 2.0 * 2.0 * p * d * d + 3.0 * 2.0 * p * p * d)
+        .map(|p| 2.0 * 2.0 * 2.0 * p * d * d + 3.0 * 2.0 * p * p * d)
         .sum();
     let v = val as f64;
     let validation = 2.0 * 2.0 * v * d * d
