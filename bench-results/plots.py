@@ -112,8 +112,9 @@ for name, run, s, mm in w1:
           f"| {run['peak_rss_mb']:.0f} | {mm['gflops']:.0f} | {load(run)} |")
 for q in quaterion:
     if q.get("cache_fill_s") is not None:
+        th = q["env"].get("torch_threads", 2)
         print(f"\nQuaterion 0.1.35 at {q['config']['n_train']:,} items ({q['epochs_run']} "
-              f"epochs, {q['env'].get('torch_threads', 2)} threads): cache fill "
+              f"epochs, {th} thread{'s' if th != 1 else ''}): cache fill "
               f"{q['cache_fill_s']:.3f} s, epoch (training only, after the first) "
               f"{q['mean_epoch_train_only_after_first_s']:.3f} s, fit {q['fit_wall_s']:.2f} s; "
               f"load {qload(q)}.")
