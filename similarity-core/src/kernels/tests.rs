@@ -71,7 +71,15 @@ mod forms {
 
     #[test]
     fn cosine_matrix_matches_the_composite_form() {
-        let (n, m, d) = (37, 23, 19);
+        // (7, 61), (40, 2000): few rows against many, the transposed product of the
+        // two-input form (the second in parallel blocks of rows).
+        for (n, m) in [(37, 23), (7, 61), (40, 2000)] {
+            cosine_matrix_matches_on(n, m);
+        }
+    }
+
+    fn cosine_matrix_matches_on(n: usize, m: usize) {
+        let d = 19;
         let mut xd = random((n, d), 1);
         // A zero row and a tiny one: the clamped-norm branch of the backward pass.
         xd[3 * d..4 * d].fill(0.0);
