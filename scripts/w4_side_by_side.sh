@@ -6,7 +6,15 @@
 # carries its round and /proc/loadavg), the run order to w4_TAG.log. Table:
 #   python3 bench-results/w4_table.py TAG
 #
-#   QVENV=/path/to/venv [THREADS=2] bash scripts/w4_side_by_side.sh TAG [ROUNDS]
+#   QVENV=/path/to/venv [THREADS=2] [INTERLEAVE=round|loss] [MAX_LOAD=L] \
+#       bash scripts/w4_side_by_side.sh TAG [ROUNDS]
+#
+# INTERLEAVE (default round): `round` runs every loss of one side, then every loss of the
+# other; `loss` runs each loss on both sides back to back (one process per loss and side,
+# the order alternating by round and by loss), so that the two timings of a loss are
+# seconds apart and see the same load on a shared machine.
+# MAX_LOAD (default unset): before each timing, wait (up to 180 s, then go on and log it)
+# until the 1-minute load average is below L.
 #
 # THREADS (default 2): threads of both sides (ours: RAYON_NUM_THREADS; PyTorch:
 # torch.set_num_threads, OMP_NUM_THREADS and MKL_NUM_THREADS). On a loaded machine 1 is
@@ -32,18 +40,47 @@ cargo build --release --example bench --manifest-path "$ROOT/Cargo.toml"
 B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
 THREADS=${THREADS:-2}
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 CANDLE_NUM_THREADS=1
+INTERLEAVE=${INTERLEAVE:-round}
+# The losses of W4 (bench --w4-only NAME; scripts/w4_torch.py --only NAME, which has no
+# TripletLoss_semi_hard at 1024).
+LOSSES="TripletLoss_hard TripletLoss_semi_hard TripletLoss_semi_hard_b128 TripletLoss_all_b256
+ContrastiveLoss MultipleNegativesRankingLoss OnlineContrastiveLoss_hard OnlineContrastiveLoss_all
+ArcFaceLoss CosFaceLoss SoftmaxLoss CenterLoss CircleLoss CircleLoss_per_anchor FastAPLoss
+MultiSimilarityLoss SupConLoss CombinedLoss_TripletHard_Center"
+wait_load() {
+  [[ -n ${MAX_LOAD:-} ]] || return 0
+  local waited=0
+  while awk -v m="$MAX_LOAD" '{exit !($1 >= m)}' /proc/loadavg && (( waited < 180 )); do
+    sleep 5; waited=$((waited + 5))
+  done
+  (( waited == 0 )) || echo "waited ${waited}s for load below $MAX_LOAD: $(cat /proc/loadavg)" >> "$LOG"
+}
+# ours ROUND [NAME]: every loss, or NAME only.
 ours() {
-  RAYON_NUM_THREADS=$THREADS "$B" --w4 2>>"$LOG" | grep '"w4_loss"' | sed "s/^{/{\"round\":$1,/" >> "$R/w4_ours_$TAG.jsonl"
-  echo "ours round $1 done $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg)" >> "$LOG"
+  wait_load
+  local only=()
+  [[ -n ${2:-} ]] && only=(--w4-only "$2")
+  RAYON_NUM_THREADS=$THREADS "$B" --w4 "${only[@]}" 2>>"$LOG" | grep '"w4_loss"' | sed "s/^{/{\"round\":$1,/" >> "$R/w4_ours_$TAG.jsonl"
+  echo "ours round $1 ${2:-all} done $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg)" >> "$LOG"
 }
 torch() {
+  [[ ${2:-} == TripletLoss_semi_hard ]] && return 0
+  wait_load
+  local only=()
+  [[ -n ${2:-} ]] && only=(--only "$2")
   OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS \
-    "$QVENV/bin/python" "$ROOT/scripts/w4_torch.py" --threads "$THREADS" 2>>"$LOG" \
+    "$QVENV/bin/python" "$ROOT/scripts/w4_torch.py" --threads "$THREADS" "${only[@]}" 2>>"$LOG" \
     | sed "s/^{/{\"round\":$1,/" >> "$R/w4_torch_$TAG.jsonl"
-  echo "torch round $1 done $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg)" >> "$LOG"
+  echo "torch round $1 ${2:-all} done $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg)" >> "$LOG"
 }
-echo "start $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg) commit $(git -C "$ROOT" rev-parse --short HEAD) threads $THREADS" > "$LOG"
+echo "start $(date -u +%FT%TZ) loadavg $(cat /proc/loadavg) commit $(git -C "$ROOT" rev-parse --short HEAD) threads $THREADS interleave $INTERLEAVE max_load ${MAX_LOAD:-none}" > "$LOG"
 for r in $(seq 1 "$ROUNDS"); do
-  if (( r % 2 )); then ours "$r"; torch "$r"; else torch "$r"; ours "$r"; fi
+  if [[ $INTERLEAVE == loss ]]; then
+    i=0
+    for l in $LOSSES; do
+      if (( (r + i) % 2 )); then ours "$r" "$l"; torch "$r" "$l"; else torch "$r" "$l"; ours "$r" "$l"; fi
+      i=$((i + 1))
+    done
+  elif (( r % 2 )); then ours "$r"; torch "$r"; else torch "$r"; ours "$r"; fi
 done
 echo "all done $(date -u +%FT%TZ)" >> "$LOG"

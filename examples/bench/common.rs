@@ -412,21 +412,41 @@ pub(crate) fn encoder_flops(n: usize) -> f64 {
     n as f64 * 2.0 * (DIM_IN * HIDDEN + HIDDEN * sizes().dim) as f64
 }
 
-/// FLOPs of one training epoch of `workload` (forward and backward: ×3).
-pub(crate) fn epoch_flops(workload: &str) -> f64 {
+/// Matmul FLOPs of training epoch `epoch` (0-based) of `workload`, for the work the fused
+/// kernels do. Per step of `b` embeddings (W2: `b = 2 ×` the pairs), `d` wide:
+///
+/// ```text
+/// head        2 · b · d² · 2   (forward and ∂W; the frozen encoder's output needs no ∂x,
+///                               which the head's kernel skips)
+/// distances   b² · d           (x̂ x̂ᵀ, upper triangle, forward only: the losses mine
+///                               pairs on it and recompute them with gradient, O(b·d))
+/// W3 memory   2 · b · M · d    (forward only, for the same reason; M: the entries the
+///                               memory holds at that step)
+/// uncached    the frozen encoder on the batch
+/// ```
+///
+/// W3's memory fills from the first step (`min(rows enqueued before the step,
+/// --xbm-size)` entries), so its early epochs cost less than a full memory's: at 65,536
+/// entries and 20,000 items it is full from the fourth epoch. (Before 2026-12-01 the head
+/// counted `2 · b · d² · 3`, the distances `3 · 2 · b² · d` and the memory
+/// `2 · 2 · b · M · d`: products the kernels do not compute.)
+pub(crate) fn epoch_flops_at(workload: &str, epoch: usize) -> f64 {
     let d = sizes().dim as f64;
     let mut total = 0.0;
+    let mut enqueued = sizes().items.saturating_mul(epoch);
     for samples in step_rows(sizes().items, sizes().batch) {
+        let memory = enqueued.min(sizes().xbm) as f64;
+        enqueued = enqueued.saturating_add(samples);
         // W2: a batch of P pairs is 2P embeddings.
         let b = if workload == "w2" {
             2 * samples
         } else {
             samples
         } as f64;
-        total += 2.0 * b * d * d * 3.0; // head
-        total += b * b * d * 2.0 * 3.0; // distance matrix
+        total += 2.0 * b * d * d * 2.0; // head: forward and ∂W
+        total += b * b * d; // distance matrix, upper triangle
         if workload == "w3" {
-            total += b * sizes().xbm as f64 * d * 2.0 * 2.0; // batch × memory, fwd + bwd wrt batch
+            total += 2.0 * b * memory * d; // batch × memory, forward
         }
         if workload == "w1_uncached" {
             total += encoder_flops(samples);

@@ -34,6 +34,29 @@ pub(crate) fn bert_flops(
     tokens * per_token * c.num_hidden_layers as f64
 }
 
+/// Matmul FLOPs of one epoch after the cache fill, `(training, validation)`, for
+/// `train` and `val` pairs in batches of `batch` pairs, embeddings `d` wide:
+///
+/// ```text
+/// training, per batch of P pairs (2P embeddings): head 2 · 2 · 2P · d² (forward and ∂W:
+///                                                the cached encoder output needs no ∂x)
+///                                                + symmetric MNRL 3 · 2 · P² · d
+/// validation: head forward 2 · 2V · d², the loss forward 2 · P² · d per batch, and the
+///             evaluation's distances 2 · V · V · d (each question against every answer)
+/// ```
+#[cfg(feature = "transformers")]
+pub(crate) fn head_and_loss_flops(d: f64, train: usize, val: usize, batch: usize) -> (f64, f64) {
+    let batches = |n: usize| step_rows(n, batch).into_iter().map(|p| p as f64);
+    let training: f64 = batches(train)
+        .map(|p| 2.0 * 2.0 * 2.0 * p * d * d + 3.0 * 2.0 * p * p * d)
+        .sum();
+    let v = val as f64;
+    let validation = 2.0 * 2.0 * v * d * d
+        + batches(val).map(|p| 2.0 * p * p * d).sum::<f64>()
+        + 2.0 * v * v * d;
+    (training, validation)
+}
+
 /// all-MiniLM-L6-v2 frozen and cached, SkipConnectionHead, symmetric MNRL, Adam 1e-4,
 /// batch 1024, validation after every epoch: what Quaterion's tutorial runs. Timed: the
 /// evaluation before training (it fills the validation cache), the fit (training-set
@@ -59,6 +82,12 @@ pub(crate) fn faq(epochs: usize) -> Result<Value> {
             flops[k] += bert_flops(encoder.config(), n, n);
         }
     }
+    let epoch_flops = head_and_loss_flops(
+        encoder.config().hidden_size as f64,
+        train.len(),
+        val.len(),
+        faq_task::trainer_config(1, 1e-4, 1, None).batch_size,
+    );
     let model_started = Instant::now();
     let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &model_options()?)?;
     let t = Trainer::new(TrainerConfig {
@@ -95,6 +124,7 @@ pub(crate) fn faq(epochs: usize) -> Result<Value> {
         "fit_wall_s": round(fit_s, 3),
         "total_s": round(total_s, 3),
         "fill_floor_gflop": {"train": round(flops[0] / 1e9, 1), "val": round(flops[1] / 1e9, 1)},
+        "epoch_floor_gflop": {"train": round(epoch_flops.0 / 1e9, 3), "validation": round(epoch_flops.1 / 1e9, 3)},
         "q_before": {"precision_at_1": round(p1(&before), 4), "mrr": round(rr(&before), 4)},
         "q_after": {"precision_at_1": round(p1(&after), 4), "mrr": round(rr(&after), 4), "val_loss": round(after.loss, 6)},
         "train_loss_last": report.epochs.last().map(|e| round(e.train_loss, 6)),

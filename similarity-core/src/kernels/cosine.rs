@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! S = x̂ ŷᵀ: (n, d), (m, d) → (n, m)    ∂x̂ = G ŷ, ∂ŷ = Gᵀ x̂ (self: ∂x̂ = (G + Gᵀ) x̂)
+//!         (forward: (x̂ yᵀ) with column j scaled by 1 / max(‖y_j‖, ε), no copy of ŷ; for
+//!         at most 64 rows against 8 times as many, (y x̂ᵀ)ᵀ, so that y is packed once)
 //! pairs:  s_ik = x̂_i · ŷ_{idx_ik}: (n, d), (m, d), idx (n, k) → (n, k)
 //!         ∂x̂_i = Σ_k G_ik ŷ_{idx_ik}, ∂ŷ_j = Σ_{idx_ik = j} G_ik x̂_i   (O((n·k + m)·d))
 //! ```
@@ -41,13 +43,34 @@ impl FusedOp<1> for CosineMatrix {
 impl FusedOp<2> for CosineMatrix {
     const NAME: &'static str = "cosine-matrix";
 
+    /// `S_ij = (x̂_i · y_j) / max(‖y_j‖, ε)`: the columns are scaled after the product
+    /// instead of normalising a copy of `y`, which is usually the large side (a memory
+    /// bank, or every candidate of an evaluation against a block of queries) and would be
+    /// copied at every call.
     fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
         let (n, d) = s1.dims2()?;
         let (m, _) = s2.dims2()?;
         let (_, xu) = normalize_rows(s1.data, d);
-        let (_, yu) = normalize_rows(s2.data, d);
+        let inv = inverse_norms(s2.data, d);
         let mut out = vec![0.0f32; n * m];
-        gemm(&mut out, &xu, &yu, n, m, d, false, true);
+        if n <= THIN_ROWS && m >= 8 * n {
+            // A few rows against many (an evaluation block of queries against every
+            // candidate): the product `y x̂ᵀ` puts the large side in the product's rows, so
+            // each thread's share of `y` is packed once (the other way round every thread
+            // packs all of `y` for its few rows), then it is transposed and scaled.
+            let mut t = vec![0.0f32; m * n];
+            gemm(&mut t, s2.data, &xu, m, n, d, false, true);
+            use rayon::prelude::*;
+            let per = par_block_rows(n, m);
+            out.par_chunks_mut(per * m)
+                .enumerate()
+                .for_each(|(b, rows)| transpose_scaled(&t, &inv, n, b * per, rows));
+        } else {
+            gemm(&mut out, &xu, s2.data, n, m, d, false, true);
+            if m > 0 {
+                par_rows_mut(&mut out, m, |rows| scale_columns(rows, &inv));
+            }
+        }
         Ok((out, Shape::from((n, m))))
     }
 
@@ -66,6 +89,33 @@ impl FusedOp<2> for CosineMatrix {
                 .transpose()
         };
         Ok([side(x, y, true)?, side(y, x, false)?])
+    }
+}
+
+/// Rows at most this many against a side at least 8 times larger take the transposed
+/// product in [`CosineMatrix`]'s two-input forward pass.
+const THIN_ROWS: usize = 64;
+
+/// `rows[k][j] = t[j][i0 + k] · c_j`: rows `i0..` of the transpose of `t: (m × n)`, each of
+/// width `m = c.len()`, scaled by column. Reads `t` once, in order.
+fn transpose_scaled(t: &[f32], c: &[f32], n: usize, i0: usize, rows: &mut [f32]) {
+    let m = c.len();
+    let r = rows.len() / m.max(1);
+    for (j, (tr, &cj)) in t.chunks_exact(n.max(1)).zip(c).enumerate() {
+        for (k, &v) in tr[i0..i0 + r].iter().enumerate() {
+            rows[k * m + j] = v * cj;
+        }
+    }
+}
+
+simd_fn! {
+    /// `s_ij ← s_ij · c_j` over a block of rows of width `c.len()`.
+    fn scale_columns(s: &mut [f32], c: &[f32]) {
+        for row in s.chunks_exact_mut(c.len()) {
+            for (v, &cj) in row.iter_mut().zip(c) {
+                *v *= cj;
+            }
+        }
     }
 }
 

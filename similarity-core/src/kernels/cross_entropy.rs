@@ -5,7 +5,8 @@
 //! L = mean_i (lse_j Z_ij − Z_ii)                                            rows
 //! L = ½ mean_i lse_j Z_ij + ½ mean_j lse_i Z_ij − mean_i Z_ii                symmetric
 //! ∂L/∂Z = (softmax_rows(Z) − I) / n   (symmetric: ½ P_rows + ½ P_cols − I, / n)
-//! fused:  Z = scale · â p̂ᵀ, a, p: (n, d);  ∂â = scale · ∂Z p̂,  ∂p̂ = scale · ∂Zᵀ â
+//! fused:  Z = scale · â p̂ᵀ, a = x[anchors], p = x[positives]: (n, d) rows of x: (N, d);
+//!         ∂â = scale · ∂Z p̂,  ∂p̂ = scale · ∂Zᵀ â,  ∂x[r] = Σ of the ∂â, ∂p̂ rows taken from row r
 //! ```
 //!
 //! In the fused form the logits are bounded, `|Z_ij| ≤ |scale|` (cosines), so every
@@ -184,32 +185,80 @@ pub(crate) fn diagonal_cross_entropy(logits: &Tensor, symmetric: bool) -> Result
     Ok(Some(logits.contiguous()?.apply_op1(Fused(op))?))
 }
 
-/// MultipleNegativesRankingLoss with cosine similarity over `(a: (n, d), p: (n, d))`, the
-/// pairs `(a_i, p_i)` positive: `Z = scale · â p̂ᵀ`, then the diagonal cross-entropy (module
-/// docs). The forward pass keeps `∂L/∂Z` for the backward one, which is two products.
-pub(super) struct CosineMnrl {
-    scale: f32,
-    symmetric: bool,
-    /// Whether an input needs a gradient (else the forward pass keeps nothing).
-    with_grad: bool,
-    grad: Mutex<Option<std::sync::Arc<Vec<f32>>>>,
+/// The normalised rows of one side of the pairs, with their norms.
+struct Side {
+    /// `‖x_r‖` of each row (unclamped).
+    norms: Vec<f32>,
+    /// The rows at unit norm, `(n, d)` row-major.
+    unit: Vec<f32>,
 }
 
-impl FusedOp<2> for CosineMnrl {
-    const NAME: &'static str = "cosine-mnrl";
-
-    fn forward(&self, [s1, s2]: [Input<'_>; 2]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let (n, d) = s1.dims2()?;
-        if s2.dims2()? != (n, d) {
-            candle_core::bail!("cosine-mnrl: anchors and positives differ in shape");
+impl Side {
+    /// Rows `rows` of the row-major `x: (·, d)`, normalised; one pass over a contiguous
+    /// run of rows (the usual `(i, P + i)` layout of a pair batch), else row by row.
+    fn of(x: &[f32], d: usize, rows: &[u32]) -> Side {
+        let n = rows.len();
+        let mut norms = vec![0.0f32; n];
+        let mut unit = vec![0.0f32; n * d];
+        if let Some(r0) = contiguous_run(rows) {
+            normalize_rows_into(&x[r0 * d..(r0 + n) * d], d, &mut norms, &mut unit);
+        } else {
+            for ((&r, norm), out) in rows
+                .iter()
+                .zip(norms.iter_mut())
+                .zip(unit.chunks_exact_mut(d.max(1)))
+            {
+                let r = r as usize;
+                normalize_rows_into(&x[r * d..(r + 1) * d], d, std::slice::from_mut(norm), out);
+            }
         }
-        let (_, au) = normalize_rows(s1.data, d);
-        let (_, pu) = normalize_rows(s2.data, d);
+        Side { norms, unit }
+    }
+}
+
+/// `Some(r0)` when `rows` is `r0, r0 + 1, …` (or empty: `Some(0)`).
+fn contiguous_run(rows: &[u32]) -> Option<usize> {
+    let r0 = rows.first().copied().unwrap_or(0);
+    rows.iter()
+        .enumerate()
+        .all(|(i, &r)| r as usize == r0 as usize + i)
+        .then_some(r0 as usize)
+}
+
+/// What the forward pass of [`CosineMnrl`] keeps for the backward one: `∂L/∂S` (times
+/// `scale`, `(n, n)`) and both sides' unit rows and norms.
+struct MnrlState {
+    g: Vec<f32>,
+    anchors: Side,
+    positives: Side,
+}
+
+/// MultipleNegativesRankingLoss with cosine similarity, as one op on the batch's
+/// embeddings `x: (N, d)`: the pairs `(x_{aᵢ}, x_{pᵢ})` are positive, `Z = scale · â p̂ᵀ`,
+/// then the diagonal cross-entropy (module docs). The rows are read from `x` by index
+/// (no gathered copies), and the backward pass writes `∂â`, `∂p̂` (two products, through the
+/// normalisation) into the rows of `∂x` they came from, summed where a row is used more
+/// than once. With the usual layout (`aᵢ = i`, `pᵢ = P + i`, `N = 2P`) the products write
+/// `∂x` directly.
+pub(super) struct CosineMnrl {
+    anchors: Vec<u32>,
+    positives: Vec<u32>,
+    scale: f32,
+    symmetric: bool,
+    /// Whether `x` needs a gradient (else the forward pass keeps nothing).
+    with_grad: bool,
+    state: Mutex<Option<std::sync::Arc<MnrlState>>>,
+}
+
+impl CosineMnrl {
+    /// The loss of unit rows `au`, `pu` (`(n, d)` each); with `with_grad`, also `∂L/∂S`
+    /// (`S` the cosines), which the returned buffer holds.
+    fn loss_and_grad(&self, au: &[f32], pu: &[f32], n: usize, d: usize) -> (f64, Vec<f32>) {
         let scale = self.scale;
         let w = if self.symmetric { 0.5f32 } else { 1.0 };
         // Cosines; then ∂L/∂S = scale · (P − I) / n takes their place.
         let mut z = vec![0.0f32; n * n];
-        gemm(&mut z, &au, &pu, n, n, d, false, true);
+        gemm(&mut z, au, pu, n, n, d, false, true);
         let diag: f64 = (0..n).map(|i| f64::from(z[i * n + i] * scale)).sum();
         let k = scale / n as f32;
         let lse_sum = if scale.abs() <= FIXED_SHIFT_MAX {
@@ -256,99 +305,123 @@ impl FusedOp<2> for CosineMnrl {
             z = g;
             total
         };
-        if self.with_grad {
-            *self.grad.lock().expect("cosine-mnrl state") = Some(std::sync::Arc::new(z));
+        (lse_sum - diag, z)
+    }
+}
+
+impl FusedOp<1> for CosineMnrl {
+    const NAME: &'static str = "cosine-mnrl";
+
+    fn forward(&self, [x]: [Input<'_>; 1]) -> candle_core::Result<(Vec<f32>, Shape)> {
+        let (rows, d) = x.dims2()?;
+        let n = self.anchors.len();
+        if self.positives.len() != n
+            || self
+                .anchors
+                .iter()
+                .chain(&self.positives)
+                .any(|&r| r as usize >= rows)
+        {
+            candle_core::bail!("cosine-mnrl: {n} pairs with a row out of range of {rows}");
         }
-        let loss = ((lse_sum - diag) / n as f64) as f32;
-        Ok((vec![loss], Shape::from(())))
+        let anchors = Side::of(x.data, d, &self.anchors);
+        let positives = Side::of(x.data, d, &self.positives);
+        let (total, g) = self.loss_and_grad(&anchors.unit, &positives.unit, n, d);
+        if self.with_grad {
+            *self.state.lock().expect("cosine-mnrl state") = Some(std::sync::Arc::new(MnrlState {
+                g,
+                anchors,
+                positives,
+            }));
+        }
+        Ok((vec![(total / n as f64) as f32], Shape::from(())))
     }
 
     fn backward(
         &self,
-        [a, p]: [&Tensor; 2],
+        [x]: [&Tensor; 1],
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<[Option<Tensor>; 2]> {
-        let g = self
-            .grad
+    ) -> candle_core::Result<[Option<Tensor>; 1]> {
+        let state = self
+            .state
             .lock()
             .expect("cosine-mnrl state")
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("cosine-mnrl: no forward".into()))?;
-        let (n, d) = a.dims2()?;
-        let packed = a.apply_op3_no_bwd(
-            p,
-            &grad.contiguous()?,
-            &Fused(CosineMnrlBackward {
-                g,
-                with_a: a.track_op(),
-                with_p: p.track_op(),
-            }),
-        )?;
-        let ga = a
-            .track_op()
-            .then(|| packed.narrow(0, 0, n * d)?.reshape((n, d)));
-        let gp = p
-            .track_op()
-            .then(|| packed.narrow(0, n * d, n * d)?.reshape((n, d)));
-        Ok([ga.transpose()?, gp.transpose()?])
+        let upstream = grad.to_scalar::<f32>()?;
+        let (rows, d) = x.dims2()?;
+        let n = self.anchors.len();
+        let MnrlState {
+            g,
+            anchors: a,
+            positives: p,
+        } = &*state;
+        // ∂â = G p̂ and ∂p̂ = Gᵀ â, through the normalisation, times the upstream gradient.
+        let side_grads = |ga: &mut [f32], gp: &mut [f32]| {
+            gemm(ga, g, &p.unit, n, d, n, false, false);
+            gemm(gp, g, &a.unit, n, d, n, true, false);
+            for (out, side) in [(&mut *ga, a), (&mut *gp, p)] {
+                if upstream != 1.0 {
+                    out.iter_mut().for_each(|v| *v *= upstream);
+                }
+                normalize_backward(out, &side.unit, &side.norms, d);
+            }
+        };
+        let mut out = vec![0.0f32; rows * d];
+        let halves = rows == 2 * n
+            && contiguous_run(&self.anchors) == Some(0)
+            && contiguous_run(&self.positives) == Some(n);
+        if halves {
+            let (ga, gp) = out.split_at_mut(n * d);
+            side_grads(ga, gp);
+        } else {
+            let mut ga = vec![0.0f32; n * d];
+            let mut gp = vec![0.0f32; n * d];
+            side_grads(&mut ga, &mut gp);
+            for (idx, grads) in [(&self.anchors, &ga), (&self.positives, &gp)] {
+                for (&r, gr) in idx.iter().zip(grads.chunks_exact(d.max(1))) {
+                    let r = r as usize;
+                    for (o, &v) in out[r * d..(r + 1) * d].iter_mut().zip(gr) {
+                        *o += v;
+                    }
+                }
+            }
+        }
+        Ok([Some(Tensor::from_vec(
+            out,
+            (rows, d),
+            &candle_core::Device::Cpu,
+        )?)])
     }
 }
 
-/// `(a, p, ∂L) → [∂a | ∂p]` of [`CosineMnrl`]: `∂â = ∂L · G p̂`, `∂p̂ = ∂L · Gᵀ â`, each
-/// through the normalisation.
-pub(super) struct CosineMnrlBackward {
-    g: std::sync::Arc<Vec<f32>>,
-    with_a: bool,
-    with_p: bool,
-}
-
-impl FusedOp<3> for CosineMnrlBackward {
-    const NAME: &'static str = "cosine-mnrl-backward";
-
-    fn forward(&self, [s1, s2, s3]: [Input<'_>; 3]) -> candle_core::Result<(Vec<f32>, Shape)> {
-        let (n, d) = s1.dims2()?;
-        let (an, au) = normalize_rows(s1.data, d);
-        let (pn, pu) = normalize_rows(s2.data, d);
-        let scale = s3.data.first().copied().unwrap_or(1.0);
-        let mut out = vec![0.0f32; 2 * n * d];
-        let (ga, gp) = out.split_at_mut(n * d);
-        if self.with_a {
-            gemm(ga, &self.g, &pu, n, d, n, false, false);
-            ga.iter_mut().for_each(|v| *v *= scale);
-            normalize_backward(ga, &au, &an, d);
-        }
-        if self.with_p {
-            gemm(gp, &self.g, &au, n, d, n, true, false);
-            gp.iter_mut().for_each(|v| *v *= scale);
-            normalize_backward(gp, &pu, &pn, d);
-        }
-        Ok((out, Shape::from(2 * n * d)))
-    }
-}
-
-/// MultipleNegativesRankingLoss with cosine similarity of anchors `a` and positives `p`
-/// (`(n, d)` each) at `scale`, as one op; `None` where it does not apply.
+/// MultipleNegativesRankingLoss with cosine similarity at `scale` of the pairs
+/// `(x_{anchors[i]}, x_{positives[i]})` of `x: (N, d)` (indices checked by the caller), as
+/// one op; `None` where it does not apply.
 pub(crate) fn cosine_mnrl(
-    a: &Tensor,
-    p: &Tensor,
+    x: &Tensor,
+    anchors: Vec<u32>,
+    positives: Vec<u32>,
     scale: f64,
     symmetric: bool,
 ) -> Result<Option<Tensor>> {
-    if !applies(&[a, p]) {
+    if !applies(&[x]) || x.rank() != 2 {
         return Ok(None);
     }
-    let with_grad = a.track_op() || p.track_op();
+    let with_grad = x.track_op();
     let op = CosineMnrl {
+        anchors,
+        positives,
         scale: scale as f32,
         symmetric,
         with_grad,
-        grad: Mutex::new(None),
+        state: Mutex::new(None),
     };
-    let (a, p) = (a.contiguous()?, p.contiguous()?);
+    let x = x.contiguous()?;
     Ok(Some(if with_grad {
-        a.apply_op2(&p, Fused(op))?
+        x.apply_op1(Fused(op))?
     } else {
-        a.apply_op2_no_bwd(&p, &Fused(op))?
+        x.apply_op1_no_bwd(&Fused(op))?
     }))
 }

@@ -71,13 +71,25 @@ mod forms {
 
     #[test]
     fn cosine_matrix_matches_the_composite_form() {
-        let (n, m, d) = (37, 23, 19);
+        // (7, 61), (40, 2000): few rows against many, the transposed product of the
+        // two-input form (the second in parallel blocks of rows).
+        for (n, m) in [(37, 23), (7, 61), (40, 2000)] {
+            cosine_matrix_matches_on(n, m);
+        }
+    }
+
+    fn cosine_matrix_matches_on(n: usize, m: usize) {
+        let d = 19;
         let mut xd = random((n, d), 1);
         // A zero row and a tiny one: the clamped-norm branch of the backward pass.
         xd[3 * d..4 * d].fill(0.0);
         xd[5 * d..6 * d].iter_mut().for_each(|v| *v *= 1e-9);
         let x = var(&xd, (n, d));
-        let y = var(&random((m, d), 2), (m, d));
+        // The same on the other side (its columns are scaled by the clamped inverse norm).
+        let mut yd = random((m, d), 2);
+        yd[2 * d..3 * d].fill(0.0);
+        yd[7 * d..8 * d].iter_mut().for_each(|v| *v *= 1e-9);
+        let y = var(&yd, (m, d));
         for other in [None, Some(&y)] {
             let fused = cosine_similarity_matrix(x.as_tensor(), other.map(|y| y.as_tensor()))
                 .unwrap()
@@ -621,6 +633,33 @@ mod pair_losses {
                 let (fused, composite) = (value(&x.to_dtype(DType::F32).unwrap()), value(&x));
                 assert!((fused - composite).abs() < 1e-5 * (1.0 + composite.abs()));
             }
+        }
+    }
+
+    #[test]
+    fn fused_mnrl_reads_pairs_in_any_layout() {
+        // Pairs not in the (i, P + i) layout: rows in any order, some used twice or by both
+        // sides, some unused; the gradients of a reused row are summed.
+        let (rows, n) = (50usize, 29usize);
+        let mut rng = StdRng::seed_from_u64(5);
+        let pairs: Vec<u32> = (0..2 * n)
+            .map(|_| rng.random_range(0..rows as u32))
+            .collect();
+        let targets = PairTargets {
+            pairs: Tensor::from_vec(pairs, (n, 2), &Device::Cpu).unwrap(),
+            labels: Tensor::new(vec![1.0f32; n].as_slice(), &Device::Cpu).unwrap(),
+            subgroups: Tensor::new(vec![0i64; n].as_slice(), &Device::Cpu).unwrap(),
+        };
+        // The (i, P + i) layout with rows after the pairs that no pair uses.
+        let halves_short = pair_targets(n, &vec![1.0; n], &vec![0; 2 * n]);
+        let (x, x_long) = (data(rows, 2), data(2 * n + 5, 3));
+        for symmetric in [false, true] {
+            let config = MultipleNegativesRankingLossConfig {
+                symmetric,
+                ..Default::default()
+            };
+            assert_fused_matches::<MultipleNegativesRankingLoss>(config.clone(), &x, &targets);
+            assert_fused_matches::<MultipleNegativesRankingLoss>(config, &x_long, &halves_short);
         }
     }
 

@@ -91,18 +91,25 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
                 ),
             ));
         }
-        let anchors = embeddings.index_select(&targets.pairs.narrow(1, 0, 1)?.squeeze(1)?, 0)?;
-        let positives = embeddings.index_select(&targets.pairs.narrow(1, 1, 1)?.squeeze(1)?, 0)?;
-        if self.config.distance == Distance::Cosine
-            && let Some(loss) = crate::kernels::cosine_mnrl(
-                &anchors,
-                &positives,
+        if self.config.distance == Distance::Cosine {
+            // The fused op reads the pairs' rows by index (no gathered copies).
+            let pairs = targets
+                .pairs
+                .to_dtype(candle_core::DType::U32)?
+                .to_vec2::<u32>()?;
+            let (a, p) = pairs.iter().map(|r| (r[0], r[1])).unzip();
+            if let Some(loss) = crate::kernels::cosine_mnrl(
+                embeddings,
+                a,
+                p,
                 self.config.scale,
                 self.config.symmetric,
-            )?
-        {
-            return Ok(loss);
+            )? {
+                return Ok(loss);
+            }
         }
+        let anchors = embeddings.index_select(&targets.pairs.narrow(1, 0, 1)?.squeeze(1)?, 0)?;
+        let positives = embeddings.index_select(&targets.pairs.narrow(1, 1, 1)?.squeeze(1)?, 0)?;
         let logits = (self
             .config
             .distance
