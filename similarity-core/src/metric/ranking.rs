@@ -8,8 +8,12 @@
 //! full order, `rank_0 < rank_1 < … < rank_{R−1}`, and their gains in the same order.
 //!
 //! Every metric here is a function of that ranked row only, so no row is ever fully
-//! sorted: the positions come from sorting the `R` relevant keys and one pass over the
-//! `m` candidates with a binary search each, `O(m log R + R log R)` per row.
+//! sorted. Each candidate's key `(d_j, j)` is one integer (the distance's total-order bits,
+//! then the index), and the `R` relevant keys are sorted. With few of them (`R ≤ 8`, the
+//! usual retrieval case: one answer per question) each position is a branch-free count,
+//! `rank_p = #{j : key_j < key_p}`, `O(m R)`; otherwise one pass over the `m` candidates
+//! places each among the relevant keys (a binary search for those between the first and
+//! the last), `O(m log R + R log R)`.
 //!
 //! A metric's value over many rows is `Σ sum / Σ count` of the rows' [`Partial`]s. Most
 //! metrics contribute `(value, 1)` per scored row (a mean over rows); Quaterion's
@@ -31,6 +35,17 @@ pub struct RankedRow {
     pub gains: Vec<f32>,
 }
 
+/// Rows with at most this many relevant candidates are ranked by direct counts (see the
+/// module docs); above it, by a binary search per candidate.
+const DIRECT_COUNT_MAX: usize = 8;
+
+/// An integer whose order is `f32::total_cmp`'s (−NaN < −∞ < … < −0 < +0 < … < +∞ < NaN):
+/// the sign-magnitude bits turned two's complement.
+fn total_order_key(x: f32) -> i32 {
+    let bits = x.to_bits() as i32;
+    bits ^ (((bits >> 31) as u32) >> 1) as i32
+}
+
 impl RankedRow {
     /// Ranks a dense row: `distances: (m)`, `relevance: (m)`; entries `> 0` are relevant.
     pub fn from_dense(distances: &[f32], relevance: &[f32]) -> RankedRow {
@@ -49,8 +64,6 @@ impl RankedRow {
         relevant: impl IntoIterator<Item = (usize, f32)>,
     ) -> RankedRow {
         let m = distances.len();
-        let key = |j: usize| (distances[j], j);
-        let cmp = |a: (f32, usize), b: (f32, usize)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
         let mut rel: Vec<(usize, f32)> = relevant
             .into_iter()
             .filter(|&(j, g)| g > 0.0 && j < m)
@@ -61,22 +74,46 @@ impl RankedRow {
                 ..Default::default()
             };
         }
-        rel.sort_by(|a, b| cmp(key(a.0), key(b.0)));
-        let keys: Vec<(f32, usize)> = rel.iter().map(|&(j, _)| key(j)).collect();
-        // before[b] = candidates with exactly b relevant keys ≤ their own key: they precede
-        // the relevant candidates b, b+1, … . rank_p = Σ_{b ≤ p} before[b].
-        let mut before = vec![0usize; keys.len() + 1];
-        for j in 0..m {
-            let k = key(j);
-            let b = keys.partition_point(|&r| cmp(r, k).is_le());
-            before[b] += 1;
-        }
-        let mut ranks = Vec::with_capacity(keys.len());
-        let mut acc = 0;
-        for &c in &before[..keys.len()] {
-            acc += c;
-            ranks.push(acc);
-        }
+        // One integer per candidate in the order of `(d_j, j)`: the distance's total-order
+        // key in the high half, the index in the low half (rows of at most 2³² candidates;
+        // a longer one could not be held as an f32 row in memory that any machine here has).
+        assert!(
+            m <= u32::MAX as usize,
+            "a ranked row has at most 2^32 candidates, got {m}"
+        );
+        let key = |j: usize| (i64::from(total_order_key(distances[j])) << 32) | j as i64;
+        rel.sort_by_key(|&(j, _)| key(j));
+        let keys: Vec<i64> = rel.iter().map(|&(j, _)| key(j)).collect();
+        let ranks = if keys.len() <= DIRECT_COUNT_MAX {
+            // rank_p = #{j : key_j < key_p}, a branch-free count per relevant candidate.
+            keys.iter()
+                .map(|&kp| (0..m).filter(|&j| key(j) < kp).count())
+                .collect()
+        } else {
+            // before[b] = candidates with exactly b relevant keys ≤ their own: they precede
+            // the relevant candidates b, b+1, … . rank_p = Σ_{b ≤ p} before[b].
+            let mut before = vec![0usize; keys.len() + 1];
+            let (first, last) = (keys[0], keys[keys.len() - 1]);
+            for j in 0..m {
+                let k = key(j);
+                let b = if k > last {
+                    keys.len()
+                } else if k < first {
+                    0
+                } else {
+                    keys.partition_point(|&r| r <= k)
+                };
+                before[b] += 1;
+            }
+            let mut acc = 0;
+            before[..keys.len()]
+                .iter()
+                .map(|&c| {
+                    acc += c;
+                    acc
+                })
+                .collect()
+        };
         RankedRow {
             candidates: m,
             ranks,
@@ -249,6 +286,57 @@ mod tests {
         assert_eq!((row.hits_at(3), row.relevant()), (2, 4));
         let empty = RankedRow::from_dense(&d, &[0.0; 7]);
         assert_eq!((empty.relevant(), empty.candidates), (0, 7));
+    }
+
+    /// Both rankings (direct counts for `R ≤ 8`, binary searches above) against a full
+    /// sort by `(total_cmp(d), j)`, on rows with ties, ±0, infinities and NaNs.
+    #[test]
+    fn both_rankings_match_a_full_sort_with_ties_and_nans() {
+        let values = [
+            0.25f32,
+            -0.0,
+            0.0,
+            0.25,
+            f32::NAN,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.5,
+            -f32::NAN,
+        ];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..200 {
+            let m = 1 + (next() % 40) as usize;
+            let d: Vec<f32> = (0..m)
+                .map(|_| values[(next() % values.len() as u64) as usize])
+                .collect();
+            let want_r = 1 + (next() % 16) as usize;
+            let rel: Vec<f32> = (0..m)
+                .map(|_| {
+                    if (next() % m as u64) < want_r as u64 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let mut order: Vec<usize> = (0..m).collect();
+            order.sort_by(|&a, &b| d[a].total_cmp(&d[b]).then(a.cmp(&b)));
+            let expected: Vec<usize> = order
+                .iter()
+                .enumerate()
+                .filter(|&(_, &j)| rel[j] > 0.0)
+                .map(|(pos, _)| pos)
+                .collect();
+            let row = RankedRow::from_dense(&d, &rel);
+            assert_eq!(row.ranks, expected, "round {round}: d {d:?} rel {rel:?}");
+        }
     }
 
     #[test]
