@@ -280,6 +280,36 @@ impl<L: SimilarityLoss<Kind = PairKind>> Probe for Pairs<L> {
     }
 }
 
+/// A pair loss on a batch with 2 extra, mined negatives
+/// ([`SimilarityLoss::forward_with_negatives`]): the case's `2P` pair rows, then 2 rows
+/// of the same case after them, all one variable (the negatives get gradients too).
+struct PairsWithNegatives<L: SimilarityLoss<Kind = PairKind>>(L::Config);
+
+impl<L: SimilarityLoss<Kind = PairKind>> Probe for PairsWithNegatives<L> {
+    fn run(&self, case: Case, dtype: DType) -> similarity_core::Result<Outcome> {
+        let mut params = Params::new(&dev(), 7);
+        let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
+        let input = pair_batch(case);
+        let metas: Vec<PairMeta> = input
+            .scores
+            .iter()
+            .zip(&input.groups)
+            .map(|(&score, &subgroup)| PairMeta { score, subgroup })
+            .collect();
+        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &dev())?;
+        let n = input.scores.len() * 2;
+        let mut values = input.embeddings.clone();
+        values.extend(embeddings(case, 2, n));
+        let x = Var::from_tensor(&tensor(&values, dtype))?;
+        let value = loss.forward_with_negatives(
+            &x.as_tensor().narrow(0, 0, n)?,
+            &targets,
+            &x.as_tensor().narrow(0, n, 2)?,
+        )?;
+        outcome(&value, &x, &params)
+    }
+}
+
 /// One configuration: its probe, the cases where nothing can be learnt (gradient exactly
 /// zero), the cases it rejects by design (an `Err` is expected there), and the cases whose
 /// true value lies beyond the f32 range (run in f64 only). Each exception says why.
@@ -464,9 +494,37 @@ fn rows() -> Vec<Row> {
                 Pairs::<MatryoshkaLoss<MultipleNegativesRankingLoss>>(MatryoshkaLossConfig {
                     dims: vec![D, D / 2],
                     weights: vec![1.0, 0.5],
-                    inner: cfg,
+                    inner: cfg.clone(),
                 }),
                 &[OneItem],
+            );
+            r.rejects
+                .push((NoPositive, "it only takes positive pairs (score 1)"));
+            rows.push(r);
+            // With 2 mined negatives after the batch (TrainerConfig::hard_negatives): one
+            // pair has something to learn now, so no case is flat.
+            let mut r = row(
+                format!(
+                    "MultipleNegativesRankingLoss with mined negatives {distance:?} symmetric={symmetric}"
+                ),
+                PairsWithNegatives::<MultipleNegativesRankingLoss>(cfg.clone()),
+                &[],
+            );
+            r.rejects
+                .push((NoPositive, "it only takes positive pairs (score 1)"));
+            rows.push(r);
+            let mut r = row(
+                format!(
+                    "MatryoshkaLoss<MultipleNegativesRankingLoss> with mined negatives {distance:?} symmetric={symmetric}"
+                ),
+                PairsWithNegatives::<MatryoshkaLoss<MultipleNegativesRankingLoss>>(
+                    MatryoshkaLossConfig {
+                        dims: vec![D, D / 2],
+                        weights: vec![1.0, 0.5],
+                        inner: cfg.clone(),
+                    },
+                ),
+                &[],
             );
             r.rejects
                 .push((NoPositive, "it only takes positive pairs (score 1)"));
@@ -483,7 +541,7 @@ fn rows() -> Vec<Row> {
             Batch::<MatryoshkaLoss<TripletLoss>>(MatryoshkaLossConfig {
                 dims: vec![D, D / 2],
                 weights: Vec::new(),
-                inner: cfg,
+                inner: cfg.clone(),
             }),
             NO_PAIRS,
         ));

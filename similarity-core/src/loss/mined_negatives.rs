@@ -86,21 +86,11 @@ pub fn mnrl_with_negatives(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::{PairMeta, SimilarityPairSample, SimilaritySample};
     use crate::loss::{MultipleNegativesRankingLoss, SimilarityLoss, scalar};
     use crate::nn::Params;
     use candle_core::{Device, Var};
 
-    fn targets(p: usize) -> PairTargets {
-        let metas = vec![
-            PairMeta {
-                score: 1.0,
-                subgroup: 0
-            };
-            p
-        ];
-        SimilarityPairSample::<()>::targets(&metas, &Device::Cpu).unwrap()
-    }
+    use crate::loss::multiple_negatives_ranking::tests::targets;
 
     fn config(scale: f64, symmetric: bool) -> MultipleNegativesRankingLossConfig {
         MultipleNegativesRankingLossConfig {

@@ -131,14 +131,15 @@ impl SimilarityLoss for MultipleNegativesRankingLoss {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::data::{PairMeta, SimilarityPairSample, SimilaritySample};
     use crate::loss::scalar;
     use crate::nn::Params;
     use candle_core::Device;
 
-    fn targets(p: usize) -> PairTargets {
+    /// The targets of `p` positive pairs in subgroup 0.
+    pub(crate) fn targets(p: usize) -> PairTargets {
         let metas = vec![
             PairMeta {
                 score: 1.0,

@@ -706,6 +706,39 @@ mod tests {
         assert_eq!(mined.guarded, 2);
     }
 
+    /// The ranks' shares round-trip through their bytes, in rank order; a share that is
+    /// cut short or holds an index out of range is an error naming its rank.
+    #[test]
+    fn shares_round_trip_and_bad_shares_are_named() {
+        let comm = crate::distributed::SingleProcess;
+        let a = Mined {
+            negatives: vec![vec![2, 1], vec![]],
+            guarded: 4,
+            seconds: 0.5,
+            ..Mined::empty(0)
+        };
+        let b = Mined {
+            negatives: vec![vec![0]],
+            guarded: 1,
+            seconds: 0.25,
+            ..Mined::empty(0)
+        };
+        let joined = Mined::from_shares(&comm, &[a.to_bytes(), b.to_bytes()], 3).unwrap();
+        assert_eq!(joined.negatives, vec![vec![2, 1], vec![], vec![0]]);
+        assert_eq!((joined.guarded, joined.seconds), (5, 0.5));
+        let msg = |shares: &[Vec<u8>], n| {
+            Mined::from_shares(&comm, shares, n)
+                .unwrap_err()
+                .to_string()
+        };
+        let mut cut = a.to_bytes();
+        cut.truncate(cut.len() - 4);
+        assert!(msg(&[cut, b.to_bytes()], 3).contains("rank 0"));
+        assert!(msg(&[a.to_bytes(), b.to_bytes()], 3 - 1).contains("rank 0"));
+        let err = msg(&[a.to_bytes()], 3);
+        assert!(err.contains("2 queries, not 3"), "{err}");
+    }
+
     #[test]
     fn batch_negatives_are_unique_and_outside_the_batch() {
         let mined = Mined {
