@@ -8,6 +8,14 @@ encoder is the tutorial's Transformer + mean Pooling, written with `transformers
 (AutoModel + AutoTokenizer, padding to the longest text of each batch, max 256 tokens),
 which is what sentence-transformers runs.
 
+With `--tutorial-metrics` the model also attaches the tutorial's batch-wise metrics, as its
+`configure_metrics` does: `AttachedMetric("RetrievalPrecision", RetrievalPrecision(k=1))`
+and `AttachedMetric("RetrievalReciprocalRank", RetrievalReciprocalRank())`, both
+`prog_bar=True, on_epoch=True`, computed on every training and validation batch. That is
+the tutorial as written; without the flag the fit does the same training with the loss only
+(what our trainer does when no metric is attached), and the JSON line says which
+(`tutorial_metrics`). The attached metrics' last epoch values are in `attached_metrics`.
+
 Prints one JSON line: cache fill, per-epoch times, fit wall time, peak RSS, and
 precision@1 / MRR over the full validation set before and after the fit (each question
 ranked by cosine distance against all validation answers; its own answer is the relevant
@@ -42,6 +50,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--limit", type=int, default=None, help="use the first N pairs of each split (smoke test)")
+    p.add_argument("--tutorial-metrics", action="store_true",
+                   help="attach the tutorial's RetrievalPrecision(k=1) and RetrievalReciprocalRank")
     return p.parse_args()
 
 
@@ -54,6 +64,8 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from quaterion import Quaterion, TrainableModel  # noqa: E402
 from quaterion.dataset import PairsSimilarityDataLoader, SimilarityPairSample  # noqa: E402
+from quaterion.eval.attached_metric import AttachedMetric  # noqa: E402
+from quaterion.eval.pair import RetrievalPrecision, RetrievalReciprocalRank  # noqa: E402
 from quaterion.loss import MultipleNegativesRankingLoss  # noqa: E402
 from quaterion.train.cache import CacheConfig, CacheType  # noqa: E402
 from quaterion_models.encoders import Encoder  # noqa: E402
@@ -138,6 +150,15 @@ class FAQModel(TrainableModel):
     def configure_caches(self):
         return CacheConfig(CacheType.AUTO, batch_size=256)
 
+    def configure_metrics(self):
+        if not ARGS.tutorial_metrics:
+            return []
+        return [
+            AttachedMetric("RetrievalPrecision", RetrievalPrecision(k=1), prog_bar=True, on_epoch=True),
+            AttachedMetric("RetrievalReciprocalRank", RetrievalReciprocalRank(), prog_bar=True,
+                           on_epoch=True),
+        ]
+
 
 class Timing(pl.Callback):
     def __init__(self):
@@ -221,6 +242,10 @@ def main():
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "p1_before": round(p1_before, 4), "mrr_before": round(mrr_before, 4),
         "p1_after": round(p1_after, 4), "mrr_after": round(mrr_after, 4),
+        "tutorial_metrics": ARGS.tutorial_metrics,
+        "attached_metrics": {k: round(float(v), 4) for k, v in trainer.callback_metrics.items()
+                             if "Retrieval" in k},
+        "seed": ARGS.seed,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }), flush=True)
 

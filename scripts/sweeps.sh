@@ -41,8 +41,14 @@ if [[ -e $OUT ]]; then
   echo "bench-results already has $OUT; pick another tag" >&2
   exit 1
 fi
-cargo build --release --example bench --manifest-path "$ROOT/Cargo.toml"
-B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
+# BENCH_BIN: a bench binary built already (scripts/full_side_by_side.sh passes the one it
+# built with the `transformers` feature); otherwise built here.
+if [[ -n ${BENCH_BIN:-} ]]; then
+  B=$BENCH_BIN
+else
+  cargo build --release --example bench --manifest-path "$ROOT/Cargo.toml"
+  B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
+fi
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 CANDLE_NUM_THREADS=1
 if [[ -n ${THREADS:-} ]]; then export RAYON_NUM_THREADS=$THREADS; fi
 QTHREADS=${THREADS:-2}

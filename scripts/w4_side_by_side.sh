@@ -36,8 +36,14 @@ if compgen -G "$R/w4_*_${TAG}.jsonl" > /dev/null; then
   echo "bench-results already has W4 files for tag $TAG; pick another tag" >&2
   exit 1
 fi
-cargo build --release --example bench --manifest-path "$ROOT/Cargo.toml"
-B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
+# BENCH_BIN: a bench binary built already (scripts/full_side_by_side.sh passes the one it
+# built with the `transformers` feature); otherwise built here.
+if [[ -n ${BENCH_BIN:-} ]]; then
+  B=$BENCH_BIN
+else
+  cargo build --release --example bench --manifest-path "$ROOT/Cargo.toml"
+  B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
+fi
 THREADS=${THREADS:-2}
 export MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 CANDLE_NUM_THREADS=1
 INTERLEAVE=${INTERLEAVE:-round}

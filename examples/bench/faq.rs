@@ -6,9 +6,7 @@ use std::time::Instant;
 
 #[cfg(feature = "transformers")]
 use anyhow::Context;
-use anyhow::Result;
-#[cfg(not(feature = "transformers"))]
-use anyhow::bail;
+use anyhow::{Result, bail};
 use serde_json::Value;
 #[cfg(feature = "transformers")]
 use serde_json::json;
@@ -61,16 +59,67 @@ pub(crate) fn head_and_loss_flops(d: f64, train: usize, val: usize, batch: usize
 /// batch 1024, validation after every epoch: what Quaterion's tutorial runs. Timed: the
 /// evaluation before training (it fills the validation cache), the fit (training-set
 /// cache fill and the epochs), and the whole run; floors from the token counts.
+///
+/// `--scale 20` (default: `FaqMiniLm`, the scale of sentence-transformers and of our
+/// examples) or `--scale 10` (`FaqMiniLmScale10`, the sharpness of Quaterion's loss);
+/// `--seed N` seeds the head's initialisation and the batch order (default 0).
 #[cfg(feature = "transformers")]
 pub(crate) fn faq(epochs: usize) -> Result<Value> {
     let dir = arg("--faq").context("--faq DIR: a sentence-transformers directory")?;
+    let seed: u64 = match arg("--seed") {
+        Some(s) => s
+            .parse()
+            .with_context(|| format!("--seed {s}: not an integer"))?,
+        None => 0,
+    };
+    let scale = arg("--scale").unwrap_or_else(|| "20".into());
     let encoder =
         SentenceTransformer::from_pretrained(&dir, &bench_device()?)?.with_normalize(false);
+    let options = ModelOptions {
+        seed,
+        ..model_options()?
+    };
     let train = faq_task::read_split("train")?;
     let val = faq_task::read_split("val")?;
-    // Token positions the fill must embed: every distinct text once, unpadded.
+    let (flops, epoch_flops) = faq_floors(&encoder, &train, &val)?;
+    let data = (&train[..], &val[..]);
+    let started = Instant::now();
+    let mut out = match scale.as_str() {
+        "20" => faq_run(
+            faq_task::FaqMiniLm::new(Frozen(encoder), &options)?,
+            data,
+            epochs,
+            seed,
+            started,
+        )?,
+        "10" => faq_run(
+            faq_task::FaqMiniLmScale10::new(Frozen(encoder), &options)?,
+            data,
+            epochs,
+            seed,
+            started,
+        )?,
+        other => bail!("--scale {other}: the FAQ models have scale 20 or 10"),
+    };
+    out["model"] = json!(dir);
+    out["mnrl_scale"] = json!(scale.parse::<f64>()?);
+    out["seed"] = json!(seed);
+    out["fill_floor_gflop"] =
+        json!({"train": round(flops[0] / 1e9, 1), "val": round(flops[1] / 1e9, 1)});
+    out["epoch_floor_gflop"] = json!({"train": round(epoch_flops.0 / 1e9, 3), "validation": round(epoch_flops.1 / 1e9, 3)});
+    Ok(out)
+}
+
+/// The matmul FLOPs of the fill (training texts, validation texts: every distinct text
+/// once, unpadded) and of one epoch (training, validation).
+#[cfg(feature = "transformers")]
+fn faq_floors(
+    encoder: &SentenceTransformer,
+    train: &Pairs,
+    val: &Pairs,
+) -> Result<([f64; 2], (f64, f64))> {
     let mut flops = [0.0f64; 2];
-    for (k, split) in [&train, &val].iter().enumerate() {
+    for (k, split) in [train, val].iter().enumerate() {
         let mut texts: Vec<&str> = split
             .iter()
             .flat_map(|p| [p.obj_a.as_str(), p.obj_b.as_str()])
@@ -88,10 +137,29 @@ pub(crate) fn faq(epochs: usize) -> Result<Value> {
         val.len(),
         faq_task::trainer_config(1, 1e-4, 1, None).batch_size,
     );
-    let model_started = Instant::now();
-    let mut model = faq_task::FaqMiniLm::new(Frozen(encoder), &model_options()?)?;
+    Ok((flops, epoch_flops))
+}
+
+/// The FAQ pairs of one split.
+#[cfg(feature = "transformers")]
+type Pairs = [SimilarityPairSample<String>];
+
+/// Evaluates on `val`, fits on `train` for `epochs` and evaluates again, timing each part
+/// (`started`: when the model began to be built).
+#[cfg(feature = "transformers")]
+fn faq_run<M>(
+    mut model: M,
+    (train, val): (&Pairs, &Pairs),
+    epochs: usize,
+    seed: u64,
+    started: Instant,
+) -> Result<Value>
+where
+    M: TrainableModel<Record = String, Loss = MultipleNegativesRankingLoss>,
+{
     let t = Trainer::new(TrainerConfig {
         progress: false,
+        seed,
         // `--cache-dir DIR` reuses persisted embeddings (for timing epochs only: the
         // recorded runs fill from scratch).
         cache_dir: arg("--cache-dir").map(Into::into),
@@ -103,19 +171,18 @@ pub(crate) fn faq(epochs: usize) -> Result<Value> {
         )
     });
     let start = Instant::now();
-    let before = t.evaluate(&mut model, &val)?;
+    let before = t.evaluate(&mut model, val)?;
     let before_s = start.elapsed().as_secs_f64();
     let start = Instant::now();
-    let report = t.fit(&mut model, &train, Some(&val))?;
+    let report = t.fit(&mut model, train, Some(val))?;
     let fit_s = start.elapsed().as_secs_f64();
-    let after = t.evaluate(&mut model, &val)?;
-    let total_s = model_started.elapsed().as_secs_f64();
+    let after = t.evaluate(&mut model, val)?;
+    let total_s = started.elapsed().as_secs_f64();
     let secs: Vec<f64> = report.epochs.iter().map(|e| e.seconds).collect();
     let after_first = &secs[1.min(secs.len() - 1)..];
     let rr = |e: &similarity_core::train::Evaluation| e.metric("mrr").unwrap_or(f64::NAN);
     Ok(json!({
         "workload": "faq",
-        "model": dir,
         "train_pairs": train.len(),
         "val_pairs": val.len(),
         "evaluate_before_s": round(before_s, 3),
@@ -123,8 +190,6 @@ pub(crate) fn faq(epochs: usize) -> Result<Value> {
         "mean_epoch_s": round(after_first.iter().sum::<f64>() / after_first.len() as f64, 4),
         "fit_wall_s": round(fit_s, 3),
         "total_s": round(total_s, 3),
-        "fill_floor_gflop": {"train": round(flops[0] / 1e9, 1), "val": round(flops[1] / 1e9, 1)},
-        "epoch_floor_gflop": {"train": round(epoch_flops.0 / 1e9, 3), "validation": round(epoch_flops.1 / 1e9, 3)},
         "q_before": {"precision_at_1": round(p1(&before), 4), "mrr": round(rr(&before), 4)},
         "q_after": {"precision_at_1": round(p1(&after), 4), "mrr": round(rr(&after), 4), "val_loss": round(after.loss, 6)},
         "train_loss_last": report.epochs.last().map(|e| round(e.train_loss, 6)),

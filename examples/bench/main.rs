@@ -24,8 +24,11 @@
 //! ```text
 //! bash scripts/fetch-minilm.sh
 //! cargo run --release --features transformers --example bench -- \
-//!     --faq target/models/all-MiniLM-L6-v2 [--epochs 500]
+//!     --faq target/models/all-MiniLM-L6-v2 [--epochs 500] [--scale 20|10] [--seed N]
 //! ```
+//!
+//! `--scale 10` trains MNRL at the sharpness of Quaterion's (its scale 20 acts on the
+//! similarity `(1 + cos) / 2`, i.e. `10 · cos`); `--seed` seeds the head and the batch order.
 //!
 //! It prints the matmul line and one `faq` line: `evaluate_before_s` (the first full-set
 //! evaluation, which fills the validation cache), `cache_fill_s` (the training texts),
@@ -208,9 +211,12 @@ fn main() -> Result<()> {
         let mm = matmul_gflops()?;
         print(&mm);
         let mut args = vec!["--only", "faq", "--faq", &dir, "--epochs", &faq_epochs];
-        let cache_dir = arg("--cache-dir");
-        if let Some(c) = &cache_dir {
-            args.extend(["--cache-dir", c.as_str()]);
+        let passed: Vec<(&str, String)> = ["--cache-dir", "--scale", "--seed"]
+            .into_iter()
+            .filter_map(|f| arg(f).map(|v| (f, v)))
+            .collect();
+        for (f, v) in &passed {
+            args.extend([*f, v.as_str()]);
         }
         let output = Command::new(std::env::current_exe()?)
             .args(&args)

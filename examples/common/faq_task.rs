@@ -19,6 +19,20 @@ pub struct FaqMiniLm {
     loss: MultipleNegativesRankingLoss,
 }
 
+/// `FaqMiniLm` at the sharpness of Quaterion's loss: Quaterion's MNRL multiplies its cosine
+/// similarity `(1 + cos) / 2` by its scale 20, and a softmax row ignores the constant, so its
+/// logits are `10 · cos`. Quality comparisons with Quaterion train this model.
+#[cfg(feature = "transformers")]
+#[trainable_model]
+pub struct FaqMiniLmScale10 {
+    #[encoder(cache = "auto")]
+    text: Frozen<SentenceTransformer>,
+    #[head]
+    head: SkipConnectionHead,
+    #[loss(scale = 10.0, symmetric = true)]
+    loss: MultipleNegativesRankingLoss,
+}
+
 /// all-MiniLM-L6-v2 fine-tuned end to end (every weight trainable, never cached) with
 /// symmetric MNRL on its own mean-pooled embeddings, as sentence-transformers trains it.
 #[cfg(feature = "transformers")]

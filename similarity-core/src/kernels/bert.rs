@@ -209,8 +209,9 @@ fn check_applies(tensors: &[&Tensor], op: &str) -> Result<()> {
 const BLOCK: usize = 8;
 
 /// Scores of queries `i..i + R` of one head against every key block:
-/// `s[r][j] = ⟨q_{i+r}, k_j⟩ · scale + bias_j`, `R` rows of `s` (each `lp` long). The `R`
-/// rows are independent accumulator chains sharing each key load.
+/// `s[r][j] = ⟨q_{i+r}, k_j⟩ · scale + bias_j`, `R` rows of `s` (each `lp` long). Key
+/// blocks go two at a time: `2R` independent accumulator chains, each key load shared by
+/// `R` rows and each query value by two blocks.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn score_rows<const R: usize>(
@@ -226,7 +227,41 @@ fn score_rows<const R: usize>(
 ) {
     let lp = bias.len();
     let q: [&[f32]; R] = std::array::from_fn(|r| &qkv[(i + r) * h3 + qo..][..d]);
-    for (jb, kb) in kt.chunks_exact(d * BLOCK).enumerate() {
+    let blocks = kt.len() / (d * BLOCK);
+    let mut store = |jb: usize, acc: &[[f32; BLOCK]; R]| {
+        let bb = &bias[jb * BLOCK..][..BLOCK];
+        for (r, a) in acc.iter().enumerate() {
+            let row = &mut s[r * lp + jb * BLOCK..][..BLOCK];
+            for t in 0..BLOCK {
+                row[t] = a[t] * scale + bb[t];
+            }
+        }
+    };
+    let mut jb = 0;
+    while jb + 2 <= blocks {
+        let k0 = &kt[jb * d * BLOCK..][..d * BLOCK];
+        let k1 = &kt[(jb + 1) * d * BLOCK..][..d * BLOCK];
+        let mut acc0 = [[0.0f32; BLOCK]; R];
+        let mut acc1 = [[0.0f32; BLOCK]; R];
+        for (c, (kc0, kc1)) in k0
+            .chunks_exact(BLOCK)
+            .zip(k1.chunks_exact(BLOCK))
+            .enumerate()
+        {
+            for r in 0..R {
+                let qc = q[r][c];
+                for t in 0..BLOCK {
+                    acc0[r][t] += qc * kc0[t];
+                    acc1[r][t] += qc * kc1[t];
+                }
+            }
+        }
+        store(jb, &acc0);
+        store(jb + 1, &acc1);
+        jb += 2;
+    }
+    if jb < blocks {
+        let kb = &kt[jb * d * BLOCK..][..d * BLOCK];
         let mut acc = [[0.0f32; BLOCK]; R];
         for (c, kc) in kb.chunks_exact(BLOCK).enumerate() {
             for r in 0..R {
@@ -236,31 +271,72 @@ fn score_rows<const R: usize>(
                 }
             }
         }
-        let bb = &bias[jb * BLOCK..][..BLOCK];
-        for (r, a) in acc.iter().enumerate() {
-            let row = &mut s[r * lp + jb * BLOCK..][..BLOCK];
-            for t in 0..BLOCK {
-                row[t] = a[t] * scale + bb[t];
+        store(jb, &acc);
+    }
+}
+
+/// Context columns `cb..cb + G·BLOCK` of queries `i..i + R` of one head:
+/// `o_r = Σ_j p_{rj} v_j` over those columns, with `p` the head's probability rows (each
+/// `lp` long, `l` real) and `vo` the first column's offset in a `qkv` row; written to
+/// `out` rows `i..i + R` (stride `h`) from column `oo`. `R·G` independent accumulator
+/// chains: each value load is shared by `R` rows, each probability by `G` blocks.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn context_rows<const R: usize, const G: usize>(
+    p: &[f32],
+    lp: usize,
+    l: usize,
+    i: usize,
+    qkv: &[f32],
+    h3: usize,
+    vo: usize,
+    out: &mut [f32],
+    h: usize,
+    oo: usize,
+) {
+    let rows: [&[f32]; R] = std::array::from_fn(|r| &p[(i + r) * lp..][..l]);
+    let mut acc = [[[0.0f32; BLOCK]; G]; R];
+    for (j, vrow) in qkv.chunks_exact(h3).take(l).enumerate() {
+        let v = &vrow[vo..][..G * BLOCK];
+        for r in 0..R {
+            let pj = rows[r][j];
+            for g in 0..G {
+                for t in 0..BLOCK {
+                    acc[r][g][t] += pj * v[g * BLOCK + t];
+                }
             }
+        }
+    }
+    for (r, ar) in acc.iter().enumerate() {
+        for (g, a) in ar.iter().enumerate() {
+            out[(i + r) * h + oo + g * BLOCK..][..BLOCK].copy_from_slice(a);
         }
     }
 }
 
-/// Context columns `cb..cb + G·BLOCK` of one query: `o = Σ_j p_j v_j` over those columns,
-/// `G` independent accumulator chains.
+/// [`context_rows`] for queries `i..i + R` over all `d` columns of the head at `qo`
+/// (value columns from `vo`): groups of four blocks, then single blocks.
 #[inline(always)]
-fn context_cols<const G: usize>(p: &[f32], qkv: &[f32], h3: usize, vo: usize, o: &mut [f32]) {
-    let mut acc = [[0.0f32; BLOCK]; G];
-    for (&pj, vrow) in p.iter().zip(qkv.chunks_exact(h3)) {
-        let v = &vrow[vo..][..G * BLOCK];
-        for g in 0..G {
-            for t in 0..BLOCK {
-                acc[g][t] += pj * v[g * BLOCK + t];
-            }
-        }
+#[allow(clippy::too_many_arguments)]
+fn context_head<const R: usize>(
+    p: &[f32],
+    lp: usize,
+    l: usize,
+    i: usize,
+    qkv: &[f32],
+    h3: usize,
+    (vo, qo, d): (usize, usize, usize),
+    out: &mut [f32],
+    h: usize,
+) {
+    let mut cb = 0;
+    while cb + 4 * BLOCK <= d {
+        context_rows::<R, 4>(p, lp, l, i, qkv, h3, vo + cb, out, h, qo + cb);
+        cb += 4 * BLOCK;
     }
-    for (g, a) in acc.iter().enumerate() {
-        o[g * BLOCK..][..BLOCK].copy_from_slice(a);
+    while cb < d {
+        context_rows::<R, 1>(p, lp, l, i, qkv, h3, vo + cb, out, h, qo + cb);
+        cb += BLOCK;
     }
 }
 
@@ -301,24 +377,23 @@ simd_fn! {
                 score_rows::<1>(qkv, h3, qo, i, &kt, d, &bias, scale, &mut s[i * lp..]);
                 i += 1;
             }
-            for (i, row) in s.chunks_exact_mut(lp).enumerate() {
+            for row in s.chunks_exact_mut(lp) {
                 let mx = max(row);
                 for sj in row.iter_mut() {
                     *sj = exp_f32(*sj - mx);
                 }
                 let inv = 1.0 / sum(row);
-                let p = &mut row[..l];
-                p.iter_mut().for_each(|pj| *pj *= inv);
-                let o = &mut out[i * h + qo..i * h + qo + d];
-                let mut cb = 0;
-                while cb + 4 * BLOCK <= d {
-                    context_cols::<4>(p, qkv, h3, vo + cb, &mut o[cb..]);
-                    cb += 4 * BLOCK;
-                }
-                while cb < d {
-                    context_cols::<1>(p, qkv, h3, vo + cb, &mut o[cb..]);
-                    cb += BLOCK;
-                }
+                row[..l].iter_mut().for_each(|pj| *pj *= inv);
+            }
+            let cols = (vo, qo, d);
+            let mut i = 0;
+            while i + 4 <= l {
+                context_head::<4>(&s, lp, l, i, qkv, h3, cols, out, h);
+                i += 4;
+            }
+            while i < l {
+                context_head::<1>(&s, lp, l, i, qkv, h3, cols, out, h);
+                i += 1;
             }
         }
     }

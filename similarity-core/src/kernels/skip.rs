@@ -94,6 +94,25 @@ pub(super) struct SkipLayerBackward {
     with_x: bool,
 }
 
+simd_fn! {
+    /// Per row of width `d = s.len()`: `gs = g ⊙ s`; summed over the rows, `gb += gs` and
+    /// `ggate += g ⊙ z` (the gate's gradient before the sigmoid's derivative).
+    fn gate_grads(g: &[f32], z: &[f32], s: &[f32], gs: &mut [f32], gb: &mut [f32], ggate: &mut [f32]) {
+        let d = s.len();
+        for ((gsr, gr), zr) in gs
+            .chunks_exact_mut(d)
+            .zip(g.chunks_exact(d))
+            .zip(z.chunks_exact(d))
+        {
+            for j in 0..d {
+                gsr[j] = gr[j] * s[j];
+                gb[j] += gsr[j];
+                ggate[j] += gr[j] * zr[j];
+            }
+        }
+    }
+}
+
 impl FusedOp<3> for SkipLayerBackward {
     const NAME: &'static str = "skip-connection-layer-backward";
 
@@ -109,17 +128,7 @@ impl FusedOp<3> for SkipLayerBackward {
         let (gbg, gx) = rest.split_at_mut(2 * d);
         let (gb, ggate) = gbg.split_at_mut(d);
         let mut gs = vec![0.0f32; n * d];
-        for ((gsr, gr), zr) in gs
-            .chunks_exact_mut(d)
-            .zip(g.chunks_exact(d))
-            .zip(z.chunks_exact(d))
-        {
-            for j in 0..d {
-                gsr[j] = gr[j] * s[j];
-                gb[j] += gsr[j];
-                ggate[j] += gr[j] * zr[j];
-            }
-        }
+        gate_grads(g, z, s, &mut gs, gb, ggate);
         for (gg, &sj) in ggate.iter_mut().zip(s) {
             *gg *= sj * (1.0 - sj);
         }

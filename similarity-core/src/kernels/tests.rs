@@ -261,53 +261,56 @@ mod forms {
     #[test]
     fn attention_matches_the_composite_form() {
         use super::super::bert::attention;
-        // 3 sequences of 13 positions (not a whole number of blocks), 2 heads of 40 (a group
-        // of four column blocks and a single one); the
-        // second sequence has 4 padding positions, the third all but one.
-        let (b, l, heads, d) = (3, 13, 2, 40);
-        let h = heads * d;
-        let dev = &Device::Cpu;
-        let qkv = Tensor::from_vec(random((b * l, 3 * h), 21), (b * l, 3 * h), dev).unwrap();
-        let mut mask = vec![1.0f32; b * l];
-        mask[l + l - 4..2 * l].fill(0.0);
-        mask[2 * l + 1..3 * l].fill(0.0);
-        let mask = Tensor::from_vec(mask, (b, l), dev).unwrap();
-        let fused = attention(&qkv, &mask, heads).unwrap();
-        // The composite form: heads split, scaled scores plus the mask bias, softmax,
-        // context merged back.
-        let split = |i: usize| {
-            qkv.narrow(1, i * h, h)
+        // 3 sequences of 13 or 22 positions (not a whole number of blocks: two key blocks,
+        // or a pair and a single one; query rows in fours and a remainder), 2 heads of 40
+        // (a group of four column blocks and a single one); the second sequence has 4
+        // padding positions, the third all but one.
+        for l in [13, 22] {
+            let (b, heads, d) = (3, 2, 40);
+            let h = heads * d;
+            let dev = &Device::Cpu;
+            let qkv = Tensor::from_vec(random((b * l, 3 * h), 21), (b * l, 3 * h), dev).unwrap();
+            let mut mask = vec![1.0f32; b * l];
+            mask[l + l - 4..2 * l].fill(0.0);
+            mask[2 * l + 1..3 * l].fill(0.0);
+            let mask = Tensor::from_vec(mask, (b, l), dev).unwrap();
+            let fused = attention(&qkv, &mask, heads).unwrap();
+            // The composite form: heads split, scaled scores plus the mask bias, softmax,
+            // context merged back.
+            let split = |i: usize| {
+                qkv.narrow(1, i * h, h)
+                    .unwrap()
+                    .reshape((b, l, heads, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let (q, k, v) = (split(0), split(1), split(2));
+            let bias = ((mask.ones_like().unwrap() - &mask).unwrap() * -1e9)
                 .unwrap()
-                .reshape((b, l, heads, d))
+                .reshape((b, 1, 1, l))
+                .unwrap();
+            let scores = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap()
+                * (1.0 / (d as f64).sqrt()))
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+            let expected = softmax_rows(&scores)
+                .matmul(&v)
                 .unwrap()
                 .transpose(1, 2)
                 .unwrap()
                 .contiguous()
                 .unwrap()
-        };
-        let (q, k, v) = (split(0), split(1), split(2));
-        let bias = ((mask.ones_like().unwrap() - &mask).unwrap() * -1e9)
-            .unwrap()
-            .reshape((b, 1, 1, l))
-            .unwrap();
-        let scores = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap()
-            * (1.0 / (d as f64).sqrt()))
-        .unwrap()
-        .broadcast_add(&bias)
-        .unwrap();
-        let expected = softmax_rows(&scores)
-            .matmul(&v)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
-            .reshape((b * l, h))
-            .unwrap();
-        close(&fused, &expected, 1e-5, "attention");
-        // A head size that is not a whole number of blocks, and a mask of the wrong size.
-        assert!(attention(&qkv, &mask, 3).is_err());
-        assert!(attention(&qkv, &mask.narrow(1, 0, l - 1).unwrap(), heads).is_err());
+                .reshape((b * l, h))
+                .unwrap();
+            close(&fused, &expected, 1e-5, "attention");
+            // A head size that is not a whole number of blocks, and a mask of the wrong size.
+            assert!(attention(&qkv, &mask, 3).is_err());
+            assert!(attention(&qkv, &mask.narrow(1, 0, l - 1).unwrap(), heads).is_err());
+        }
     }
 
     #[test]
