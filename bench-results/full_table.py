@@ -10,6 +10,7 @@ is `python3 bench-results/w4_table.py TAG-w4`, the sweeps' tables and plots
 import json
 import os
 import statistics
+import subprocess
 import sys
 
 TAG = sys.argv[1]
@@ -27,42 +28,11 @@ def pct(x):
     return f"{x:.0%}"
 
 
-QNAME = {"w1_cached": "w1_group_triplet_cached", "w2": "w2_pairs_contrastive_cached",
-         "w3": "w3_group_triplet_cached_xbm_start0"}
-ours = lines("ours")
-quat = {l["workload"]: l for l in lines("quaterion")}
-mm = next((l for l in ours if l.get("measurement") == "matmul_f32"), None)
-if mm:
-    print(f"### W1 to W3, 10 epochs\n\nmatmul 2048^3 (ours, first line): {mm['gflops']} GFLOP/s, "
-          f"other processes {pct(mm['machine_load']['other_procs_cpu_frac'])}\n")
-print("| workload | figure | ours (median of 3) | floor | ours / floor | Quaterion | Quaterion / ours |")
-print("|---|---|---|---|---|---|---|")
-runs = {}
-for l in ours:
-    if "run" in l:
-        runs.setdefault(l["workload"], []).append(l)
-for l in ours:
-    if l.get("measurement") != "summary":
-        continue
-    w, m = l["workload"], l["median"]
-    q = quat.get(QNAME[w], {})
-    for key, fig, fk in [("cache_fill_s", "cache fill s", "cache_fill"),
-                         ("mean_epoch_train_only_after_first_s", "epoch s (training only, after the 1st)", "epoch"),
-                         ("fit_wall_s", "fit wall s", "fit")]:
-        o, qv = m[key], q.get(key)
-        sp = f"{qv / o:.2f}x" if qv else "-"
-        print(f"| {w} | {fig} | {o:.3f} | {l['floor_s'][fk]:.3f} | {l['ratio'][fk]} | "
-              f"{f'{qv:.3f}' if qv else '-'} | {sp} |")
-    r = runs[w]
-    pk = "val_group_precision_at_1" if w == "w2" else "val_precision_at_1"
-    qb, qa = q.get("q_before", {}), q.get("q_after", {})
-    qp = f"{qb.get(pk)} -> {qa.get(pk)}" if qb else "-"
-    print(f"| {w} | peak RSS MB | {m['peak_rss_mb']:.0f} | | | not recorded by bench.py | |")
-    print(f"| {w} | P@1 before -> after | {r[0]['q_before'][pk]} -> {r[0]['q_after'][pk]} | | | {qp} | |")
-    ql = q.get("machine_load", {}).get("other_procs_cpu_frac")
-    print(f"| {w} | other processes' CPU | {pct(m['other_procs_cpu_frac'])} | | | "
-          f"{pct(ql) if ql is not None else '-'} | |")
-print()
+# W1 to W3: the table of side_by_side.py, which reads the same files.
+print("### W1 to W3, 10 epochs\n")
+sys.stdout.flush()
+subprocess.run([sys.executable, os.path.join(HERE, "side_by_side.py"), TAG, "--interleaved",
+                "--w1-w3-only"], check=True)
 
 faq = [l for l in lines("faq_ours") if l.get("workload") == "faq"]
 fmm = [l for l in lines("faq_ours") if l.get("measurement") == "matmul_f32"]
@@ -147,6 +117,10 @@ if len(qfaq) > 1:
     print(f"| Quaterion, {len(qfaq)} seeds | mean ± sd | | {statistics.mean(p):.4f} ± "
           f"{statistics.stdev(p):.4f} | {statistics.mean(r):.4f} ± {statistics.stdev(r):.4f} |")
 if tut:
-    print("\nThe tutorial run's attached metrics at its last epoch (batch-wise, Quaterion's "
-          "own logging): " + ", ".join(f"{k} {v}" for k, v in sorted(tut["attached_metrics"].items())
-                                        if not k.endswith("_step")))
+    m = tut["attached_metrics"]
+    get = lambda name, stage: m.get(f"{name}_TrainStage.{stage}")  # noqa: E731
+    print("\nThe tutorial run's attached metrics at its last epoch (batch-wise, Quaterion's own "
+          f"logging): training RetrievalPrecision {get('RetrievalPrecision', 'TRAIN')}, "
+          f"RetrievalReciprocalRank {get('RetrievalReciprocalRank', 'TRAIN')}; validation "
+          f"{get('RetrievalPrecision', 'VALIDATION')} and "
+          f"{get('RetrievalReciprocalRank', 'VALIDATION')}.")

@@ -3,6 +3,9 @@
     python3 bench-results/side_by_side.py DATE
     python3 bench-results/side_by_side.py TAG --interleaved
 
+With `--w1-w3-only` it stops after the W1 to W3 table (`full_table.py` prints that table
+of a scripts/full_side_by_side.sh run this way).
+
 The second form reads the interleaved session of the fused kernels (bench-results/run
 order in side_by_side_TAG.log): ours_TAG.jsonl (bench --w1/--w3/--w2 --runs 3),
 ours_w4_TAG.jsonl, quaterion_TAG.jsonl (bench.py --w1 --w1-cache auto, --w3-active, --w2,
@@ -85,6 +88,8 @@ for w, rs in runs.items():
     print(w, "per-run epoch s:", [r["mean_epoch_train_only_after_first_s"] for r in rs],
           "fit s:", [r["fit_wall_s"] for r in rs], "other:", [r["machine_load"]["other_procs_cpu_frac"] for r in rs])
 print()
+if "--w1-w3-only" in sys.argv:
+    sys.exit(0)
 
 q4 = quat.get("w4_loss_microbench", {})
 qd = q4.get("details", {})
