@@ -36,12 +36,13 @@ QBENCH=${QBENCH:-$ROOT/../shared/bench/quaterion/bench.py}
 THREADS=${THREADS:-2}
 R=$ROOT/bench-results
 LOG=$R/full_$TAG.log
-MODEL=$ROOT/target/models/all-MiniLM-L6-v2
+# Relative to the repository root, where every FAQ command runs: the raw lines record it.
+MODEL=target/models/all-MiniLM-L6-v2
 if compgen -G "$R/*_${TAG}*" > /dev/null; then
   echo "bench-results already has files for tag $TAG; pick another tag" >&2
   exit 1
 fi
-[[ -s $MODEL/model.safetensors ]] || { echo "no model in $MODEL: bash scripts/fetch-minilm.sh" >&2; exit 1; }
+[[ -s $ROOT/$MODEL/model.safetensors ]] || { echo "no model in $ROOT/$MODEL: bash scripts/fetch-minilm.sh" >&2; exit 1; }
 [[ -f $QBENCH ]] || { echo "no Quaterion bench.py at $QBENCH: set QBENCH" >&2; exit 1; }
 cargo build --release --features transformers --example bench --manifest-path "$ROOT/Cargo.toml"
 B=${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench
@@ -82,7 +83,8 @@ ours_faq() { # THREADS_OF_THIS_RUN SCALE SEED
 }
 quaterion_faq() { # SEED [--tutorial-metrics]
   (cd "$ROOT" && OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS "$Q" scripts/quaterion_faq.py \
-    --model "$MODEL" --epochs 500 --threads "$THREADS" --seed "$@" 2>>"$LOG.quaterion-stderr" \
+    --model "$MODEL" --epochs 500 --threads "$THREADS" --seed "$@" \
+    2> >(sed "s|$QVENV/|venv-dir/|g" >> "$LOG.quaterion-stderr") \
     | grep '^{' >> "$R/faq_quaterion_$TAG.jsonl")
   step "quaterion faq seed $* done"
 }

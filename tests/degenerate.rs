@@ -260,6 +260,17 @@ impl<L: MemoryLoss> Probe for Memory<L> {
     }
 }
 
+/// The pair targets of a case's batch: each pair's score and subgroup.
+fn pair_targets(input: &Input) -> similarity_core::Result<PairTargets> {
+    let metas: Vec<PairMeta> = input
+        .scores
+        .iter()
+        .zip(&input.groups)
+        .map(|(&score, &subgroup)| PairMeta { score, subgroup })
+        .collect();
+    SimilarityPairSample::<()>::targets(&metas, &dev())
+}
+
 /// A pair loss on a batch.
 struct Pairs<L: SimilarityLoss<Kind = PairKind>>(L::Config);
 
@@ -268,13 +279,7 @@ impl<L: SimilarityLoss<Kind = PairKind>> Probe for Pairs<L> {
         let mut params = Params::new(&dev(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let input = pair_batch(case);
-        let metas: Vec<PairMeta> = input
-            .scores
-            .iter()
-            .zip(&input.groups)
-            .map(|(&score, &subgroup)| PairMeta { score, subgroup })
-            .collect();
-        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &dev())?;
+        let targets = pair_targets(&input)?;
         let x = Var::from_tensor(&tensor(&input.embeddings, dtype))?;
         outcome(&loss.forward(x.as_tensor(), &targets)?, &x, &params)
     }
@@ -290,13 +295,7 @@ impl<L: SimilarityLoss<Kind = PairKind>> Probe for PairsWithNegatives<L> {
         let mut params = Params::new(&dev(), 7);
         let loss = L::new(D, self.0.clone(), &mut params.scope("loss"))?;
         let input = pair_batch(case);
-        let metas: Vec<PairMeta> = input
-            .scores
-            .iter()
-            .zip(&input.groups)
-            .map(|(&score, &subgroup)| PairMeta { score, subgroup })
-            .collect();
-        let targets: PairTargets = SimilarityPairSample::<()>::targets(&metas, &dev())?;
+        let targets = pair_targets(&input)?;
         let n = input.scores.len() * 2;
         let mut values = input.embeddings.clone();
         values.extend(embeddings(case, 2, n));

@@ -1047,15 +1047,24 @@ impl Trainer {
             Some(m) => m.batch_negatives(s),
             None => Vec::new(),
         };
+        // Group data (one object per sample): the mined objects join the rows as members,
+        // and no separate negatives remain.
+        let join = |rows: &[usize], negatives: &mut Vec<usize>| -> Option<Vec<usize>> {
+            if k != 1 || negatives.is_empty() {
+                return None;
+            }
+            let joined = rows.iter().chain(negatives.iter()).copied().collect();
+            negatives.clear();
+            Some(joined)
+        };
         let mut samples = samples;
         let mut negatives = Vec::new();
         let extended: Vec<usize>;
         if global {
             negatives = negatives_of(samples);
-            if k == 1 && !negatives.is_empty() {
-                extended = samples.iter().chain(&negatives).copied().collect();
+            if let Some(rows) = join(samples, &mut negatives) {
+                extended = rows;
                 samples = &extended;
-                negatives.clear();
             }
         }
         let sizes = distributed::shard_sizes(samples.len(), world);
@@ -1063,10 +1072,9 @@ impl Trainer {
         let with_mined: Vec<usize>;
         if !global {
             negatives = negatives_of(mine);
-            if k == 1 && !negatives.is_empty() {
-                with_mined = mine.iter().chain(&negatives).copied().collect();
+            if let Some(rows) = join(mine, &mut negatives) {
+                with_mined = rows;
                 mine = &with_mined;
-                negatives.clear();
             }
         }
         // The pair negatives this rank embeds: its share of the global list, or its own.
